@@ -1,0 +1,1 @@
+"""Pure compute of rllsm-vsim: arrays in, arrays out, on CUDA when present and on the CPU otherwise."""

@@ -1,0 +1,1 @@
+"""Offline export of the networks: torch → ONNX → TensorRT, validated against golden outputs."""
