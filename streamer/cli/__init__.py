@@ -9,15 +9,26 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 import sys
 from collections.abc import Sequence
 
 from streamer import __version__
 
-# Modules that add sub-commands, in the order they appear in --help.
-COMMAND_MODULES: tuple[str, ...] = (
-    "streamer.cli.config_cmd",
+# Sub-commands are the modules ``streamer/cli/*_cmd.py``; this order comes first in --help, the rest after.
+HELP_ORDER: tuple[str, ...] = (
+    "demo", "serve", "simulate", "replay", "watch", "status",
+    "deskew", "preprocess", "lateral_sr", "split_views", "fuse", "reconstruct",
+    "export", "bench", "prepare_data", "finetune", "train_meta", "train_fusion", "config",
 )
+
+
+def command_modules() -> list[str]:
+    """Names of the command modules, discovered so that adding a command touches no shared file."""
+    found = [m.name[: -len("_cmd")] for m in pkgutil.iter_modules(__path__) if m.name.endswith("_cmd")]
+    rank = {name: i for i, name in enumerate(HELP_ORDER)}
+    found.sort(key=lambda n: (rank.get(n, len(rank)), n))
+    return [f"{__name__}.{n}_cmd" for n in found]
 
 
 class CLIError(Exception):
@@ -32,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rllsm-vsim {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         importlib.import_module(name).register(sub)
     return parser
 
