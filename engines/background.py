@@ -356,7 +356,7 @@ def preprocess(
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise BackgroundError(f"raw stack must hold real numbers, got dtype {arr.dtype}")
     dev = pick_device(str(device) if device is not None else None)
-    axis = optics.skew_axis.value
+    axis = str(getattr(optics.skew_axis, "value", optics.skew_axis))
     # Work with the skew axis last (the band runs along the other axis).
     frames = np.asarray(arr if axis == "x" else np.swapaxes(arr, 1, 2), dtype=np.float32) - np.float32(
         optics.camera_offset

@@ -130,7 +130,7 @@ def test_preprocess_deskews_normalises_and_crops():
     assert report.band is not None and abs(report.band.position_px - 80.3) < 1.0
     assert abs(report.band.tilt_deg - 0.6) < 0.2
     # The y-skewed acquisition of the transposed stack gives the transposed result.
-    opt_y = optics.model_copy(update={"skew_axis": "y"})
+    opt_y = OpticsConfig(**{**optics.model_dump(), "skew_axis": "y"})
     vol_y, rep_y = preprocess(np.swapaxes(raw, 1, 2).astype(np.uint16), opt_y, PARAMS, device="cpu")
     np.testing.assert_allclose(vol_y, np.swapaxes(vol, 1, 2), atol=1e-6)
     assert rep_y.band is not None and rep_y.band.position_px == pytest.approx(report.band.position_px)
