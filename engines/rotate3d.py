@@ -1,0 +1,121 @@
+"""Rigid rotation of anisotropically sampled volumes onto an isotropic grid (CPU or CUDA, same numbers).
+
+Conventions, used by every caller so that the pieces agree:
+
+* Arrays are (z, y, x); physical coordinates (Z, Y, X) are measured in µm from the centre of the array,
+  ``(n − 1)/2`` voxels along each axis.
+* :func:`rot_y` (angle *a*): ``Z' = Z·cos a − X·sin a``, ``X' = Z·sin a + X·cos a``. With *a* equal to the
+  (signed) skew angle it makes the coverslip/mirror plane of a deskewed volume horizontal: in our deskew
+  convention the stage scans along (Z, X) ∝ (sin θ, cos θ), and ``Z'`` of that direction is 0.
+* :func:`rot_x` (angle *b*): ``Z' = Z·cos b − Y·sin b``, ``Y' = Z·sin b + Y·cos b``.
+* :func:`rotate_plane` applies the same formula to a 2-D (Z, W) image, so a rotation found on a projection
+  along x (W = Y) or along y (W = X) is the 3-D rotation about that axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.ndimage import affine_transform
+
+from engines.device import pick_device
+
+
+def rot_y(angle_deg: float) -> np.ndarray:
+    """Rotation about y acting on (Z, Y, X) column vectors."""
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    return np.array([[c, 0.0, -s], [0.0, 1.0, 0.0], [s, 0.0, c]])
+
+
+def rot_x(angle_deg: float) -> np.ndarray:
+    """Rotation about x acting on (Z, Y, X) column vectors."""
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def rotated_shape(shape: tuple[int, int, int], spacing: tuple[float, float, float], rot: np.ndarray,
+                  out_spacing: float) -> tuple[int, int, int]:
+    """Shape of the isotropic grid (spacing ``out_spacing``) that holds the whole rotated volume."""
+    half = np.array([(n - 1) / 2.0 * s for n, s in zip(shape, spacing)])
+    corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(3, -1)
+    extent = np.abs(rot @ corners).max(axis=1)
+    return tuple(int(2 * math.floor(e / out_spacing + 1e-6) + 1) for e in extent)  # type: ignore[return-value]
+
+
+def rotate_volume(
+    vol: np.ndarray,
+    spacing: tuple[float, float, float],
+    rot: np.ndarray,
+    *,
+    out_spacing: float | None = None,
+    out_shape: tuple[int, int, int] | None = None,
+    device: str | torch.device | None = None,
+    max_chunk_bytes: int = 64 << 20,
+) -> np.ndarray:
+    """Resample ``vol`` rotated by ``rot`` onto an isotropic grid centred on the volume's centre.
+
+    Parameters
+    ----------
+    vol
+        (nz, ny, nx) array.
+    spacing
+        Voxel size (dz, dy, dx) in µm.
+    rot
+        3×3 rotation acting on (Z, Y, X) (e.g. ``rot_x(b) @ rot_y(a)``): output point p' shows input point
+        ``rot.T @ p'``.
+    out_spacing
+        Output voxel size (µm); default the smallest input spacing.
+    out_shape
+        Output shape; default the bounding box of the rotated volume (nothing is cut).
+    device
+        As for :func:`engines.device.pick_device`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (trilinear interpolation, 0 outside the input).
+    """
+    arr = np.asarray(vol, dtype=np.float32)
+    if arr.ndim != 3 or min(arr.shape) < 2:
+        raise ValueError(f"volume must be 3-D with at least 2 voxels per axis, got shape {arr.shape}")
+    dev = pick_device(str(device) if device is not None else None)
+    osp = float(out_spacing or min(spacing))
+    oshape = tuple(out_shape) if out_shape is not None else rotated_shape(arr.shape, spacing, rot, osp)
+    sp = np.asarray(spacing, dtype=np.float64)
+    n_in = np.asarray(arr.shape, dtype=np.float64)
+    # Output index → input normalised coordinate is affine: q = A @ o + t (host, float64).
+    # Input index = rot.T @ (o − c_out)·osp / sp + c_in; normalised = 2·index/(n − 1) − 1.
+    c_out = (np.asarray(oshape, dtype=np.float64) - 1) / 2.0
+    c_in = (n_in - 1) / 2.0
+    to_index = (rot.T * osp) / sp[:, None]
+    a_mat = to_index * (2.0 / (n_in - 1))[:, None]
+    t_vec = (c_in - to_index @ c_out) * (2.0 / (n_in - 1)) - 1.0
+    # grid_sample wants (x, y, z) order in the last grid dimension.
+    a_t = torch.from_numpy(a_mat[::-1].copy()).to(dev, torch.float64)
+    t_t = torch.from_numpy(t_vec[::-1].copy()).to(dev, torch.float64)
+    out = np.empty(oshape, dtype=np.float32)
+    per_plane = oshape[1] * oshape[2] * 3 * 8
+    step = max(1, int(max_chunk_bytes // per_plane))
+    with torch.no_grad():
+        src = torch.from_numpy(arr).to(dev)[None, None]
+        yy = torch.arange(oshape[1], device=dev, dtype=torch.float64)
+        xx = torch.arange(oshape[2], device=dev, dtype=torch.float64)
+        for z0 in range(0, oshape[0], step):
+            zz = torch.arange(z0, min(oshape[0], z0 + step), device=dev, dtype=torch.float64)
+            o = torch.stack(torch.meshgrid(zz, yy, xx, indexing="ij"), dim=-1)  # (d, h, w, 3) in (z, y, x)
+            grid = (o @ a_t.T + t_t).float()[None]
+            res = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            out[z0 : z0 + len(zz)] = res[0, 0].cpu().numpy()
+    return out
+
+
+def rotate_plane(img: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Rotate a 2-D (Z, W) image about its centre with the convention of this module (bilinear, 0 outside)."""
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    rot = np.array([[c, -s], [s, c]])
+    centre = (np.asarray(img.shape, dtype=np.float64) - 1) / 2.0
+    # affine_transform maps output index o to input index M @ o + offset; M = rot.T (inverse rotation).
+    m = rot.T
+    return affine_transform(np.asarray(img, dtype=np.float64), m, offset=centre - m @ centre, order=1, cval=0.0)

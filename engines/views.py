@@ -1,0 +1,248 @@
+"""Step 3 of the reconstruction: rotate the deskewed volume so the mirror is horizontal, then split it.
+
+A reflective lattice light-sheet volume holds the sample (view A) and its mirror image (view B) on either
+side of the mirror plane. In a deskewed volume that plane is tilted by the objective angle about y. What
+:func:`split_views` does (the reference's ``isolattice_rotate``):
+
+1. Rotate about y by the objective angle onto an isotropic grid (voxel size dx), using the z/xy anisotropy.
+2. Project along x; for each small rotation about x in ``x_range_deg`` (step ``x_step_deg``) rotate the
+   projection, blur it (σ = ``blur_px``) and score every mirror position within ``split_range`` by the
+   overlap of the image with its mirror image about that position (``Σ P(z)·P(2m − z)``). The best pair
+   gives the x-rotation and the mirror position ``m``.
+3. Optionally (``y_range_deg`` not (0, 0)) refine the y-rotation the same way on the projection along y.
+4. Rotate the original volume once with the combined rotation, and cut the two views at ``m``: view A is
+   the slices below the mirror, view B the slices above it flipped along z, both ordered from far to near
+   the mirror and cut to a common depth (at most ``max_depth``).
+
+Convention for the angle: the same sign as the skew angle of the deskew (the mirror contains the stage-scan
+direction); see :mod:`engines.rotate3d`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.ndimage import gaussian_filter
+from scipy.signal import fftconvolve
+
+from engines.device import pick_device
+from engines.rotate3d import rot_x, rot_y, rotate_plane, rotate_volume, rotated_shape
+
+VIEWS_PARAMS_VERSION = 1
+
+
+class ViewsError(ValueError):
+    """The volume cannot be rotated and split as given."""
+
+
+class ViewsParams(BaseModel):
+    """Parameters of the rotation and view split (defaults: the reference's Step 3, angle 30.8°)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = VIEWS_PARAMS_VERSION
+    angle_deg: float = Field(30.8, ge=-89.0, le=89.0, description="Objective angle: rotation about y (degrees).")
+    x_range_deg: tuple[float, float] = Field((-0.9, 0.9), description="Searched rotations about x (degrees).")
+    x_step_deg: float = Field(0.1, gt=0.0, le=10.0, description="Step of the x-rotation search (degrees).")
+    y_range_deg: tuple[float, float] = Field((0.0, 0.0), description="Searched corrections of the y-rotation.")
+    y_step_deg: float = Field(0.1, gt=0.0, le=10.0, description="Step of the y-rotation search (degrees).")
+    split_range: tuple[int, int] = Field(
+        (-30, 30), description="Searched mirror offsets, in half-slices from the centre of the rotated volume."
+    )
+    max_depth: int = Field(101, ge=1, le=100000, description="Largest depth of each view (slices).")
+    blur_px: float = Field(1.0, ge=0.0, le=50.0, description="Gaussian blur of the projections before matching.")
+    border_px: int = Field(0, ge=0, le=10000, description="Border excluded from the projections (px).")
+    keep_shape: bool = Field(
+        False, description="Crop the rotated volume to the input's voxel counts (as the reference) instead of "
+        "keeping the whole rotated volume.",
+    )
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> ViewsParams:
+        for name in ("x_range_deg", "y_range_deg", "split_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name} must be (low, high), got ({lo}, {hi})")
+        for name in ("x_range_deg", "y_range_deg"):
+            lo, hi = getattr(self, name)
+            if max(abs(lo), abs(hi)) > 45:
+                raise ValueError(f"{name} is a small correction: keep it within ±45°, got ({lo}, {hi})")
+        return self
+
+
+class ViewsReport(BaseModel):
+    """Angles and split found by :func:`split_views`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    angle_y_deg: float = Field(description="Total rotation about y applied (objective angle + correction).")
+    angle_y_correction_deg: float
+    angle_x_deg: float = Field(description="Rotation about x found by the mirror search.")
+    split_index: float = Field(description="Mirror position in slices of the rotated volume (may be x.5).")
+    split_offset: float = Field(description="Mirror offset from the rotated volume's centre, in half-slices.")
+    depth: int = Field(description="Slices in each view.")
+    rotated_shape: tuple[int, int, int]
+    voxel_um: float = Field(description="Isotropic voxel size of the views (µm).")
+    score: float = Field(description="Best normalised mirror overlap (1 for a perfectly symmetric volume).")
+
+
+def _steps(lo: float, hi: float, step: float) -> np.ndarray:
+    n = int(math.floor((hi - lo) / step + 1e-9))
+    return lo + step * np.arange(n + 1)
+
+
+def mirror_search(
+    proj: np.ndarray, angles: np.ndarray, split_range: tuple[int, int], blur: float
+) -> tuple[float, float, float]:
+    """Best (angle, offset, score) of a (Z, W) projection against its mirror image about ``c + offset/2``.
+
+    ``offset`` is in half-slices from the centre ``c = (nz − 1)/2``; the score is ``Σ_w Σ_z P(z)·P(k − z) / Σ P²``
+    with ``k = nz − 1 + offset`` (a convolution along z), i.e. the normalised overlap of P with its mirror.
+    """
+    nz = proj.shape[0]
+    best = (0.0, 0.0, -np.inf)
+    lo, hi = split_range
+    ks = np.arange(nz - 1 + lo, nz - 1 + hi + 1)
+    ks = ks[(ks >= 0) & (ks <= 2 * nz - 2)]
+    if len(ks) == 0:
+        return best
+    # Blur before rotating: bilinear interpolation of a smooth image loses little. What it still loses
+    # depends on the angle (none at 0°), so the overlap is divided by the image energy, else the search
+    # would prefer angles that interpolate least over the right one.
+    base = gaussian_filter(proj.astype(np.float64), blur) if blur > 0 else proj.astype(np.float64)
+    per_angle: list[tuple[float, float, float]] = []  # (angle, refined offset, refined score)
+    for a in angles:
+        p = rotate_plane(base, float(a)) if a != 0 else base
+        energy = float(np.sum(p * p))
+        if energy <= 0:
+            per_angle.append((float(a), 0.0, -np.inf))
+            continue
+        conv = fftconvolve(p, p, axes=0).sum(axis=1)  # index k = z1 + z2, 0 … 2nz − 2
+        scores = conv[ks] / energy
+        i = int(np.argmax(scores))
+        # Sub-slice vertex: on the integer grid of k a mirror between grid points would otherwise be
+        # matched by tilting the projection instead (angle and position trade off).
+        off, val = float(ks[i] - (nz - 1)), float(scores[i])
+        if 0 < i < len(ks) - 1:
+            d, val = _vertex(*scores[i - 1 : i + 2])
+            off += d
+        per_angle.append((float(a), off, val))
+    j = int(np.argmax([v for _, _, v in per_angle]))
+    angle, off, val = per_angle[j]
+    if 0 < j < len(per_angle) - 1 and all(np.isfinite(per_angle[j + t][2]) for t in (-1, 1)):
+        d, val = _vertex(per_angle[j - 1][2], val, per_angle[j + 1][2])
+        step = per_angle[j + 1][0] - angle
+        angle += d * step
+        # The mirror offset at the refined angle: interpolate between the neighbouring angles' offsets.
+        nb = per_angle[j + 1] if d > 0 else per_angle[j - 1]
+        off += abs(d) * (nb[1] - off)
+    return angle, off, val
+
+
+def _vertex(ym: float, y0: float, yp: float) -> tuple[float, float]:
+    """Offset (within ±0.5 steps) and value of the vertex of the parabola through three samples."""
+    den = ym - 2 * y0 + yp
+    if den >= 0:
+        return 0.0, y0
+    d = float(np.clip(0.5 * (ym - yp) / den, -0.5, 0.5))
+    return d, float(y0 - 0.25 * (ym - yp) * d)
+
+
+def cut_views(rotated: np.ndarray, offset: float, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """View A below the mirror, view B above it flipped along z; common depth, far → near the mirror."""
+    nz = rotated.shape[0]
+    k = int(round(nz - 1 + offset))  # index sum of mirror pairs: z_B = k − z_A
+    m = k / 2.0
+    z_hi = int(math.ceil(m)) - 1  # last slice strictly below the mirror (the mirror slice itself is dropped)
+    depth = min(max_depth, z_hi + 1, nz - k + z_hi)
+    if depth < 1:
+        raise ViewsError(f"mirror at slice {m} of {nz} leaves no room for two views")
+    a_idx = np.arange(z_hi - depth + 1, z_hi + 1)
+    return rotated[a_idx], rotated[k - a_idx]
+
+
+def split_views(
+    volume: np.ndarray,
+    dx_um: float,
+    dz_um: float,
+    params: ViewsParams | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray, ViewsReport]:
+    """Rotate a deskewed volume so the mirror is horizontal, find the mirror and cut the two views.
+
+    Parameters
+    ----------
+    volume
+        Deskewed (and band-removed) volume (nz, ny, nx), skew axis x.
+    dx_um
+        Lateral voxel size (µm); also the isotropic voxel size of the output.
+    dz_um
+        Spacing of the deskewed planes (µm), i.e. stage step · sin(skew angle).
+    params
+        :class:`ViewsParams`; default the reference's.
+    device
+        As for :func:`engines.device.pick_device`.
+
+    Returns
+    -------
+    view_a, view_b : numpy.ndarray
+        float32 (depth, ny', nx') each; B is flipped along z so that it overlays A.
+    report : ViewsReport
+    """
+    params = params or ViewsParams()
+    arr = np.asarray(volume)
+    if arr.ndim != 3:
+        raise ViewsError(f"volume must be 3-D (planes, rows, columns); got shape {arr.shape}")
+    if min(arr.shape) < 2:
+        raise ViewsError(f"volume {arr.shape} is too small: need at least 2 voxels per axis")
+    for name, val in (("dx", dx_um), ("dz", dz_um)):
+        if not (math.isfinite(val) and val > 0):
+            raise ViewsError(f"voxel size {name} must be a positive number of µm, got {val!r}")
+    dev = pick_device(str(device) if device is not None else None)
+    spacing = (float(dz_um), float(dx_um), float(dx_um))
+    r0 = rot_y(params.angle_deg)
+    full = rotated_shape(arr.shape, spacing, r0, dx_um)
+    oshape = tuple(arr.shape) if params.keep_shape else full
+    b = params.border_px
+
+    def trimmed(v: np.ndarray) -> np.ndarray:
+        return v[:, b : v.shape[1] - b or None, b : v.shape[2] - b or None] if b else v
+
+    rotated = rotate_volume(arr, spacing, r0, out_spacing=dx_um, out_shape=oshape, device=dev)
+    sub = trimmed(rotated)
+    if sub.shape[1] < 1 or sub.shape[2] < 1:
+        raise ViewsError(f"border_px={b} removes the whole {rotated.shape[1]}×{rotated.shape[2]} projection")
+    ax, offset, score = mirror_search(
+        sub.max(axis=2), _steps(*params.x_range_deg, params.x_step_deg), params.split_range, params.blur_px
+    )
+    rot = rot_x(ax) @ r0
+    dy = 0.0
+    if params.y_range_deg != (0.0, 0.0):
+        if ax != 0:
+            rotated = rotate_volume(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, device=dev)
+        dy, offset, score = mirror_search(
+            trimmed(rotated).max(axis=1), _steps(*params.y_range_deg, params.y_step_deg), params.split_range,
+            params.blur_px,
+        )
+        # The y correction was found on the x-corrected volume, so it is applied last.
+        rot = rot_y(dy) @ rot
+    if ax != 0 or dy != 0:
+        rotated = rotate_volume(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, device=dev)
+    view_a, view_b = cut_views(rotated, offset, params.max_depth)
+    report = ViewsReport(
+        angle_y_deg=params.angle_deg + dy,
+        angle_y_correction_deg=dy,
+        angle_x_deg=ax,
+        split_index=(rotated.shape[0] - 1 + offset) / 2.0,
+        split_offset=offset,
+        depth=view_a.shape[0],
+        rotated_shape=tuple(int(s) for s in rotated.shape),  # type: ignore[arg-type]
+        voxel_um=float(dx_um),
+        score=score,
+    )
+    return np.ascontiguousarray(view_a), np.ascontiguousarray(view_b), report
