@@ -62,7 +62,11 @@ def describe_os_error(err: OSError) -> str:
         errno.EROFS: "read-only file system",
         errno.ENOENT: "folder no longer exists",
         errno.EIO: "input/output error (failing disk or lost network share?)",
-    }.get(err.errno or -1, err.strerror or type(err).__name__)
+        errno.EFBIG: "file larger than this system or its limits allow",
+    }.get(err.errno or -1, err.strerror or "")
+    if not what:
+        # writers report a short write without an errno; on a local disk that is a full disk
+        what = "short write (disk full?)" if "written" in str(err) else type(err).__name__
     return f"{what} ({err})"
 
 

@@ -71,6 +71,7 @@ class ThreadedSink:
             raise SinkStateError(f"{inner.name}: on_full must be 'drop', 'drop_oldest' or 'block', got {on_full!r}")
         self.inner = inner
         self.name = inner.name
+        self._stage = "write_" + "".join(ch if ch.isalnum() else "_" for ch in inner.name)
         self.on_full = on_full
         self.critical = critical
         self.metrics = metrics
@@ -81,7 +82,9 @@ class ThreadedSink:
         self._thread: threading.Thread | None = None
         self._meta: VolumeMeta | None = None
         self._closed = False
-        self._error: SinkError | None = None
+        self._error: SinkError | None = None  # the first error; it stops a critical sink
+        self._errors = 0  # every call into the inner sink goes through this wrapper, so it sees every error
+        self._last_error: str | None = None
         self._dropped = 0
         self._skips: dict[VolumeIndex, str] = {}
         self._skips_sent: set[VolumeIndex] = set()
@@ -103,8 +106,7 @@ class ThreadedSink:
             skipped = {**s.skipped, **self._skips}
             return SinkStats(
                 written=s.written, bytes_written=s.bytes_written, skipped=skipped,
-                dropped_queue_full=self._dropped, errors=s.errors + (1 if self._error and not s.errors else 0),
-                last_error=str(self._error) if self._error else s.last_error,
+                dropped_queue_full=self._dropped, errors=self._errors, last_error=self._last_error,
             )
 
     @property
@@ -189,7 +191,8 @@ class ThreadedSink:
             n = self._dropped
             # latest-wins drops are the design for a display; for a writer they mean the disk is too slow: say so,
             # but at 1, 10, 100, ... drops rather than once per volume
-            level = logging.DEBUG if self.on_full == "drop_oldest" or (n & (n - 1) and n % 10) else logging.WARNING
+            decade = str(n).rstrip("0") == "1"
+            level = logging.WARNING if decade and self.on_full != "drop_oldest" else logging.DEBUG
             log.log(level, "%s: queue full, dropped volume %s (%d dropped so far)", self.name, dropped.label(), n)
         return dropped is None
 
@@ -267,10 +270,10 @@ class ThreadedSink:
         try:
             if op == "append":
                 if self.metrics is not None:
-                    with self.metrics.stage_timer(f"write_{self.name}"):
+                    with self.metrics.stage_timer(self._stage):
                         self.inner.append(a, b)
                     self.metrics.inc("sink_volumes_written", labels={"sink": self.name})
-                    self.metrics.add_throughput(f"write_{self.name}", 1, a.nbytes)
+                    self.metrics.add_throughput(self._stage, 1, a.nbytes)
                 else:
                     self.inner.append(a, b)
             else:
@@ -285,10 +288,13 @@ class ThreadedSink:
         if self.metrics is not None:
             self.metrics.inc("sink_errors", labels={"sink": self.name})
         first = self._error is None
+        with self._cond:
+            self._errors += 1
+            self._last_error = str(typed)
         if first:
             self._error = typed
         if self.critical:
-            log.error("%s stopped: %s", self.name, typed)
+            log.error("stopped writing: %s", typed)
             with self._cond:
                 self._cond.notify_all()
             if first and self.on_error is not None:
@@ -298,9 +304,7 @@ class ThreadedSink:
                     log.exception("%s: on_error callback raised", self.name)
         else:
             if first:
-                log.warning("%s: %s (further errors are counted, not logged)", self.name, typed)
-            self.inner.stats.errors += 1
-            self.inner.stats.last_error = str(typed)
+                log.warning("%s (further errors are counted, not logged)", typed)
 
     def _close_inner(self) -> None:
         try:
