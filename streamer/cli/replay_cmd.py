@@ -1,0 +1,43 @@
+"""``rllsm replay``: re-send a recording to a service, or process it in this process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="re-send a recording to a service (--connect) or process it (--offline)")
+    p.add_argument("recording", type=Path, help="recording folder written by `rllsm serve`")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--connect", metavar="ENDPOINT", help="service ingest endpoint, e.g. tcp://127.0.0.1:5555")
+    g.add_argument("--offline", action="store_true", help="process in this process, without sockets")
+    p.add_argument("--speed", default="original", help="original, max, or a factor such as 2 (default: original)")
+    p.add_argument("--out", type=Path, help="output folder (with --offline)")
+    p.add_argument("--mode", choices=["full", "classical", "deskew", "none"], default="classical")
+    p.add_argument("--device", help="cpu, cuda (default: CUDA if present)")
+    p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S", help="as for `rllsm serve`")
+    p.add_argument("--keys", nargs=2, metavar=("CLIENT_SECRET", "SERVER_PUBLIC"), help="CURVE client keys")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from streamer.cli import CLIError
+    from streamer.pipeline import PipelineError
+    from streamer.recording import RecordingError
+    from streamer.replay import ReplayError, parse_speed, replay_offline, replay_to
+
+    try:
+        if args.offline:
+            if args.out is None:
+                raise CLIError("--offline needs --out DIR")
+            summary = replay_offline(args.recording, args.out, mode=args.mode, device=args.device,
+                                     timeout_s=args.stack_timeout)
+        else:
+            keys = tuple(args.keys) if args.keys else None
+            summary = replay_to(args.recording, args.connect, speed=parse_speed(args.speed), client_keys=keys)
+    except (ReplayError, RecordingError, PipelineError) as err:
+        raise CLIError(str(err)) from None
+    print(json.dumps(summary, indent=1, default=str))
+    return 0

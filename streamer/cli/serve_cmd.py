@@ -1,0 +1,108 @@
+"""``rllsm serve``: run the live streaming service until stopped (Ctrl-C, SIGTERM or ``rllsm status --stop``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from engines.config import describe_validation_error
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def use_json_logs() -> None:
+    root = logging.getLogger()
+    for h in root.handlers:
+        h.setFormatter(JsonFormatter())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the live service: ingest, record, reconstruct, output")
+    p.add_argument("--ingest", default="tcp://127.0.0.1:5555", help="PULL endpoint to bind (default %(default)s)")
+    p.add_argument("--control", default="tcp://127.0.0.1:5557", help="status/control REP endpoint (%(default)s)")
+    p.add_argument("--recording", "-r", type=Path, help="recording folder (every message is appended here first)")
+    p.add_argument("--out", "-o", type=Path, help="folder for the fused volumes")
+    p.add_argument("--format", dest="output_format", choices=["zarr", "tiff", "npy"], default="zarr")
+    p.add_argument("--display", metavar="ENDPOINT", help="publish volumes + MIPs here, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--mode", choices=["full", "classical", "deskew", "none"], default="classical")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S",
+                   help="flag a stack incomplete after S seconds without a plane (default %(default)s)")
+    p.add_argument("--process-incomplete", action="store_true", help="also reconstruct incomplete stacks")
+    p.add_argument("--fsync-every", type=int, default=0, metavar="N", help="fsync the recording every N messages")
+    p.add_argument("--keys", type=Path, help="CURVE key folder; required for a non-loopback --ingest")
+    p.add_argument("--gen-keys", type=Path, metavar="DIR", help="create server/client CURVE keys in DIR and exit")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this loopback port")
+    p.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from streamer.cli import CLIError
+    from streamer.security import SecurityError, generate_keys
+    from streamer.service import Service, ServiceConfig, ServiceError
+
+    if args.json_logs:
+        use_json_logs()
+    if args.gen_keys:
+        try:
+            paths = generate_keys(args.gen_keys)
+        except SecurityError as err:
+            raise CLIError(str(err)) from None
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        print("Copy client-acquisition.key_secret and server.key to the acquisition PC; start with --keys "
+              f"{args.gen_keys}. Allow more clients by putting their public .key in {args.gen_keys}/clients/.")
+        return 0
+    if args.recording is None:
+        raise CLIError("--recording DIR is required (every received message is recorded there)")
+    try:
+        cfg = ServiceConfig(
+            ingest=args.ingest, control=args.control, recording=args.recording, output=args.out,
+            output_format=args.output_format, display=args.display, mode=args.mode, device=args.device,
+            stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
+            fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
+        )
+    except ValidationError as err:
+        raise CLIError(describe_validation_error(err, "serve settings")) from None
+    try:
+        svc = Service(cfg).start()
+    except (ServiceError, SecurityError) as err:
+        raise CLIError(str(err)) from None
+    # Scripts (and the kill -9 tests) read this line to learn the bound endpoints.
+    print(json.dumps({"ingest": svc.ingest_endpoint, "control": svc.control_endpoint}), flush=True)
+
+    def _term(signum: int, frame: Any) -> None:
+        svc._stop.set()
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        while not svc.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        svc.stop()
+    summary = svc.final_summary or {}
+    print(json.dumps({"summary": summary}, default=str), flush=True)
+    if svc.error is not None:
+        print(f"rllsm serve: stopped: {svc.error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,345 @@
+"""Append-only recording of every message the service receives, recoverable after ``kill -9``.
+
+A recording is a folder of three files::
+
+    REC/format.json     {"format": "rllsm-recording", "version": 1}
+    REC/messages.dat    records: b"RLR1" | n_parts (u32) | n_parts × length (u64) | the parts' bytes
+    REC/messages.idx    one 32-byte entry per record: offset (u64), size (u64), received_at (f64),
+                        crc32 of the record's prefix and first part (u32), flags (u32)
+
+A record is written to ``messages.dat`` first and *then* its index entry; a message counts as received only once
+its entry is written. A process killed at any moment leaves at worst a torn record and/or a torn entry at the tail;
+:func:`open_recording`/:class:`RecordingWriter` detect them (short entry, record past the end of the data file,
+prefix CRC mismatch) and truncate both files back to the last whole record, keeping everything before it.
+
+The data are written with ``os.writev`` straight from the receive buffers (no copy in Python), so the recording runs
+at the speed of the page cache; ``fsync_every`` adds durability against power loss at a cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "rllsm-recording"
+FORMAT_VERSION = 1
+MAGIC = b"RLR1"
+_PREFIX = struct.Struct("<4sI")
+_LEN = struct.Struct("<Q")
+_ENTRY = struct.Struct("<QQdII")
+ENTRY_SIZE = _ENTRY.size  # 32
+MAX_PARTS = 16
+DATA_NAME, INDEX_NAME, FORMAT_FILE = "messages.dat", "messages.idx", "format.json"
+
+
+class RecordingError(OSError):
+    """The recording cannot be opened, read or appended to; the text says which file and why."""
+
+
+class RecordingFormatError(RecordingError):
+    """The folder is not a recording of a version this program reads."""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """Where record ``i`` lives in the data file and when it was received (wall clock, s since epoch)."""
+
+    offset: int
+    size: int
+    received_at: float
+    prefix_crc: int
+    flags: int = 0
+
+
+def _buf(part: Any) -> memoryview:
+    return memoryview(getattr(part, "buffer", part)).cast("B")
+
+
+def _prefix(parts: Sequence[memoryview]) -> bytes:
+    return _PREFIX.pack(MAGIC, len(parts)) + b"".join(_LEN.pack(len(p)) for p in parts)
+
+
+def _prefix_crc(prefix: bytes, first: memoryview | bytes) -> int:
+    return zlib.crc32(first, zlib.crc32(prefix)) & 0xFFFFFFFF
+
+
+def _write_all(fd: int, bufs: list[memoryview | bytes]) -> int:
+    """``writev`` until every byte is out (the kernel may write less than asked, e.g. above 2 GiB)."""
+    total = sum(len(b) for b in bufs)
+    done = 0
+    views = [memoryview(b) for b in bufs]
+    while views:
+        n = os.writev(fd, views)
+        done += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def _read_exact(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise RecordingError(f"recording truncated: wanted {n} bytes at offset {offset}, got {len(data)}")
+    return data
+
+
+class _Files:
+    """Shared reading code over an open data fd and the in-memory index."""
+
+    path: Path
+    _data_fd: int
+    _entries: list[IndexEntry]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, i: int) -> IndexEntry:
+        return self._entries[i]
+
+    def read(self, i: int) -> list[memoryview]:
+        """The parts of record ``i`` (header first), as views on one buffer read from disk."""
+        e = self._entries[i]
+        blob = memoryview(bytearray(e.size))
+        got = os.preadv(self._data_fd, [blob], e.offset)
+        if got != e.size:
+            raise RecordingError(f"{self.path}: record {i} is cut short ({got} of {e.size} bytes)")
+        magic, n = _PREFIX.unpack_from(blob, 0)
+        if magic != MAGIC or n > MAX_PARTS:
+            raise RecordingError(f"{self.path}: record {i} at offset {e.offset} is damaged (bad record marker)")
+        pos = _PREFIX.size
+        lengths = [_LEN.unpack_from(blob, pos + k * _LEN.size)[0] for k in range(n)]
+        pos += n * _LEN.size
+        parts = []
+        for ln in lengths:
+            parts.append(blob[pos : pos + ln])
+            pos += ln
+        return parts
+
+    def header(self, i: int) -> bytes:
+        """Only the first part of record ``i`` (the wire header), without reading the payload."""
+        e = self._entries[i]
+        head = _read_exact(self._data_fd, _PREFIX.size, e.offset)
+        _, n = _PREFIX.unpack(head)
+        if n == 0:
+            return b""
+        first_len = _LEN.unpack(_read_exact(self._data_fd, _LEN.size, e.offset + _PREFIX.size))[0]
+        return _read_exact(self._data_fd, first_len, e.offset + _PREFIX.size + n * _LEN.size)
+
+    def __iter__(self) -> Iterator[list[memoryview]]:
+        for i in range(len(self._entries)):
+            yield self.read(i)
+
+
+def _check_format(path: Path, create: bool) -> None:
+    fmt = path / FORMAT_FILE
+    if not fmt.exists():
+        if not create:
+            raise RecordingFormatError(f"{path} is not a recording (no {FORMAT_FILE})")
+        fmt.write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION}) + "\n")
+        return
+    try:
+        doc = json.loads(fmt.read_text())
+    except (OSError, ValueError) as err:
+        raise RecordingFormatError(f"{fmt}: unreadable ({err})") from None
+    if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
+        raise RecordingFormatError(
+            f"{path}: recording format {doc.get('format')!r} v{doc.get('version')!r}; this program reads "
+            f"{FORMAT_NAME} v{FORMAT_VERSION}"
+        )
+
+
+def _load_index(path: Path, data_fd: int, index_fd: int) -> tuple[list[IndexEntry], int, int, int]:
+    """Read the index and find the last whole record.
+
+    Returns the valid entries, the valid data length, and how many torn entries / data bytes lie past them.
+    """
+    data_size = os.fstat(data_fd).st_size
+    raw = os.pread(index_fd, os.fstat(index_fd).st_size, 0)
+    n = len(raw) // ENTRY_SIZE
+    entries = [IndexEntry(*_ENTRY.unpack_from(raw, k * ENTRY_SIZE)) for k in range(n)]
+    # Records are written in order, so the valid ones form a prefix: walk back from the end to the first good one.
+    good = n
+    while good > 0:
+        e = entries[good - 1]
+        if e.offset + e.size <= data_size and _entry_ok(data_fd, e):
+            break
+        good -= 1
+    valid = entries[:good]
+    end = valid[-1].offset + valid[-1].size if valid else 0
+    torn_bytes = data_size - end
+    return valid, end, len(raw) - good * ENTRY_SIZE, torn_bytes
+
+
+def _entry_ok(fd: int, e: IndexEntry) -> bool:
+    try:
+        head = _read_exact(fd, _PREFIX.size, e.offset)
+        magic, n = _PREFIX.unpack(head)
+        if magic != MAGIC or n > MAX_PARTS:
+            return False
+        lens = _read_exact(fd, n * _LEN.size, e.offset + _PREFIX.size)
+        first_len = _LEN.unpack_from(lens, 0)[0] if n else 0
+        if _PREFIX.size + len(lens) + sum(_LEN.unpack_from(lens, k * 8)[0] for k in range(n)) != e.size:
+            return False
+        first = _read_exact(fd, first_len, e.offset + _PREFIX.size + len(lens)) if n else b""
+        return _prefix_crc(head + lens, first) == e.prefix_crc
+    except RecordingError:
+        return False
+
+
+class RecordingReader(_Files):
+    """Read-only view of a recording (for replay); repairs nothing, ignores a torn tail."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        _check_format(self.path, create=False)
+        try:
+            self._data_fd = os.open(self.path / DATA_NAME, os.O_RDONLY)
+            index_fd = os.open(self.path / INDEX_NAME, os.O_RDONLY)
+        except OSError as err:
+            raise RecordingError(f"cannot open recording {self.path}: {err.strerror}") from None
+        try:
+            self._entries, _, self.torn_entry_bytes, self.torn_data_bytes = _load_index(
+                self.path, self._data_fd, index_fd
+            )
+        finally:
+            os.close(index_fd)
+
+    def close(self) -> None:
+        if self._data_fd >= 0:
+            os.close(self._data_fd)
+            self._data_fd = -1
+
+    def __enter__(self) -> RecordingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RecordingWriter(_Files):
+    """Appends records; opening an existing recording repairs a torn tail and continues after it.
+
+    Parameters
+    ----------
+    path
+        Folder of the recording (created if missing).
+    fsync_every
+        ``fsync`` data and index every this many records (0: never; the page cache survives a killed process, not
+        a power cut).
+
+    Attributes
+    ----------
+    recovered_bytes
+        Bytes of torn record/index cut from the tail when the recording was reopened (0 for a clean one).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync_every: int = 0) -> None:
+        self.path = Path(path)
+        self.fsync_every = int(fsync_every)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _check_format(self.path, create=True)
+            self._data_fd = os.open(self.path / DATA_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            self._index_fd = os.open(self.path / INDEX_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except RecordingFormatError:
+            raise
+        except OSError as err:
+            raise RecordingError(f"cannot open recording {self.path} for writing: {err.strerror}") from None
+        self._entries, self._end, torn_idx, torn_data = _load_index(self.path, self._data_fd, self._index_fd)
+        self.recovered_bytes = torn_idx + torn_data
+        if self.recovered_bytes:
+            log.warning(
+                "recording %s: cut a torn tail (%d index bytes, %d data bytes) left by an interrupted run; "
+                "%d whole records kept", self.path, torn_idx, torn_data, len(self._entries),
+            )
+            os.ftruncate(self._data_fd, self._end)
+            os.ftruncate(self._index_fd, len(self._entries) * ENTRY_SIZE)
+        self._lock = threading.Lock()
+        self._since_sync = 0
+        self._failed: BaseException | None = None
+
+    def append(self, parts: Sequence[Any], received_at: float, flags: int = 0) -> int:
+        """Write one multipart message; returns its record number once data and index entry are written.
+
+        Raises
+        ------
+        RecordingError
+            If the disk refuses the write (full, read-only, quota...). The tail is cut back to the last whole
+            record, so the recording stays readable; the writer refuses further appends.
+        """
+        if self._failed is not None:
+            raise RecordingError(f"recording {self.path} stopped after an earlier error: {self._failed}")
+        views = [_buf(p) for p in parts]
+        if not 0 < len(views) <= MAX_PARTS:
+            raise RecordingError(f"a message has {len(views)} parts; a record holds 1..{MAX_PARTS}")
+        prefix = _prefix(views)
+        size = len(prefix) + sum(len(v) for v in views)
+        entry = IndexEntry(self._end, size, float(received_at), _prefix_crc(prefix, views[0]), flags)
+        with self._lock:
+            try:
+                os.lseek(self._data_fd, self._end, os.SEEK_SET)
+                _write_all(self._data_fd, [prefix, *views])
+                os.pwrite(self._index_fd, _ENTRY.pack(*entry.__dict__.values()), len(self._entries) * ENTRY_SIZE)
+            except OSError as err:
+                self._failed = err
+                self._cut_back()
+                raise RecordingError(
+                    f"recording {self.path}: cannot append record {len(self._entries)} ({size / 1e6:.1f} MB): "
+                    f"{err.strerror or err}; everything received before it is kept"
+                ) from err
+            self._entries.append(entry)
+            self._end += size
+            self._since_sync += 1
+            if self.fsync_every and self._since_sync >= self.fsync_every:
+                self.sync()
+            return len(self._entries) - 1
+
+    def _cut_back(self) -> None:
+        try:
+            os.ftruncate(self._data_fd, self._end)
+            os.ftruncate(self._index_fd, len(self._entries) * ENTRY_SIZE)
+        except OSError:  # the next open repairs it anyway
+            pass
+
+    def sync(self) -> None:
+        os.fsync(self._data_fd)
+        os.fsync(self._index_fd)
+        self._since_sync = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._end
+
+    def close(self) -> None:
+        if self._data_fd >= 0:
+            try:
+                if self.fsync_every and self._failed is None:
+                    self.sync()
+            finally:
+                os.close(self._data_fd)
+                os.close(self._index_fd)
+                self._data_fd = self._index_fd = -1
+
+    def __enter__(self) -> RecordingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_recording(path: str | os.PathLike[str]) -> RecordingReader:
+    """Open a recording for reading (replay, inspection)."""
+    return RecordingReader(path)

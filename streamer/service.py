@@ -1,0 +1,436 @@
+"""``rllsm serve``: ZMQ ingest → recording → processing → outputs, with a control socket for ``rllsm status``.
+
+Threads and the policy between them:
+
+* **ingest** (PULL): receives each multipart message and appends it to the recording *before anything else*; only
+  then is it counted as received. It never waits for processing: it hands the message to a bounded in-memory cache
+  and, if the cache is full, simply does not cache it (``messages_spilled``) — the processor reads it back from the
+  recording later. So the raw path never drops, ingest runs at disk speed, and processing lags and catches up.
+* **processor**: walks the recording in order (cache first, disk otherwise) through a
+  :class:`~streamer.processor.StackProcessor`. A critical output failing stops the service cleanly.
+* **control** (REP): answers ``status``, ``summary`` and ``stop`` as JSON.
+
+Restarting on the same recording resumes: a torn tail is cut, stacks already output are skipped, every other
+recorded stack is processed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Literal
+
+import zmq
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamer.metrics import Metrics
+from streamer.pipeline import PipelineMode, Stage, build_stages
+from streamer.processor import CriticalOutputError, NpyDirSink, SinkFactory, StackProcessor, StageFactory
+from streamer.recording import RecordingError, RecordingWriter
+from streamer.security import CurveServer, check_bind, secure_server_socket
+
+log = logging.getLogger(__name__)
+SERVICE_CONFIG_VERSION = 1
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start or had to stop; the text says why."""
+
+
+class ServiceConfig(BaseModel):
+    """Everything ``rllsm serve`` needs; every field has a CLI flag of the same name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = SERVICE_CONFIG_VERSION
+    ingest: str = Field("tcp://127.0.0.1:5555", description="Where the PULL socket binds (port 0: a free one).")
+    control: str = Field("tcp://127.0.0.1:5557", description="Where the REP status/control socket binds.")
+    recording: Path = Field(description="Recording folder; every received message is appended here first.")
+    output: Path | None = Field(None, description="Folder for the fused volumes (None: record and report only).")
+    output_format: Literal["zarr", "npy", "tiff"] = "zarr"
+    display: str | None = Field(None, description="Display PUB endpoint (e.g. tcp://127.0.0.1:5556); None: off.")
+    mode: PipelineMode = PipelineMode.classical
+    device: str | None = Field(None, description="cpu, cuda, cuda:1; default: CUDA if torch sees one.")
+    stack_timeout_s: float = Field(5.0, gt=0, le=3600, description="Flag a stack incomplete after this silence.")
+    max_open_stacks: int = Field(64, ge=1, le=100_000)
+    cache_messages: int = Field(256, ge=1, le=1_000_000, description="Messages kept in memory for the processor.")
+    rcvhwm: int = Field(1000, ge=1, le=1_000_000, description="ZMQ receive high-water mark of the ingest socket.")
+    fsync_every: int = Field(0, ge=0, description="fsync the recording every N messages (0: never).")
+    keys: Path | None = Field(None, description="CURVE key folder (see `rllsm serve --gen-keys`).")
+    process_incomplete: bool = Field(False, description="Reconstruct incomplete stacks (zero-filled) too.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None: off.")
+
+
+class Service:
+    """The live service; :meth:`start` returns once the sockets are bound, :meth:`stop` ends it cleanly.
+
+    Parameters
+    ----------
+    config
+        Endpoints, folders and policies.
+    stage_factory
+        ``start → stages``; default :func:`streamer.pipeline.build_stages` with ``config.mode``.
+    sink_factory
+        ``VolumeMeta → [(sink, critical)]``; default from ``config.output``/``output_format``/``display``.
+    context
+        ZMQ context (default: a new one, terminated at stop).
+    """
+
+    def __init__(
+        self, config: ServiceConfig, *, stage_factory: StageFactory | None = None,
+        sink_factory: SinkFactory | None = None, context: zmq.Context | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._own_ctx = context is None
+        self.ctx = context or zmq.Context()
+        self.stage_factory = stage_factory or self._default_stages
+        self.sink_factory = sink_factory or self._default_sinks
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._cache: deque[tuple[int, list[Any], float]] = deque()
+        self._cursor = 0  # next record the processor handles
+        self._stamp: float | None = None  # arrival time of the message being recorded right now
+        self._threads: list[threading.Thread] = []
+        self._curve: CurveServer | None = None
+        self._display_pub: Any = None
+        self.recording: RecordingWriter | None = None
+        self.processor: StackProcessor | None = None
+        self.ingest_endpoint = self.control_endpoint = ""
+        self.final_summary: dict[str, Any] | None = None
+        for c in ("messages_received", "bytes_received", "messages_spilled"):
+            self.metrics.declare(c)
+
+    # --- defaults -------------------------------------------------------------------------------------------------
+
+    def _default_stages(self, start: Any) -> list[Stage]:
+        return build_stages(self.config.mode, start.optics, device=self.config.device)
+
+    def _default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
+        from streamer.sinks import OmeTiffConfig, OmeZarrConfig, ThreadedSink, open_sink
+
+        out: list[tuple[Any, bool]] = []
+        cfg = self.config
+        if cfg.output is not None:
+            if cfg.output_format == "npy":
+                out.append((NpyDirSink(cfg.output), True))
+            else:
+                if cfg.output_format == "zarr":
+                    path = cfg.output / f"{meta.acquisition_id}.ome.zarr"
+                    k = 2
+                    while path.exists():  # a resumed run continues in a new part rather than overwrite
+                        path = cfg.output / f"{meta.acquisition_id}.part{k}.ome.zarr"
+                        k += 1
+                    inner = open_sink(OmeZarrConfig(path=path))
+                else:
+                    inner = open_sink(OmeTiffConfig(directory=cfg.output / meta.acquisition_id, overwrite=True))
+                # block, not drop: processing may lag (the recording holds the raw data), the outputs must be whole
+                out.append((ThreadedSink(inner, on_full="block", critical=True, metrics=self.metrics), True))
+        if cfg.display is not None:
+            from streamer.display import DisplayConfig, DisplayPublisher, DisplaySink
+
+            if self._display_pub is None:
+                self._display_pub = DisplayPublisher(DisplayConfig(endpoint=cfg.display), context=self.ctx,
+                                                     metrics=self.metrics)
+            out.append((ThreadedSink(DisplaySink(self._display_pub), queue_size=1, on_full="drop_oldest",
+                                     critical=False, metrics=self.metrics), False))
+        return out
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> Service:
+        """Open the recording (repairing a torn tail), bind the sockets, start the threads."""
+        cfg = self.config
+        check_bind(cfg.ingest, cfg.keys)
+        check_bind(cfg.control, cfg.keys)
+        try:
+            self.recording = RecordingWriter(cfg.recording, fsync_every=cfg.fsync_every)
+        except RecordingError as err:
+            raise ServiceError(str(err)) from None
+        self.metrics.set_gauge("recording_recovered_bytes", self.recording.recovered_bytes)
+        self.processor = StackProcessor(
+            self.stage_factory, self.sink_factory, self.metrics, timeout_s=cfg.stack_timeout_s,
+            max_open=cfg.max_open_stacks, done_log=cfg.recording / "done.log", device=cfg.device,
+            process_incomplete=cfg.process_incomplete,
+        )
+        self._resume_from = len(self.recording)
+        pull = self.ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, cfg.rcvhwm)
+        pull.setsockopt(zmq.LINGER, 0)
+        rep = self.ctx.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 0)
+        try:
+            if cfg.keys is not None:
+                self._curve = secure_server_socket(self.ctx, pull, cfg.keys)
+            pull.bind(cfg.ingest)
+            rep.bind(cfg.control)
+        except zmq.ZMQError as err:
+            pull.close(0)
+            rep.close(0)
+            self._close_resources()
+            raise ServiceError(f"cannot listen on {cfg.ingest} / {cfg.control}: {err}") from None
+        self.ingest_endpoint = pull.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.control_endpoint = rep.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if cfg.metrics_port is not None:
+            self.metrics.serve_http(cfg.metrics_port)
+        for name, target, arg in (("ingest", self._ingest, pull), ("processor", self._process_loop, None),
+                                  ("control", self._control, rep)):
+            t = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=f"rllsm-{name}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("serving: ingest %s, control %s, recording %s (%d records already there)",
+                 self.ingest_endpoint, self.control_endpoint, cfg.recording, self._resume_from)
+        return self
+
+    def _fail(self, err: BaseException) -> None:
+        if self.error is None:
+            self.error = err
+            log.error("stopping: %s", err)
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Stop receiving, finish processing what was received, close outputs; returns the final summary."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        self._close_resources()
+        self.stopped.set()
+        return self.final_summary or {}
+
+    def _close_resources(self) -> None:
+        if self._curve is not None:
+            self._curve.close()
+            self._curve = None
+        if self._display_pub is not None:
+            self._display_pub.close()
+            self._display_pub = None
+        if self.recording is not None:
+            self.recording.close()
+        self.metrics.close()
+        if self._own_ctx:
+            self.ctx.term()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the service stops (a ``stop`` request or a critical error); True if it did."""
+        if not self._stop.wait(timeout):
+            return False
+        self.stop()
+        return True
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- threads --------------------------------------------------------------------------------------------------
+
+    def _ingest(self, sock: zmq.Socket) -> None:
+        rec = self.recording
+        assert rec is not None
+        cache_max = self.config.cache_messages
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    continue
+                # drain what is there without polling again: the poll costs more than a receive at high rates
+                for _ in range(1000):
+                    try:
+                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    now = time.time()
+                    self._stamp = now  # see _clock: no stack may time out "before" this message is processed
+                    try:
+                        idx = rec.append(parts, now)
+                    except RecordingError as err:
+                        self.metrics.inc("recording_errors")
+                        self._fail(CriticalOutputError(str(err)))
+                        return
+                    nbytes = sum(len(p) for p in parts)
+                    self.metrics.inc("messages_received")
+                    self.metrics.inc("bytes_received", nbytes)
+                    with self._cond:
+                        if len(self._cache) < cache_max:
+                            self._cache.append((idx, parts, now))
+                        else:
+                            self.metrics.inc("messages_spilled")
+                        self._cond.notify()
+                    self._stamp = None
+        except Exception as err:  # a bug here must stop the service loudly, not hang it
+            log.exception("ingest thread failed")
+            self._fail(err)
+        finally:
+            sock.close(0)
+
+    def _next(self) -> tuple[list[Any], float] | None:
+        """The record at the cursor: from the cache if it is there, else from the recording."""
+        rec = self.recording
+        assert rec is not None
+        with self._cond:
+            while self._cache and self._cache[0][0] < self._cursor:
+                self._cache.popleft()
+            if self._cache and self._cache[0][0] == self._cursor:
+                _, parts, t = self._cache.popleft()
+                return parts, t
+            if self._cursor >= len(rec):
+                return None
+        return rec.read(self._cursor), rec.entry(self._cursor).received_at
+
+    def _clock(self) -> float:
+        """Now, but never later than a message being recorded at this moment.
+
+        Timeouts are decided on arrival times, so that an offline replay (which only knows arrival times) flags
+        exactly the stacks the live run flagged.
+        """
+        now = time.time()
+        stamp = self._stamp
+        return now if stamp is None else min(now, stamp)
+
+    def _process_loop(self) -> None:
+        proc, rec = self.processor, self.recording
+        assert proc is not None and rec is not None
+        try:
+            while True:
+                if self._cursor < self._resume_from and proc.done:
+                    if proc.skip_if_done(rec.header(self._cursor)):
+                        self._cursor += 1
+                        continue
+                item = self._next()
+                if item is None:
+                    if self._stop.is_set():
+                        break
+                    now = self._clock()
+                    if self._cursor >= len(rec):  # re-checked after reading the clock: see _clock
+                        proc.tick(now)
+                    with self._cond:
+                        if self._cursor >= len(rec) and not self._stop.is_set():
+                            self._cond.wait(0.05)
+                    continue
+                parts, t = item
+                proc.handle(parts, record=self._cursor, received_at=t)
+                self._cursor += 1
+                self.metrics.set_gauge("processing_backlog", len(rec) - self._cursor)
+            proc.finish()
+        except CriticalOutputError as err:
+            proc.close_outputs_after_error()
+            self._fail(err)
+        except Exception as err:
+            log.exception("processor thread failed")
+            proc.close_outputs_after_error()
+            self._fail(err)
+        finally:
+            self.final_summary = proc.summary()
+            self.final_summary["stopped_by_error"] = str(self.error) if self.error else None
+            try:
+                (self.config.recording / "summary.json").write_text(json.dumps(self.final_summary, indent=1) + "\n")
+            except OSError as err:
+                log.warning("cannot write the summary: %s", err)
+
+    def _control(self, sock: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self.stopped.is_set():
+                if not poller.poll(100):
+                    if self._stop.is_set() and all(not t.is_alive() for t in self._threads[:2]):
+                        break
+                    continue
+                try:
+                    req = json.loads(sock.recv())
+                    cmd = req.get("cmd") if isinstance(req, dict) else None
+                except ValueError:
+                    cmd = None
+                if cmd == "status":
+                    reply = self.status()
+                elif cmd == "summary":
+                    reply = self.final_summary or (self.processor.summary() if self.processor else {})
+                elif cmd == "stop":
+                    reply = {"ok": True, "stopping": True}
+                    self._stop.set()
+                else:
+                    reply = {"ok": False, "error": "unknown request; send {\"cmd\": \"status\"|\"summary\"|\"stop\"}"}
+                sock.send(json.dumps(reply, default=str).encode())
+        finally:
+            sock.close(0)
+
+    # --- status ---------------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Queue depths, per-stage p50/p99, throughput, drops and errors, as plain JSON."""
+        snap = self.metrics.snapshot()
+        proc, rec = self.processor, self.recording
+        n = len(rec) if rec is not None else 0
+        with self._cond:
+            cache = len(self._cache)
+        snap["queues"] = {
+            "recorded": n, "processed": self._cursor, "backlog": n - self._cursor, "cache": cache,
+            "open_stacks": proc.assembler.n_open if proc else 0,
+            "gpu_in_flight": sum(w.in_flight for w in proc.workers.values()) if proc else 0,
+        }
+        if proc is not None:
+            snap["errors"] = {"by_type": dict(proc.errors), "last": list(proc.last_errors)}
+            snap["incomplete_stacks"] = proc.incomplete[-50:]
+            drops = {}
+            for acq, out in proc.outputs.items():
+                for sink, _ in out.sinks:
+                    drops[f"{acq}/{sink.name}"] = sink.stats.dropped_queue_full
+            snap["output_drops"] = drops
+        snap["ingest"] = self.ingest_endpoint
+        snap["state"] = "error" if self.error else ("stopping" if self._stop.is_set() else "running")
+        snap["error"] = str(self.error) if self.error else None
+        return snap
+
+
+def request(endpoint: str, cmd: str, timeout_s: float = 5.0, context: zmq.Context | None = None) -> dict[str, Any]:
+    """Send one control request (``status``, ``summary``, ``stop``) and return the reply.
+
+    Raises
+    ------
+    ServiceError
+        If no service answers within ``timeout_s``.
+    """
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    try:
+        sock.connect(endpoint)
+        sock.send(json.dumps({"cmd": cmd}).encode())
+        return json.loads(sock.recv())
+    except zmq.Again:
+        raise ServiceError(f"no rllsm service answered on {endpoint} within {timeout_s:g} s (is it running?)") from None
+    finally:
+        sock.close(0)
+
+
+def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.01) -> bool:
+    """Poll ``predicate()`` until it is true or ``timeout_s`` passes (for tests and scripts; no fixed sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+def environment_summary() -> dict[str, Any]:
+    """The machine, for benchmark records."""
+    import platform
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}

@@ -1,0 +1,103 @@
+"""Frame → stack assembly: out-of-order planes, interleaved stacks, typed rejections, incomplete stacks kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer import wire
+from streamer.assembly import DuplicateFrame, InconsistentFrame, LateFrame, StackAssembler, StackKey
+
+
+def _frames(acq, t, stack, c=0):
+    out = []
+    for z in range(stack.shape[0]):
+        h = wire.pixels_header(stack[z], acquisition_id=acq, seq=z, timepoint=t, channel=c, z_index=z,
+                               z_count=stack.shape[0])
+        out.append((h, stack[z]))
+    return out
+
+
+def test_interleaved_out_of_order_frames_assemble_exactly():
+    rng = np.random.default_rng(0)
+    stacks = {(t, c): rng.integers(0, 60000, (7, 5, 6), dtype=np.uint16) for t in range(3) for c in range(2)}
+    msgs = [m for (t, c), s in stacks.items() for m in _frames("a", t, s, c)]
+    order = rng.permutation(len(msgs))
+    asm = StackAssembler(timeout_s=10)
+    done = {}
+    for k, i in enumerate(order):
+        h, plane = msgs[i]
+        for st in asm.add_frame(h, plane, now=float(k), record=k):
+            done[(st.key.timepoint, st.key.channel)] = st
+    assert set(done) == set(stacks)
+    for key, st in done.items():
+        assert st.complete and st.missing == ()
+        np.testing.assert_array_equal(st.data, stacks[key])
+    assert asm.n_open == 0 and asm.stats.complete == 6
+
+
+def test_big_endian_frames_come_out_native():
+    s = np.arange(2 * 3 * 4, dtype=">u2").reshape(2, 3, 4)
+    asm = StackAssembler()
+    out = []
+    for h, p in _frames("a", 0, s):
+        out += asm.add_frame(h, p, now=0.0)
+    assert out[0].data.dtype == np.dtype("uint16") and out[0].data.dtype.isnative
+    np.testing.assert_array_equal(out[0].data, s)
+
+
+def test_rejections_are_typed_and_counted():
+    s = np.ones((3, 4, 4), np.uint16)
+    fr = _frames("a", 0, s)
+    asm = StackAssembler()
+    asm.add_frame(*fr[0], now=0.0)
+    with pytest.raises(DuplicateFrame, match="a t=0 c=0 z=0: this plane was already received"):
+        asm.add_frame(*fr[0], now=0.0)
+    other = wire.pixels_header(np.ones((5, 4), np.uint16), acquisition_id="a", seq=9, timepoint=0, z_index=1,
+                               z_count=3)
+    with pytest.raises(InconsistentFrame, match="5×4 uint16 of 3 planes, but the stack's first frame was 4×4"):
+        asm.add_frame(other, np.ones((5, 4), np.uint16), now=0.0)
+    asm.add_frame(*fr[1], now=0.0)
+    assert asm.add_frame(*fr[2], now=0.0)[0].complete
+    with pytest.raises(LateFrame, match="already emitted"):
+        asm.add_frame(*fr[2], now=0.0)
+    assert (asm.stats.duplicates, asm.stats.inconsistent, asm.stats.late) == (1, 1, 1)
+
+
+def test_incomplete_stack_flagged_after_timeout_and_kept():
+    s = np.arange(5 * 2 * 2, dtype=np.uint16).reshape(5, 2, 2) + 1
+    fr = _frames("a", 3, s)
+    asm = StackAssembler(timeout_s=2.0)
+    for z in (0, 1, 3):
+        asm.add_frame(*fr[z], now=10.0 + z * 0.1, record=z)
+    assert asm.expire(now=12.0) == []  # 1.7 s after the last plane: not yet
+    (st,) = asm.expire(now=12.31)
+    assert not st.complete and st.missing == (2, 4) and "no plane for 2 s" in st.reason
+    np.testing.assert_array_equal(st.data[[0, 1, 3]], s[[0, 1, 3]])
+    assert not st.data[[2, 4]].any()
+    assert st.records == (0, 3)
+    assert asm.stats.incomplete_keys == ["a t=3 c=0"]
+    with pytest.raises(LateFrame):  # a plane after the flag is reported, not silently merged
+        asm.add_frame(*fr[2], now=13.0)
+
+
+def test_end_and_eviction_flag_open_stacks():
+    s = np.ones((4, 2, 2), np.uint8)
+    asm = StackAssembler(max_open=2)
+    asm.add_frame(*_frames("a", 0, s)[0], now=0.0)
+    asm.add_frame(*_frames("a", 1, s)[0], now=0.0)
+    out = asm.add_frame(*_frames("a", 2, s)[0], now=0.0)  # third open stack evicts the oldest
+    assert [o.key for o in out] == [StackKey("a", 0, 0)] and "evicted" in out[0].reason
+    ended = asm.end("a")
+    assert sorted(o.key.timepoint for o in ended) == [1, 2] and not any(o.complete for o in ended)
+    assert asm.n_open == 0
+
+
+def test_whole_stack_message_passes_through_once():
+    s = np.ones((2, 3, 3), np.float32)
+    h = wire.pixels_header(s, acquisition_id="a", seq=0, timepoint=0)
+    asm = StackAssembler()
+    st = asm.add_stack(h, s, now=0.0)
+    assert st.complete and st.data is s
+    with pytest.raises(LateFrame):
+        asm.add_stack(h, s, now=0.0)

@@ -1,0 +1,96 @@
+"""Recording: round trip, and recovery of a torn tail as left by kill -9 (everything before it kept)."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from streamer.recording import (
+    DATA_NAME, ENTRY_SIZE, INDEX_NAME, RecordingFormatError, RecordingReader, RecordingWriter,
+)
+
+
+def _messages(n: int, rng: np.random.Generator) -> list[list[bytes]]:
+    out = []
+    for i in range(n):
+        head = f'{{"i": {i}}}'.encode()
+        parts = [head] if i % 3 == 0 else [head, rng.integers(0, 255, int(rng.integers(0, 5000)), np.uint8).tobytes()]
+        out.append(parts)
+    return out
+
+
+def test_round_trip_keeps_parts_and_arrival_times(tmp_path):
+    rng = np.random.default_rng(0)
+    msgs = _messages(50, rng)
+    with RecordingWriter(tmp_path / "r") as w:
+        for i, m in enumerate(msgs):
+            assert w.append(m, received_at=1000.0 + i) == i
+    with RecordingReader(tmp_path / "r") as r:
+        assert len(r) == 50
+        for i, m in enumerate(msgs):
+            assert [bytes(p) for p in r.read(i)] == m
+            assert r.header(i) == m[0]
+            assert r.entry(i).received_at == 1000.0 + i
+
+
+def test_reopen_appends_after_existing(tmp_path):
+    with RecordingWriter(tmp_path / "r") as w:
+        w.append([b"a", b"1"], 1.0)
+    with RecordingWriter(tmp_path / "r") as w:
+        assert w.recovered_bytes == 0
+        assert w.append([b"b"], 2.0) == 1
+    with RecordingReader(tmp_path / "r") as r:
+        assert [[bytes(p) for p in r.read(i)] for i in range(len(r))] == [[b"a", b"1"], [b"b"]]
+
+
+@pytest.mark.parametrize("damage", ["partial_entry", "record_cut", "data_without_entry", "corrupt_last"])
+def test_torn_tail_is_cut_and_everything_before_kept(tmp_path, damage):
+    rng = np.random.default_rng(1)
+    msgs = _messages(20, rng)
+    path = tmp_path / "r"
+    with RecordingWriter(path) as w:
+        for m in msgs:
+            w.append(m, 0.0)
+    data, index = path / DATA_NAME, path / INDEX_NAME
+    keep = 20
+    if damage == "partial_entry":  # killed while writing an index entry
+        with open(index, "ab") as fh:
+            fh.write(b"\x01" * (ENTRY_SIZE // 2))
+    elif damage == "record_cut":  # entry written (page cache reordering) but the record is short
+        size = data.stat().st_size
+        os.truncate(data, size - 10)
+        keep = 19
+    elif damage == "data_without_entry":  # killed between the record and its entry
+        with open(data, "ab") as fh:
+            fh.write(b"RLR1" + b"\x00" * 100)
+    else:  # last record's header bytes damaged
+        raw = bytearray(index.read_bytes())
+        off, = struct.unpack_from("<Q", raw, (19) * ENTRY_SIZE)
+        with open(data, "r+b") as fh:
+            fh.seek(off + 4 + 4 + 8 * len(msgs[19]))
+            fh.write(b"\xff")
+        keep = 19
+    with RecordingReader(path) as r:  # a reader ignores the tail without repairing
+        assert len(r) == keep
+    with RecordingWriter(path) as w:
+        assert w.recovered_bytes > 0
+        assert len(w) == keep
+        assert w.append([b"after"], 1.0) == keep
+    with RecordingReader(path) as r:
+        assert len(r) == keep + 1
+        for i in range(keep):
+            assert [bytes(p) for p in r.read(i)] == msgs[i]
+        assert [bytes(p) for p in r.read(keep)] == [b"after"]
+        assert r.torn_data_bytes == 0 and r.torn_entry_bytes == 0
+
+
+def test_not_a_recording_is_a_clear_error(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(RecordingFormatError, match="is not a recording"):
+        RecordingReader(tmp_path / "x")
+    (tmp_path / "x" / "format.json").write_text('{"format": "rllsm-recording", "version": 99}')
+    with pytest.raises(RecordingFormatError, match="v99"):
+        RecordingReader(tmp_path / "x")
