@@ -1,0 +1,97 @@
+"""Training pairs for VSI-SR: an LLSM stack and its LLS-SIM ground truth of the same sample."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engines.simulate.config import SimConfig, SimulationError, Structure
+from engines.simulate.geometry import Geometry, splat
+from engines.simulate.noise import camera
+from engines.simulate.optics import FFTConvolver, lls_sim_psf, system_psf
+from engines.simulate.samples import make_sample
+
+GT_SCALE = 1.5  # the LLS-SIM ground truth is sampled 1.5× finer laterally, as the VSI-SR network upsamples
+
+
+def _training_geometry(cfg: SimConfig, shape: tuple[int, int, int]) -> Geometry:
+    """A geometry whose *deskewed* grid is ``shape`` and whose field lies wholly on the real side of the mirror.
+
+    LLS-SIM training data come from an ordinary (non-mirrored) acquisition, so the mirror is put just past the
+    raw frame: the sample still lies along a coverslip tilted as in every deskewed LLSM stack.
+    """
+    nz, ny, nx = shape
+    o = cfg.optics
+    probe = Geometry(nz, ny, nx, o.pixel_size_um, o.stage_step_um, o.skew_angle_deg, 0.0, True)
+    extra = probe.nx_deskewed - nx
+    nx_raw = nx - extra
+    if nx_raw < 4:
+        raise SimulationError(
+            f"a deskewed width of {nx} px cannot hold {nz} planes sheared by {extra} px; widen the stack or use "
+            f"fewer planes"
+        )
+    sin = abs(math.sin(math.radians(o.skew_angle_deg)))
+    u_m = (nx_raw - 1) + cfg.height_range_um[0] / (o.pixel_size_um * sin)
+    return Geometry(nz, ny, nx_raw, o.pixel_size_um, o.stage_step_um, o.skew_angle_deg, u_m, True)
+
+
+def simulate_training_pair(structure: str | Structure, seed: int, shape: tuple[int, int, int] = (16, 96, 96),
+                           config: SimConfig | None = None, *, photons: float | None = None,
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """An LLSM stack and its matching LLS-SIM ground truth, both deskewed, float32 in [0, 1].
+
+    Parameters
+    ----------
+    structure
+        ``filaments``, ``puncta`` or ``beads``.
+    seed
+        Seeds the sample and the noise; the same seed gives the same pair.
+    shape
+        LLSM stack (planes, rows, columns) on the deskewed grid; rows and columns must be even.
+    config
+        Optics, sheet, camera and ``sr_factor``/``sr_axis``; ``structure`` and ``shape`` here take precedence.
+    photons
+        Peak photons of the LLSM stack (default ``config.peak_photons`` or its SNR).
+
+    Returns
+    -------
+    llsm : (Z, Y, X) float32
+        Offset-subtracted, clipped, min–max normalised noisy LLSM stack (what Step 1 hands VSI-SR).
+    gt : (Z, 1.5·Y, 1.5·X) float32
+        Noise-free LLS-SIM ground truth: the same emitters, resolution extended ``sr_factor``× along ``sr_axis``
+        only; fine pixel ``j`` is centred on coarse coordinate ``(j − 0.25)/1.5`` (the network's 1.5× resize).
+    """
+    nz, ny, nx = (int(s) for s in shape)
+    if ny % 2 or nx % 2:
+        raise SimulationError(f"LLSM rows and columns must be even so that 1.5× is a whole grid, got {ny}×{nx}")
+    base = config or SimConfig()
+    cfg = base.model_copy(update={"structure": Structure(structure), "shape": (nz, ny, max(nx, 4))})
+    geom = _training_geometry(cfg, (nz, ny, nx))
+    sample = make_sample(cfg, seed, geom)
+    idx = geom.mirror_to_deskewed(sample.points_um)
+    w = sample.weights
+
+    dzp, dx = geom.dz_deskewed_um, geom.dx_um
+    llsm_img = FFTConvolver(system_psf(cfg, dzp, dx), (nz, ny, nx))(splat((nz, ny, nx), idx, w))
+    np.maximum(llsm_img, 0, out=llsm_img)
+    peak = float(llsm_img.max())
+    if peak <= 0:
+        raise SimulationError("no emitter fell inside the stack; enlarge it or change the seed")
+    llsm_img *= np.float32((photons or cfg.effective_peak_photons()) / peak)
+    rng = np.random.default_rng([seed, 3])
+    off = cfg.optics.camera_offset
+    counts = camera(llsm_img, rng, offset=off, gain=cfg.gain, read_noise=cfg.read_noise_counts)
+    llsm = np.clip(counts.astype(np.float32) - np.float32(off), 0, None)
+
+    fshape = (nz, int(ny * GT_SCALE), int(nx * GT_SCALE))
+    fidx = idx.copy()
+    fidx[:, 1:] = fidx[:, 1:] * GT_SCALE + 0.25
+    gt = FFTConvolver(lls_sim_psf(cfg, dzp, dx / GT_SCALE), fshape)(splat(fshape, fidx, w))
+    np.maximum(gt, 0, out=gt)
+    return _unit(llsm), _unit(gt)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return ((x - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(x, dtype=np.float32)
