@@ -1,0 +1,225 @@
+"""Choosing a backend and building a predictor: explicit choice → config → best available.
+
+Every candidate that cannot run is asked *why*, and when none fits the user gets one error listing each
+backend and its reason (the ndv pattern), instead of the first import error that happened to fire.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.backends.base import Backend
+from engines.backends.errors import BackendUnavailableError, ModelSourceError
+from engines.backends.manifest import MANIFEST_NAME, Manifest, Precision, read_manifest
+from engines.backends.models import get_model
+
+log = logging.getLogger(__name__)
+
+
+class BackendName(StrEnum):
+    """Backends selectable with ``--backend``."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    ONNXRUNTIME_CUDA = "onnxruntime-cuda"
+    ONNXRUNTIME_TENSORRT = "onnxruntime-tensorrt"
+    TENSORRT = "tensorrt"
+
+
+#: Best-first order used by ``auto``.  With a GPU the compiled engines win; on the CPU ONNX Runtime is ahead
+#: of eager torch for these conv nets (docs/benchmarks/backends.md).
+AUTO_ORDER_GPU = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch", "onnxruntime")
+AUTO_ORDER_CPU = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime", "torch")
+
+
+class BackendConfig(BaseModel):
+    """How networks are run; the ``backend`` section of a pipeline config, or ``--backend`` & co."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    backend: BackendName = Field(BackendName.AUTO, description="Which runtime runs the networks.")
+    precision: Precision = Field(Precision.FP32, description="Network precision (torch backend; exported models "
+                                                             "carry their own).")
+    allow_fallback: bool = Field(False, description="Use the best available backend when the requested one "
+                                                    "cannot run, instead of stopping with an error.")
+    device: str | None = Field(None, description="torch device, e.g. 'cuda:0'; default: CUDA when present.")
+    device_id: int = Field(0, ge=0, le=63, description="CUDA device of ONNX Runtime / TensorRT.")
+    torch_compile: bool = Field(False, description="torch backend: torch.compile the network.")
+    cuda_graphs: bool = Field(False, description="torch backend: replay CUDA graphs (CUDA only).")
+    threads: int = Field(0, ge=0, le=512, description="CPU threads for ONNX Runtime (0 = all cores).")
+    rebuild_engine: bool = Field(False, description="Rebuild a damaged or mismatching TensorRT engine from the "
+                                                    "ONNX model beside it instead of stopping.")
+
+
+class ModelSources(BaseModel):
+    """What was found at the path given for a model: a checkpoint, an ONNX file, an engine, a manifest."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    checkpoint: Path | None = None
+    onnx: Path | None = None
+    engine: Path | None = None
+    manifest: Manifest | None = None
+
+
+def find_sources(source: str | Path) -> ModelSources:
+    """Classify *source*: an export directory, a ``.onnx``/``.engine`` file, or a checkpoint (file or folder)."""
+    path = Path(source)
+    if not path.exists():
+        raise ModelSourceError(f"model not found: {path} (give a checkpoint, an .onnx/.engine file, or the "
+                               "directory written by `rllsm export`)")
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        man = read_manifest(path)
+        onnx = path / (man.onnx_file or man.model_file) if man.format == "engine" else path / man.model_file
+        engines = sorted(path.glob("*.engine"))
+        return ModelSources(onnx=onnx if onnx.is_file() else None, engine=engines[0] if engines else None,
+                            manifest=man)
+    if path.suffix == ".onnx":
+        man = read_manifest(path.parent) if (path.parent / MANIFEST_NAME).is_file() else None
+        return ModelSources(onnx=path, manifest=man)
+    if path.suffix in (".engine", ".plan", ".trt"):
+        beside = path.parent / MANIFEST_NAME
+        man = read_manifest(beside) if beside.is_file() else None
+        onnx = path.parent / man.model_file if man is not None and man.format == "onnx" else None
+        return ModelSources(engine=path, onnx=onnx if onnx is not None and onnx.is_file() else None, manifest=man)
+    return ModelSources(checkpoint=path)
+
+
+def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig) -> Backend:
+    """Instantiate backend *name* or raise :class:`BackendUnavailableError` with one reason."""
+    model = get_model(kind)
+    spec = model.spec
+    if src.manifest is not None and src.manifest.model_kind != kind:
+        raise ModelSourceError(f"the exported model is a '{src.manifest.model_kind}', not a '{kind}'")
+    ranges = src.manifest.shape_ranges if src.manifest is not None else None
+    if name == "torch":
+        if src.checkpoint is None:
+            raise BackendUnavailableError({name: "needs the torch checkpoint (.pth/.pt or weights folder); "
+                                                 "an exported model was given"})
+        from engines.backends.torch_backend import TorchBackend
+
+        return TorchBackend(model.load(src.checkpoint), spec, precision=cfg.precision, device=cfg.device,
+                            compile=cfg.torch_compile, cuda_graphs=cfg.cuda_graphs)
+    if name.startswith("onnxruntime"):
+        if src.onnx is None:
+            raise BackendUnavailableError({name: "needs an exported ONNX model; create one with "
+                                                 f"`rllsm export --model {kind} --format onnx`"})
+        from engines.backends.ort_backend import OnnxRuntimeBackend
+
+        precision = src.manifest.precision if src.manifest is not None else Precision.FP32
+        return OnnxRuntimeBackend(src.onnx, spec, ranges, precision=precision, backend=name, threads=cfg.threads,
+                                  device_id=cfg.device_id)
+    if name == "tensorrt":
+        from engines.backends.trt_build import import_tensorrt
+
+        import_tensorrt()  # "not installed, here is how" comes before "no engine file"
+        if src.engine is None:
+            raise BackendUnavailableError({name: "needs a TensorRT engine; build one with "
+                                                 f"`rllsm export --model {kind} --format engine` on this GPU"})
+        from engines.backends.trt_backend import TensorRTBackend
+
+        rebuild = _engine_rebuilder(src, cfg) if cfg.rebuild_engine else None
+        return TensorRTBackend(src.engine, spec, device_id=cfg.device_id, rebuild=rebuild)
+    raise BackendUnavailableError({name: "unknown backend"})
+
+
+def _engine_rebuilder(src: ModelSources, cfg: BackendConfig) -> Any:
+    def rebuild(reason: str) -> None:
+        from engines.backends.engine_file import read_engine_header
+        from engines.backends.manifest import EngineInfo
+        from engines.backends.models import sha256_of
+        from engines.backends.trt_build import build_engine_file
+
+        if src.onnx is None or src.engine is None:
+            raise BackendUnavailableError({"tensorrt": f"{reason}; and no ONNX model beside it to rebuild from"})
+        try:
+            old = EngineInfo.model_validate(read_engine_header(src.engine)[0]["engine"])
+            profile, precision = old.profile, old.precision
+        except Exception:  # damaged header: fall back to the ONNX manifest's validated ranges
+            if src.manifest is None:
+                raise BackendUnavailableError({"tensorrt": f"{reason}; no manifest to rebuild from"}) from None
+            profile, precision = src.manifest.shape_ranges, src.manifest.precision
+        log.warning("rebuilding TensorRT engine %s: %s", src.engine, reason)
+        build_engine_file(src.onnx, src.engine, profile, precision, sha256_of(src.onnx),
+                          manifest=src.manifest.model_dump(mode="json") if src.manifest else None,
+                          timing_cache=src.engine.with_suffix(".timing-cache"), device_id=cfg.device_id)
+
+    return rebuild
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def make_backend(model_kind: str, source: str | Path, backend: str | BackendName | None = None,
+                 config: BackendConfig | None = None) -> Backend:
+    """Open the network *model_kind* from *source* on a backend.
+
+    Parameters
+    ----------
+    model_kind
+        ``"vsi-sr"`` or ``"rl-dfn"``.
+    source
+        Checkpoint (torch), ``.onnx`` (ONNX Runtime), ``.engine`` (TensorRT) or an export directory (all
+        exported formats found in it).
+    backend
+        Explicit choice; overrides ``config.backend``.  ``None``/``"auto"`` → config → best available.
+    config
+        Further options (precision, fallback, device, compile, CUDA graphs, threads).
+
+    Raises
+    ------
+    BackendUnavailableError
+        Nothing can run it; the message lists every backend tried and why it was refused.
+    """
+    cfg = config or BackendConfig()
+    choice = BackendName(backend) if backend is not None else cfg.backend
+    src = find_sources(source)
+    reasons: dict[str, str] = {}
+    if choice is not BackendName.AUTO:
+        try:
+            return _try_backend(choice.value, model_kind, src, cfg)
+        except BackendUnavailableError as err:
+            reasons.update(err.reasons)
+            if not cfg.allow_fallback:
+                raise BackendUnavailableError(
+                    reasons, headline=f"backend '{choice.value}' cannot run {model_kind} "
+                                      "(add --allow-fallback to use the best available backend instead)") from None
+            log.warning("backend %s unavailable (%s); falling back", choice.value, reasons[choice.value])
+    order = AUTO_ORDER_GPU if _cuda_available() else AUTO_ORDER_CPU
+    for name in order:
+        if name in reasons:
+            continue
+        try:
+            chosen = _try_backend(name, model_kind, src, cfg)
+        except BackendUnavailableError as err:
+            reasons.update(err.reasons)
+            continue
+        log.info("running %s on %s", model_kind, chosen.describe())
+        return chosen
+    raise BackendUnavailableError(reasons, headline=f"no inference backend can run {model_kind} from {source}")
+
+
+def make_predictor(model_kind: str, source: str | Path, backend: str | BackendName | None = None,
+                   config: BackendConfig | None = None) -> Backend:
+    """A callable ``predict(*inputs) -> output`` for Step 2 (VSI-SR) and RL-DFN.
+
+    VSI-SR: ``predict(x)`` with ``x`` of shape ``(N, 7, H, W)`` float32 returns ``(N, 3, ⌊1.5H⌋, ⌊1.5W⌋)``.
+    RL-DFN: ``predict(correction_a, correction_b)`` with ``(N, 1, D, H, W)`` returns the fused ``(N, 1, D, H, W)``.
+    numpy in → numpy out; torch in → torch out on the same device.  Inputs are checked (shape, dtype, range
+    against the model's profile) before anything runs.  See :func:`make_backend` for the arguments; call
+    ``.unload()`` (or use it as a context manager) to free device memory.
+    """
+    return make_backend(model_kind, source, backend, config)
