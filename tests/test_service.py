@@ -1,0 +1,170 @@
+"""The live service end to end on loopback: ingest → recording → assembly → stages → outputs, status, rejections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer.cli.status_cmd import format_status
+from streamer.pipeline import PipelineError, Stage, StageWorker
+from streamer.processor import NpyDirSink
+from streamer.recording import RecordingReader
+from streamer.service import Service, ServiceConfig, request, wait_for
+from streamer.sinks import ThreadedSink
+from streamer.sinks.base import SinkStats, SinkWriteError
+from streaming_util import end_msg, pusher, send_all, stack_frames, start_msg
+
+SHAPE = (6, 16, 12)
+
+
+def scale_stages(start):
+    return [Stage("to_float", lambda a: a.astype(np.float32)), Stage("scale", lambda a: a * 0.5 + 1.0)]
+
+
+def config(tmp_path, **kw) -> ServiceConfig:
+    base = dict(ingest="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", recording=tmp_path / "rec",
+                output=tmp_path / "out", output_format="npy", stack_timeout_s=30.0)
+    base.update(kw)
+    return ServiceConfig(**base)
+
+
+def test_out_of_order_frames_reconstructed_recorded_and_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    stacks = [rng.integers(0, 4000, SHAPE, dtype=np.uint16) for _ in range(4)]
+    with Service(config(tmp_path), stage_factory=scale_stages) as svc:
+        msgs = [start_msg("run1", SHAPE[0], SHAPE[1:])]
+        for t, s in enumerate(stacks):
+            msgs += stack_frames("run1", t, s, rng, seq0=len(msgs))
+        msgs.append([b"{not json"])
+        msgs.append(end_msg("run1", len(msgs), len(msgs)))
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, msgs)
+        assert wait_for(lambda: svc.metrics.counter("volumes_output") == 4, 20)
+        assert wait_for(lambda: svc.status()["queues"]["backlog"] == 0, 10)
+        status = request(svc.control_endpoint, "status")
+    c = status["counters"]
+    assert c["messages_received"] == len(msgs) and c["stacks_complete"] == 4
+    assert status["errors"]["by_type"] == {"MalformedHeader": 1}
+    assert "record 25: MalformedHeader: header is not valid JSON" in status["errors"]["last"][0]
+    assert set(status["stages"]) >= {"to_float", "scale"} and status["stages"]["scale"]["count"] == 4
+    assert "stage scale" in format_status(status)
+    for t, s in enumerate(stacks):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "run1" / f"t{t:05d}_c0.npy"), s * 0.5 + 1.0)
+    with RecordingReader(tmp_path / "rec") as rec:  # every message, malformed one included, recorded in order
+        assert len(rec) == len(msgs)
+        assert [bytes(p) for p in rec.read(len(msgs) - 2)] == [b"{not json"]
+    assert (tmp_path / "rec" / "summary.json").exists()
+
+
+def test_incomplete_stack_is_flagged_reported_and_kept(tmp_path):
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 100, SHAPE, dtype=np.uint16)
+    with Service(config(tmp_path, stack_timeout_s=0.3), stage_factory=scale_stages) as svc:
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, [start_msg("r", SHAPE[0], SHAPE[1:])])
+            send_all(sock, stack_frames("r", 0, s, None, 1))  # a whole stack first: outputs exist
+            send_all(sock, stack_frames("r", 1, s, None, 10, planes=[0, 1, 4]))
+            assert wait_for(lambda: svc.metrics.counter("stacks_incomplete") == 1, 10)
+            st = request(svc.control_endpoint, "status")
+    (inc,) = st["incomplete_stacks"]
+    assert inc["stack"] == "r t=1 c=0" and inc["missing_planes"] == [2, 3, 5] and "no plane for 0.3 s" in inc["reason"]
+    assert "missing planes 2-3,5" in (tmp_path / "out" / "r" / "t00001_c0.skipped.txt").read_text()
+    assert svc.final_summary["incomplete_stacks"][0]["stack"] == "r t=1 c=0"
+
+
+class GatedSink:
+    """A display that hangs until released: the injected slow consumer."""
+
+    def __init__(self, gate, fail: bool = False):
+        self.name = "broken-display" if fail else "slow-display"
+        self.stats, self.gate, self.fail = SinkStats(), gate, fail
+
+    def setup(self, meta):
+        pass
+
+    def append(self, volume, index):
+        if self.fail:
+            raise SinkWriteError("display went away")
+        self.gate.wait(30)
+        self.stats.written += 1
+
+    def skip(self, index, reason):
+        self.stats.skipped[index] = reason
+
+    def close(self):
+        pass
+
+
+def test_slow_display_drops_are_counted_raw_path_drops_nothing(tmp_path):
+    import threading
+
+    gate = threading.Event()
+    rng = np.random.default_rng(2)
+    stacks = [rng.integers(0, 100, SHAPE, dtype=np.uint16) for _ in range(10)]
+    display = {}
+
+    def sinks(meta):
+        display["d"] = ThreadedSink(GatedSink(gate), queue_size=1, on_full="drop_oldest", critical=False)
+        return [(NpyDirSink(tmp_path / "out"), True), (display["d"], False), (GatedSink(gate, fail=True), False)]
+
+    with Service(config(tmp_path), stage_factory=scale_stages, sink_factory=sinks) as svc:
+        msgs = [start_msg("r", SHAPE[0], SHAPE[1:])]
+        for t, s in enumerate(stacks):
+            msgs += stack_frames("r", t, s, rng, len(msgs))
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, msgs)
+        assert wait_for(lambda: svc.metrics.counter("volumes_output") == 10, 20)
+        st = request(svc.control_endpoint, "status")
+        gate.set()
+    assert st["counters"]["messages_received"] == len(msgs)
+    # one volume held by the hung append, one waiting, the rest replaced (9 if the writer thread had not yet taken one)
+    assert st["output_drops"]["r/slow-display"] in (8, 9)
+    assert st["counters"]["display_errors"] == 10  # the failing display: logged, counted, skipped
+    assert len(list((tmp_path / "out" / "r").glob("*.npy"))) == 10
+
+
+def test_unwritable_output_stops_cleanly_with_recording_intact(tmp_path):
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    rng = np.random.default_rng(3)
+    svc = Service(config(tmp_path), stage_factory=scale_stages).start()
+    msgs = [start_msg("r", SHAPE[0], SHAPE[1:])] + stack_frames("r", 0, rng.integers(0, 9, SHAPE, np.uint16), None, 1)
+    with pusher(svc.ingest_endpoint) as sock:
+        send_all(sock, msgs)
+    assert wait_for(lambda: svc.error is not None, 20)
+    svc.wait(10)
+    assert "output 'npy' failed at setup" in str(svc.error)
+    assert svc.final_summary["stopped_by_error"]
+    with RecordingReader(tmp_path / "rec") as rec:
+        assert len(rec) == len(msgs) and rec.torn_data_bytes == 0
+        assert [bytes(p) for p in rec.read(3)] == [bytes(memoryview(p).cast("B")) for p in msgs[3]]
+
+
+def test_stage_worker_runs_numpy_and_torch_stages_and_times_them():
+    import torch
+
+    seen = {}
+    w = StageWorker([Stage("np", lambda a: a + 1), Stage("t", lambda x: (x * 2).to(torch.float64), kind="torch")],
+                    device="cpu", observe=lambda n, s: seen.setdefault(n, []).append(s))
+    (tok, out), = w.submit(np.ones((2, 2), np.float32), "s0")
+    assert tok == "s0" and out.dtype == np.float64 and (out == 4).all()
+    assert set(seen) == {"np", "t"}
+    bad = StageWorker([Stage("boom", lambda a: a.reshape(7))])
+    with pytest.raises(PipelineError, match="stage 'boom' failed on s1"):
+        bad.submit(np.ones(3), "s1")
+
+
+@pytest.mark.gpu
+def test_stage_worker_overlaps_on_cuda_and_matches_cpu():
+    import torch
+
+    stages = [Stage("t", lambda x: torch.sqrt(x.float() + 1), kind="torch")]
+    cpu, gpu = StageWorker(stages, device="cpu"), StageWorker(stages, device="cuda", depth=2)
+    data = [np.random.default_rng(i).random((8, 64, 64), dtype=np.float32) for i in range(5)]
+    want = [cpu.submit(d, i)[0][1] for i, d in enumerate(data)]
+    got = []
+    for i, d in enumerate(data):
+        got += gpu.submit(d, i)
+    got += gpu.drain()
+    assert [t for t, _ in got] == list(range(5))
+    for (_, g), w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6)
