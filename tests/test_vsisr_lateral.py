@@ -187,3 +187,15 @@ def test_otf_folder_layouts(shared_data):
     assert a.source.endswith("560")
     b = load_otfs(base / "642", 642)  # the line folder itself; apodisation found in the parent
     assert b.apo.shape == (768, 768) and b.otf0.max() <= 2.0 + 1e-9
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(parity, otfs):
+    """Same numbers on the GPU: network on CUDA, recombination FFTs on CUDA, rotations via CuPy if installed."""
+    model, data = parity
+    cpu = lateral_sr(data["input"], model, otfs, LateralSRParams(batch_size=4), device="cpu")
+    gpu = lateral_sr(data["input"], model, otfs, LateralSRParams(batch_size=4), device="cuda")
+    r, nrmse = pearson_nrmse(gpu, cpu)
+    assert r >= 0.9999 and nrmse <= 0.002
+    r, _ = pearson_nrmse(gpu, data["expected_adjust"])
+    assert r >= 0.999
