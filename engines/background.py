@@ -29,14 +29,15 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.ndimage import gaussian_filter1d
 
 from engines.config import OpticsConfig
-from engines.deskew import DeskewError, deskew
-from engines.device import pick_device
+
+if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can list options without them
+    import torch
 
 BACKGROUND_PARAMS_VERSION = 1
 
@@ -206,6 +207,8 @@ def fit_band(frames: np.ndarray, params: BackgroundParams) -> BandFit:
 
     Returns its position at the middle row and middle plane, its tilt and its linear drift over planes.
     """
+    from scipy.ndimage import gaussian_filter1d
+
     nz, nv, nu = frames.shape
     mean = frames.mean(axis=0, dtype=np.float64)
     # Correlating with a Gaussian line template = smoothing across the band, then summing along the line.
@@ -255,6 +258,8 @@ def band_masks(
     shape: tuple[int, int, int], fit: BandFit, params: BackgroundParams, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attenuation mask ``M`` and virtual-side step ``B`` (both in [0, 1]) for frames of ``shape``."""
+    import torch
+
     nz, nv, nu = shape
     f64 = torch.float64
     z = torch.arange(nz, dtype=f64, device=device)[:, None, None] - (nz - 1) / 2.0
@@ -274,6 +279,8 @@ def band_masks(
 
 def _intensity_ratio(masked: torch.Tensor, step: torch.Tensor) -> float:
     """Real/virtual intensity on the middle half of the planes, ≥ 1 (the reference's boost factor)."""
+    import torch
+
     nz = masked.shape[0]
     lo, hi = max(0, int(math.floor(nz / 4 + 0.5)) - 1), int(math.floor(3 * nz / 4 + 0.5))
     m, s = masked[lo:hi].double(), step[lo:hi].double()
@@ -290,6 +297,8 @@ def remove_band(
     frames: np.ndarray, params: BackgroundParams, device: torch.device, fit: BandFit | None = None
 ) -> tuple[np.ndarray, BandFit, float]:
     """Steps 1–4 on offset-subtracted frames (nz, nv, nu), skew axis last. Returns (frames, fit, ratio)."""
+    import torch
+
     fit = fit or fit_band(frames, params)
     with torch.no_grad():
         t = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(device)
@@ -347,6 +356,9 @@ def preprocess(
     BackgroundError
         For a stack that is not 3-D or too small to fit a band in.
     """
+    from engines.deskew import DeskewError, deskew
+    from engines.device import pick_device
+
     params = params or BackgroundParams()
     arr = np.asarray(raw)
     if arr.ndim != 3:

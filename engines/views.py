@@ -23,14 +23,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.ndimage import gaussian_filter
-from scipy.signal import fftconvolve
+from typing import TYPE_CHECKING
 
-from engines.device import pick_device
-from engines.rotate3d import rot_x, rot_y, rotate_plane, rotate_volume, rotated_shape
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can list options without them
+    import torch
 
 VIEWS_PARAMS_VERSION = 1
 
@@ -103,6 +102,11 @@ def mirror_search(
     ``offset`` is in half-slices from the centre ``c = (nz − 1)/2``; the score is ``Σ_w Σ_z P(z)·P(k − z) / Σ P²``
     with ``k = nz − 1 + offset`` (a convolution along z), i.e. the normalised overlap of P with its mirror.
     """
+    from scipy.ndimage import gaussian_filter
+    from scipy.signal import fftconvolve
+
+    from engines.rotate3d import rotate_plane
+
     nz = proj.shape[0]
     best = (0.0, 0.0, -np.inf)
     lo, hi = split_range
@@ -171,6 +175,7 @@ def split_views(
     dz_um: float,
     params: ViewsParams | None = None,
     *,
+    skew_axis: Literal["x", "y"] = "x",
     device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ViewsReport]:
     """Rotate a deskewed volume so the mirror is horizontal, find the mirror and cut the two views.
@@ -178,13 +183,16 @@ def split_views(
     Parameters
     ----------
     volume
-        Deskewed (and band-removed) volume (nz, ny, nx), skew axis x.
+        Deskewed (and band-removed) volume (nz, ny, nx).
     dx_um
         Lateral voxel size (µm); also the isotropic voxel size of the output.
     dz_um
         Spacing of the deskewed planes (µm), i.e. stage step · sin(skew angle).
     params
         :class:`ViewsParams`; default the reference's.
+    skew_axis
+        Deskewed axis of ``volume``; for ``"y"`` the volume is split as its (z, x, y) transpose and the views
+        are transposed back.
     device
         As for :func:`engines.device.pick_device`.
 
@@ -194,10 +202,18 @@ def split_views(
         float32 (depth, ny', nx') each; B is flipped along z so that it overlays A.
     report : ViewsReport
     """
+    from engines.device import pick_device
+    from engines.rotate3d import rot_x, rot_y, rotate_volume, rotated_shape
+
     params = params or ViewsParams()
     arr = np.asarray(volume)
     if arr.ndim != 3:
         raise ViewsError(f"volume must be 3-D (planes, rows, columns); got shape {arr.shape}")
+    if skew_axis not in ("x", "y"):
+        raise ViewsError(f"skew axis must be 'x' or 'y', got {skew_axis!r}")
+    if skew_axis == "y":
+        a, b, rep = split_views(np.swapaxes(arr, 1, 2), dx_um, dz_um, params, device=device)
+        return np.ascontiguousarray(np.swapaxes(a, 1, 2)), np.ascontiguousarray(np.swapaxes(b, 1, 2)), rep
     if min(arr.shape) < 2:
         raise ViewsError(f"volume {arr.shape} is too small: need at least 2 voxels per axis")
     for name, val in (("dx", dx_um), ("dz", dz_um)):

@@ -1,0 +1,66 @@
+"""``rllsm deskew``: deskew a raw sample-scan TIFF stack (cudaDecon geometry)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from streamer.cli.options import add_optics_args, optics_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "deskew",
+        help="deskew a raw sample-scan stack (cudaDecon output geometry)",
+        description="Read a raw (z, y, x) sample-scan TIFF stack and write it deskewed: the skew axis widens by "
+        "floor(nz·dz·|cos θ|/dx) pixels, centred on the middle plane; voxels outside the raw frame get --pad. "
+        "--dx/--dz/--angle override --pixel-size-um/--stage-step-um/--skew-angle-deg and the config file.",
+    )
+    p.add_argument("input", type=Path, metavar="IN", help="raw stack, 3-D TIFF (z, y, x)")
+    p.add_argument("output", type=Path, metavar="OUT", help="output TIFF")
+    p.add_argument("--dx", type=float, metavar="UM", help="camera pixel size in the sample (µm)")
+    p.add_argument("--dz", type=float, metavar="UM", help="stage step between planes (µm)")
+    p.add_argument("--angle", type=float, metavar="DEG", help="skew angle (degrees; negative: other scan direction)")
+    p.add_argument("--interp", choices=["linear", "cubic"], default="cubic",
+                   help="linear (as cudaDecon) or cubic (as the reference's MATLAB deskew); default cubic")
+    p.add_argument("--pad", type=float, default=0.0, metavar="VALUE",
+                   help="value outside the raw frame (cudaDecon uses the camera background); default 0")
+    p.add_argument("--dtype", choices=["float32", "uint16"], default="float32",
+                   help="output type; uint16 clips to 0–65535 and truncates, as cudaDecon (default float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if present)")
+    add_optics_args(p)  # brings --skew-axis x|y among the optics flags
+    p.set_defaults(func=run)
+
+
+def deskew_file(input_path: Path, output_path: Path, dx: float, dz: float, angle: float, *, skew_axis: str = "x",
+                interp: str = "cubic", pad: float = 0.0, dtype: str = "float32",
+                device: str | None = None) -> tuple[int, int, int]:
+    """Deskew a TIFF file into another; returns the output shape. User errors raise :class:`CLIError`."""
+    from streamer.cli import CLIError
+    from streamer.cli.geometry_io import read_stack, write_stack
+
+    raw = read_stack(input_path, "raw stack")
+    from engines.deskew import DeskewError, deskew  # after reading: a bad file fails before torch loads
+    try:
+        out = deskew(raw, dx, dz, angle, skew_axis=skew_axis, interp=interp, pad=pad,  # type: ignore[arg-type]
+                     device=device)
+    except DeskewError as err:
+        raise CLIError(f"{input_path}: {err}") from None
+    except RuntimeError as err:
+        if "CUDA" in str(err):
+            raise CLIError(str(err)) from None
+        raise
+    write_stack(output_path, out, dtype)
+    return tuple(out.shape)  # type: ignore[return-value]
+
+
+def run(args: argparse.Namespace) -> int:
+    optics = optics_from_args(args)
+    dx = args.dx if args.dx is not None else optics.pixel_size_um
+    dz = args.dz if args.dz is not None else optics.stage_step_um
+    angle = args.angle if args.angle is not None else optics.skew_angle_deg
+    shape = deskew_file(args.input, args.output, dx, dz, angle, skew_axis=optics.skew_axis.value,
+                        interp=args.interp, pad=args.pad, dtype=args.dtype, device=args.device)
+    print(f"wrote {args.output} ({shape[0]}×{shape[1]}×{shape[2]} {args.dtype}; dx {dx} µm, dz {dz} µm, "
+          f"angle {angle}°, skew axis {optics.skew_axis.value}, {args.interp})")
+    return 0
