@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from engines.simulate.config import SimConfig, SimulationError, Structure
-from engines.simulate.geometry import Geometry, splat
+from engines.simulate.geometry import splat
 from engines.simulate.noise import camera
 from engines.simulate.optics import FFTConvolver, lls_sim_psf, system_psf
-from engines.simulate.samples import make_sample
+from engines.simulate.samples import make_box_sample
 
 GT_SCALE = 1.5  # the LLS-SIM ground truth is sampled 1.5× finer laterally, as the VSI-SR network upsamples
-
-
-def _training_geometry(cfg: SimConfig, shape: tuple[int, int, int]) -> Geometry:
-    """A geometry whose *deskewed* grid is ``shape`` and whose field lies wholly on the real side of the mirror.
-
-    LLS-SIM training data come from an ordinary (non-mirrored) acquisition, so the mirror is put just past the
-    raw frame: the sample still lies along a coverslip tilted as in every deskewed LLSM stack.
-    """
-    nz, ny, nx = shape
-    o = cfg.optics
-    probe = Geometry(nz, ny, nx, o.pixel_size_um, o.stage_step_um, o.skew_angle_deg, 0.0, True)
-    extra = probe.nx_deskewed - nx
-    nx_raw = nx - extra
-    if nx_raw < 4:
-        raise SimulationError(
-            f"a deskewed width of {nx} px cannot hold {nz} planes sheared by {extra} px; widen the stack or use "
-            f"fewer planes"
-        )
-    sin = abs(math.sin(math.radians(o.skew_angle_deg)))
-    u_m = (nx_raw - 1) + cfg.height_range_um[0] / (o.pixel_size_um * sin)
-    return Geometry(nz, ny, nx_raw, o.pixel_size_um, o.stage_step_um, o.skew_angle_deg, u_m, True)
 
 
 def simulate_training_pair(structure: str | Structure, seed: int, shape: tuple[int, int, int] = (16, 96, 96),
@@ -66,13 +43,17 @@ def simulate_training_pair(structure: str | Structure, seed: int, shape: tuple[i
     if ny % 2 or nx % 2:
         raise SimulationError(f"LLSM rows and columns must be even so that 1.5× is a whole grid, got {ny}×{nx}")
     base = config or SimConfig()
-    cfg = base.model_copy(update={"structure": Structure(structure), "shape": (nz, ny, max(nx, 4))})
-    geom = _training_geometry(cfg, (nz, ny, nx))
-    sample = make_sample(cfg, seed, geom)
-    idx = geom.mirror_to_deskewed(sample.points_um)
+    cfg = base.model_copy(update={"structure": Structure(structure)})
+    o = cfg.optics
+    dzp, dx = o.deskewed_pixel_z_um, o.pixel_size_um
+    # LLS-SIM training stacks are ordinary (non-mirrored) acquisitions and VSI-SR sees them slab by slab, so the
+    # sample fills the deskewed box with its coverslip parallel to the planes.
+    margin = (min(1.2 * cfg.sheet_fwhm_um, 0.25 * nz * dzp), 0.8, 0.8)  # thin slabs: beads may be cut in z
+    sample = make_box_sample(cfg, seed, (nz * dzp, ny * dx, nx * dx), margin)
+    pts = sample.points_um
+    idx = np.stack([pts[:, 2] / dzp, pts[:, 1] / dx, pts[:, 0] / dx], 1)
     w = sample.weights
 
-    dzp, dx = geom.dz_deskewed_um, geom.dx_um
     llsm_img = FFTConvolver(system_psf(cfg, dzp, dx), (nz, ny, nx))(splat((nz, ny, nx), idx, w))
     np.maximum(llsm_img, 0, out=llsm_img)
     peak = float(llsm_img.max())

@@ -57,8 +57,11 @@ def _field(geom: Geometry, cfg: SimConfig) -> tuple[tuple[float, float], tuple[f
     return a_rng, y_rng, area
 
 
-def make_sample(cfg: SimConfig, seed: int, geom: Geometry | None = None) -> Sample:
+def make_sample(cfg: SimConfig, seed: int, geom: Geometry | None = None, *, mirrored: bool = True) -> Sample:
     """Generate the configured structure for the stack geometry (deterministic in ``seed``).
+
+    ``mirrored=False`` is for fields without a mirror image in view (training pairs): beads then need only
+    their real image inside the stack.
 
     Raises
     ------
@@ -80,13 +83,13 @@ def make_sample(cfg: SimConfig, seed: int, geom: Geometry | None = None) -> Samp
     elif kind is Structure.puncta:
         pts, w, g, n = _puncta(rng, cfg, a_rng, y_rng, area)
     else:
-        pts, w, g, n = _beads(rng, cfg, geom, area)
+        pts, w, g, n = _beads(rng, cfg, geom, area, mirrored)
     return Sample(kind, pts, w, g, n, seed)
 
 
 def _filaments(rng: np.random.Generator, cfg: SimConfig, a_rng: tuple[float, float], y_rng: tuple[float, float],
                area: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    n = cfg.n_objects or max(3, int(round(area / 20.0)))
+    n = cfg.n_objects or max(3, int(round(area / 6.0)))
     lo, hi = cfg.height_range_um
     ds = 0.04  # µm between points: finer than any grid, so a filament renders as a continuous line
     persistence = 15.0  # µm, stiff like actin bundles in a lamella
@@ -129,8 +132,8 @@ def _puncta(rng: np.random.Generator, cfg: SimConfig, a_rng: tuple[float, float]
     return pts, w, np.repeat(np.arange(n), k), n
 
 
-def _beads(rng: np.random.Generator, cfg: SimConfig, geom: Geometry,
-           area: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _beads(rng: np.random.Generator, cfg: SimConfig, geom: Geometry, area: float,
+           mirrored: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     n = cfg.n_objects or max(3, int(round(area / 15.0)))
     lo, hi = cfg.height_range_um
     # Keep each bead's image whole inside the raw stack, so that its centroid is unbiased: the sheet's main
@@ -155,7 +158,7 @@ def _beads(rng: np.random.Generator, cfg: SimConfig, geom: Geometry,
         # The mirror image appears in other planes (the tilted detection plane meets it at another stage
         # position); keep only beads whose virtual image is whole too, so both views can measure them.
         kv, _, uv = geom.mirror_to_raw(geom.reflect(p))
-        if not (mk <= kv <= geom.nz - 1 - mk and mu <= uv <= geom.nx - 1 - mu):
+        if mirrored and not (mk <= kv <= geom.nz - 1 - mk and mu <= uv <= geom.nx - 1 - mu):
             continue
         if all(np.linalg.norm(p - q) >= min_sep for q in chosen):
             chosen.append(p)
@@ -166,3 +169,38 @@ def _beads(rng: np.random.Generator, cfg: SimConfig, geom: Geometry,
         )
     pts = np.array(chosen)
     return pts, np.ones(len(pts)), np.arange(len(pts)), len(pts)
+
+
+def make_box_sample(cfg: SimConfig, seed: int, extent_um: tuple[float, float, float],
+                    margin_um: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Sample:
+    """The structure filling a box ``(a, y, h)`` of ``extent_um`` with the coverslip parallel to ``(a, y)``.
+
+    For fields without a mirror (training pairs): the box is the deskewed stack itself, so structures lie in
+    its planes, as in the slabs a VSI-SR network is trained on. ``margin_um`` keeps beads that far from the
+    faces of the box (their blurred image stays whole).
+    """
+    rng = np.random.default_rng([seed, 31337])
+    a_rng, y_rng, h_rng = (0.0, extent_um[2]), (0.0, extent_um[1]), (0.0, extent_um[0])
+    area = extent_um[1] * extent_um[2]
+    box_cfg = cfg.model_copy(update={"height_range_um": h_rng})
+    kind = Structure(cfg.structure)
+    if kind is Structure.filaments:
+        pts, w, g, n = _filaments(rng, box_cfg, a_rng, y_rng, area)
+    elif kind is Structure.puncta:
+        pts, w, g, n = _puncta(rng, box_cfg, a_rng, y_rng, area)
+    else:
+        n = cfg.n_objects or max(3, int(round(area / 15.0)))
+        lo = np.array([margin_um[2], margin_um[1], margin_um[0]])
+        hi = np.array([extent_um[2], extent_um[1], extent_um[0]]) - lo
+        if np.any(hi <= lo):
+            raise SimulationError(f"box {extent_um} µm is too small for whole beads (margins {margin_um} µm)")
+        chosen: list[np.ndarray] = []
+        for _ in range(200 * n):
+            if len(chosen) == n:
+                break
+            p = rng.uniform(lo, hi)
+            if all(np.linalg.norm(p - q) >= 1.5 for q in chosen):
+                chosen.append(p)
+        pts = np.array(chosen)
+        w, g, n = np.ones(len(pts)), np.arange(len(pts)), len(pts)
+    return Sample(kind, pts, w, g, n, seed)

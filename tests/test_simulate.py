@@ -1,0 +1,227 @@
+"""Simulator: geometry recovered by the reconstruction's own inverse steps, camera statistics, training pairs.
+
+Every check compares against truth the simulator records (bead positions, mirror plane, band column) after
+running the *independent* inverse code: engines.deskew for Step 1 and engines.views for Step 3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from engines.deskew import deskew
+from engines.simulate import Microscope, SimulationError, make_sim_config, simulate_training_pair
+from engines.simulate.config import SimConfig, photons_for_snr
+from engines.simulate.noise import camera, expected_counts, expected_variance
+
+pytestmark = pytest.mark.timeout(120)
+
+BEADS = dict(structure="beads", shape=(64, 64, 192), n_objects=8, height_range_um=(0.8, 2.0), band_photons=0.0,
+             peak_photons=2000.0)
+
+
+def _centroid(vol: np.ndarray, centre: np.ndarray, radius: tuple[int, int, int]) -> tuple[np.ndarray, float]:
+    """Intensity centroid in a box around ``centre`` and the z–x correlation of the spot (its tilt)."""
+    c = np.round(centre).astype(int)
+    sl = tuple(slice(max(ci - r, 0), min(ci + r + 1, n)) for ci, r, n in zip(c, radius, vol.shape))
+    sub = np.clip(vol[sl], 0, None).astype(np.float64)
+    com = np.array(ndimage.center_of_mass(sub))
+    zz, _, xx = np.meshgrid(*[np.arange(n) for n in sub.shape], indexing="ij")
+    w = sub / sub.sum()
+    czx = (w * (zz - com[0]) * (xx - com[2])).sum()
+    czz, cxx = (w * (zz - com[0]) ** 2).sum(), (w * (xx - com[2]) ** 2).sum()
+    return com + [s.start for s in sl], float(czx / math.sqrt(czz * cxx))
+
+
+@pytest.fixture(scope="module")
+def beads_no_mirror():
+    mic = Microscope(make_sim_config(**BEADS, mirror_reflectance=0.0), seed=1)
+    return mic, mic.acquire(0)
+
+
+@pytest.fixture(scope="module")
+def beads_mirror():
+    mic = Microscope(make_sim_config(**BEADS, mirror_reflectance=1.0), seed=1)
+    return mic, mic.acquire(0)
+
+
+def test_beads_deskew_to_true_positions(beads_no_mirror) -> None:
+    mic, st = beads_no_mirror
+    g = mic.geometry
+    desk = deskew(st.raw.astype(np.float32) - mic.cfg.optics.camera_offset, g.dx_um, g.dz_um, g.angle_deg)
+    truth = np.array(mic.bead_positions()["deskewed_index"])
+    assert len(truth) >= 5
+    for p in truth:
+        c, tilt = _centroid(desk, p, (12, 6, 6))
+        assert np.abs(c - p).max() < 0.5, f"bead at {p} measured at {c}"
+        # The PSF of a deskewed stack is aligned with the detection axis; a wrong shear direction in the
+        # forward model would tilt it strongly (|corr| ≈ 1) while leaving the centroid in place.
+        assert abs(tilt) < 0.15, f"bead at {p}: deskewed PSF tilted (z–x correlation {tilt:.2f})"
+
+
+def test_views_overlay_and_psfs_are_complementary(beads_mirror) -> None:
+    views = pytest.importorskip("engines.views")
+    from engines.rotate3d import rot_x, rot_y
+
+    mic, st = beads_mirror
+    g, o = mic.geometry, mic.cfg.optics
+    desk = deskew(st.raw.astype(np.float32) - o.camera_offset, g.dx_um, g.dz_um, g.angle_deg)
+    view_a, view_b, rep = views.split_views(
+        desk, g.dx_um, g.dz_deskewed_um, views.ViewsParams(angle_deg=o.objective_angle_deg)
+    )
+    # Where the true emitters land in the rotated volume (rotate3d's convention: physical µm from the centre).
+    rot = rot_x(rep.angle_x_deg) @ rot_y(rep.angle_y_deg)
+    spacing = np.array([g.dz_deskewed_um, g.dx_um, g.dx_um])
+    c_in, c_out = (np.array(desk.shape) - 1) / 2, (np.array(rep.rotated_shape) - 1) / 2
+
+    def rotated(idx: list[float]) -> np.ndarray:
+        return rot @ ((np.asarray(idx) - c_in) * spacing) / g.dx_um + c_out
+
+    beads = mic.bead_positions()
+    real = [rotated(p) for p in beads["deskewed_index"]]
+    virt = [rotated(p) for p in beads["virtual_deskewed_index"]]
+    true_mirror = np.mean([(r[0] + v[0]) / 2 for r, v in zip(real, virt)])
+    assert abs(rep.split_index - true_mirror) < 1.0, f"mirror found at {rep.split_index}, truth {true_mirror:.2f}"
+
+    k = int(round(rep.rotated_shape[0] - 1 + rep.split_offset))
+    a0 = int(math.ceil(k / 2)) - 1 - rep.depth + 1  # rotated slice of view index 0 (engines.views.cut_views)
+    for r, v in zip(real, virt):
+        # Each bead is in one view by its real image and in the other by its mirror image.
+        ca, tilt_a = _centroid(view_a, np.array([v[0] - a0, v[1], v[2]]), (6, 5, 5))
+        cb, tilt_b = _centroid(view_b, np.array([k - r[0] - a0, r[1], r[2]]), (6, 5, 5))
+        assert np.abs(ca - cb).max() < 1.0, f"bead {r}: view A {ca} vs view B {cb}"
+        # Complementary PSFs: the detection axis is tilted one way in one view and the other way in the other.
+        assert tilt_a * tilt_b < 0 and min(abs(tilt_a), abs(tilt_b)) > 0.2, (tilt_a, tilt_b)
+
+
+def test_real_image_on_one_side_of_the_mirror_plane() -> None:
+    mic = Microscope(make_sim_config(structure="filaments", shape=(48, 64, 128)), seed=3)
+    g = mic.geometry
+    gt = mic.ground_truth(0)
+    k, _, x = np.nonzero(gt)
+    assert len(k) > 100
+    # virtual_side "high": every real emitter lies below the mirror's column in its plane.
+    assert np.all(x < g.mirror_deskewed_x(k) + 1.0)
+    # and the heights the geometry assigns are within the configured range (after drift, none below zero)
+    h = g.deskewed_to_mirror(np.stack([k, np.zeros_like(k), x], 1).astype(float))[:, 2]
+    assert h.min() > -1.0 and h.max() < mic.cfg.height_range_um[1] + 1.0
+
+
+def test_band_sits_on_the_mirror_line_raw_and_deskewed() -> None:
+    cfg = make_sim_config(structure="puncta", shape=(40, 48, 160), peak_photons=20.0, band_photons=400.0,
+                          mirror_position=0.4, band_sigma_px=6.0, band_wide_fraction=0.0)
+    mic = Microscope(cfg, seed=5)
+    st = mic.acquire(0)
+    g = mic.geometry
+    signal = st.raw.astype(np.float64) - cfg.optics.camera_offset
+    # Raw: the band is the brightest column of the mean frame, at the mirror_position the config asked for.
+    col = signal.mean(axis=(0, 1))
+    assert abs(int(np.argmax(col)) - 0.4 * (g.nx - 1)) <= 1
+    # Deskewed (engines.deskew, not our geometry): the band is a plane sliding by the shear per plane.
+    desk = deskew(signal.astype(np.float32), g.dx_um, g.dz_um, g.angle_deg)
+    predicted = g.mirror_deskewed_x(np.arange(g.nz))
+    meta = mic.metadata(1)["mirror"]
+    assert predicted[0] == pytest.approx(meta["deskewed_x_at_plane0"])
+    for kk in range(2, g.nz - 2):
+        prof = ndimage.gaussian_filter1d(desk[kk].mean(axis=0), 1.5)
+        assert abs(int(np.argmax(prof)) - predicted[kk]) <= 1.5, f"plane {kk}"
+
+
+def test_camera_noise_has_the_model_mean_and_variance() -> None:
+    rng = np.random.default_rng(0)
+    s, off, gain, read = 40.0, 100.0, 1.5, 3.0
+    counts = camera(np.full((400, 1000), s, np.float32), rng, offset=off, gain=gain, read_noise=read)
+    assert counts.dtype == np.uint16
+    n = counts.size
+    mean, var = counts.mean(), counts.var()
+    exp_mean, exp_var = expected_counts(s, off, gain), expected_variance(s, gain, read) + 1 / 12
+    assert abs(mean - exp_mean) < 5 * math.sqrt(exp_var / n)
+    assert abs(var - exp_var) < 5 * exp_var * math.sqrt(2 / n)
+    # Same generator state → same stack, whatever the thread count.
+    again = camera(np.full((400, 1000), s, np.float32), np.random.default_rng(0), offset=off, gain=gain,
+                   read_noise=read)
+    assert np.array_equal(counts, again)
+
+
+def test_simulated_stack_noise_matches_its_expected_photons() -> None:
+    cfg = make_sim_config(structure="filaments", shape=(32, 64, 96), read_noise_counts=2.5, gain=1.0)
+    mic = Microscope(cfg, seed=2)
+    st = mic.acquire(0, keep_photons=True)
+    lam = st.photons.astype(np.float64)
+    z = (st.raw - expected_counts(lam, cfg.optics.camera_offset, cfg.gain)) / np.sqrt(
+        expected_variance(lam, cfg.gain, cfg.read_noise_counts) + 1 / 12
+    )
+    assert abs(z.mean()) < 0.01 and abs(z.var() - 1.0) < 0.02
+    assert lam.max() == pytest.approx(cfg.peak_photons + mic.band().max(), rel=0.35)
+
+
+def test_snr_sets_the_peak_photons() -> None:
+    s = photons_for_snr(10.0, 2.0)
+    assert s / math.sqrt(s + 4.0) == pytest.approx(10.0)
+    cfg = make_sim_config(snr=10.0, read_noise_counts=2.0)
+    assert cfg.effective_peak_photons() == pytest.approx(s)
+
+
+def test_timepoints_move_deterministically() -> None:
+    cfg = make_sim_config(structure="puncta", shape=(24, 48, 64))
+    a, b = Microscope(cfg, seed=9), Microscope(cfg, seed=9)
+    p3 = a.sample.at(3, cfg)
+    assert np.array_equal(p3, b.sample.at(3, cfg))
+    shift = (p3 - a.sample.at(0, cfg)).mean(axis=0)
+    assert np.allclose(shift[:2], 3 * np.array(cfg.drift_um_per_timepoint[:2]), atol=0.05)
+    assert np.array_equal(a.acquire(1).raw, b.acquire(1).raw)
+    assert not np.array_equal(a.acquire(0).raw, a.acquire(1).raw)
+
+
+@pytest.mark.parametrize("structure", ["filaments", "puncta", "beads"])
+def test_training_pair_shapes_range_and_determinism(structure: str) -> None:
+    llsm, gt = simulate_training_pair(structure, seed=4, shape=(12, 64, 96))
+    assert llsm.shape == (12, 64, 96) and gt.shape == (12, 96, 144)
+    assert llsm.dtype == gt.dtype == np.float32
+    assert llsm.min() == 0.0 and llsm.max() == 1.0 and gt.min() == 0.0 and gt.max() == 1.0
+    llsm2, gt2 = simulate_training_pair(structure, seed=4, shape=(12, 64, 96))
+    assert np.array_equal(llsm, llsm2) and np.array_equal(gt, gt2)
+
+
+def test_training_ground_truth_is_sharper_along_one_axis_only() -> None:
+    cfg = make_sim_config(peak_photons=5000.0, sr_factor=1.6, n_objects=4, height_range_um=(0.5, 1.0))
+    llsm, gt = simulate_training_pair("beads", seed=7, shape=(24, 96, 128), config=cfg)
+
+    def widths(vol: np.ndarray) -> tuple[float, float]:
+        # second moments of the brightest spot's in-focus plane, after removing the noise floor
+        z, y, x = np.unravel_index(np.argmax(ndimage.gaussian_filter(vol, 1.0)), vol.shape)
+        r = max(4, vol.shape[1] // 24)
+        sub = vol[z, y - r:y + r + 1, x - r:x + r + 1].astype(np.float64)
+        sub = np.clip(sub - np.median(vol[z]), 0, None)
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        w = sub / sub.sum()
+        my, mx = (w * yy).sum(), (w * xx).sum()
+        return math.sqrt((w * (yy - my) ** 2).sum()), math.sqrt((w * (xx - mx) ** 2).sum())
+
+    sy_l, sx_l = widths(llsm)
+    sy_g, sx_g = widths(gt)
+    assert 0.8 < sx_l / sy_l < 1.25, "LLSM input should be laterally isotropic"
+    assert sx_g / sy_g < 0.8, f"LLS-SIM ground truth not sharper along x: σx/σy = {sx_g / sy_g:.2f}"
+    # y resolution matches LLSM (the GT grid is 1.5× finer, so its widths in fine pixels are 1.5× larger)
+    assert 0.8 < sy_g / (1.5 * sy_l) < 1.25
+
+
+def test_bad_configs_raise_typed_errors_that_name_the_field() -> None:
+    with pytest.raises(SimulationError, match="unknown field 'mirror'"):
+        make_sim_config(mirror=0.5)
+    with pytest.raises(SimulationError, match="mirror_position"):
+        make_sim_config(mirror_position=1.5)
+    with pytest.raises(SimulationError, match="height_range_um"):
+        make_sim_config(height_range_um=(3.0, 1.0))
+    with pytest.raises(SimulationError, match="highest imaged height"):
+        Microscope(make_sim_config(structure="beads", shape=(8, 16, 16)), seed=0)
+    with pytest.raises(SimulationError, match="mirror image inside the 8-plane stack"):
+        Microscope(make_sim_config(structure="beads", shape=(8, 64, 192), height_range_um=(0.8, 2.0)), seed=0)
+    with pytest.raises(SimulationError, match="even"):
+        simulate_training_pair("puncta", seed=0, shape=(8, 63, 64))
+    with pytest.raises(SimulationError, match="negative|≥ 0"):
+        camera(np.full((4, 4), -1.0, np.float32), np.random.default_rng(0), offset=100.0)
+    assert SimConfig().version == 1
