@@ -135,3 +135,25 @@ def test_cuda_equals_cpu():
     assert r_g.angle_x_deg == r_c.angle_x_deg and r_g.split_offset == r_c.split_offset
     np.testing.assert_allclose(a_g, a_c, atol=1e-5)
     np.testing.assert_allclose(b_g, b_c, atol=1e-5)
+
+
+def test_split_on_the_simulator_finds_its_mirror():
+    # The simulator (engines/simulate) places the mirror itself; after Step 1 the split must land on it.
+    from engines.background import BackgroundParams, preprocess
+    from engines.simulate import Microscope, make_sim_config
+
+    cfg = make_sim_config(shape=(48, 96, 128), structure="beads", n_objects=40, band_photons=200.0,
+                          band_sigma_px=4.0, band_wide_sigma_px=12.0, psf_model="gaussian", mirror_position=0.55,
+                          height_range_um=(0.4, 2.0))
+    scope = Microscope(cfg, seed=1)
+    raw = scope.acquire(0, with_ground_truth=False).raw
+    o, g = cfg.optics, scope.geometry
+    vol, _ = preprocess(raw, o, BackgroundParams(gs_window_px=4.0, n_average=8, crop_square=False), device="cpu")
+    _, _, rep = split_views(vol, o.pixel_size_um, o.deskewed_pixel_z_um, ViewsParams(max_depth=40), device="cpu")
+    th = math.radians(o.skew_angle_deg)
+    # Mirror through deskewed (plane 0, column x_m(0)); its rotated height, in voxels from the grid centre.
+    zc = -(g.nz - 1) / 2 * g.dz_deskewed_um
+    xc = (float(g.mirror_deskewed_x(0)) - (g.nx_deskewed - 1) / 2) * g.dx_um
+    truth = (zc * math.cos(th) - xc * math.sin(th)) / g.dx_um + (rep.rotated_shape[0] - 1) / 2
+    assert abs(rep.split_index - truth) <= 1.0
+    assert abs(rep.angle_x_deg) <= 0.1
