@@ -96,7 +96,10 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: unknown config format '{suffix}' (use .yaml, .yml, .toml or .json)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of field names to values")
-    # A file may hold several sections; the optics live under [optics] when present.
+    # A file may hold several sections; the optics live under [optics] when present (under config.optics in the
+    # simulator's metadata.json, so a simulated acquisition's metadata is a valid config file).
+    if isinstance(data.get("config"), dict) and "optics" in data["config"]:
+        data = data["config"]
     return dict(data.get("optics", data))
 
 

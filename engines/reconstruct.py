@@ -1,0 +1,287 @@
+"""The four Meta-rLLS-VSIM steps chained: raw sample-scan stack in, fused volume out.
+
+1. background removal + deskew (:mod:`engines.background`);
+2. lateral SR with VSI-SR at 0°/60°/120° + Wiener recombination (:mod:`engines.vsisr.lateral`), skipped in the
+   ``classical`` mode;
+3. rotation by the objective angle and split at the mirror plane into views A and B (:mod:`engines.views`);
+4. fusion: RL-DFN (``full``) or joint Richardson–Lucy deconvolution (``classical``) (:mod:`engines.rldfn`).
+
+The same chain serves the offline CLI (``rllsm reconstruct``) and the streaming service, which takes it as named
+stages (:func:`stage_chain`) so that it can time each one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.background import BackgroundParams, PreprocessReport, preprocess
+from engines.config import OpticsConfig
+from engines.device import pick_device
+from engines.views import ViewsParams, ViewsReport, split_views
+
+Mode = Literal["full", "classical"]
+SR_SCALE = 1.5
+PSF_BOX = 31  # computed PSF box (voxels per axis, odd): holds the detection PSF's main lobes at ~60 nm voxels
+
+
+class ReconstructError(ValueError):
+    """The chain cannot run with what it was given (missing weights or OTFs, unusable shapes)."""
+
+
+class ReconstructParams(BaseModel):
+    """Parameters of the whole chain; each step keeps its own model with the reference's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    mode: Mode = Field("classical", description="full: VSI-SR + RL-DFN; classical: no network, joint RL fusion.")
+    background: BackgroundParams = Field(default_factory=BackgroundParams)
+    views: ViewsParams | None = Field(None, description="Step 3; default: the reference's with the objective angle.")
+    iterations: int = Field(10, ge=1, le=500, description="Joint Richardson–Lucy iterations (classical mode).")
+    tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
+    overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
+    memory_budget_gb: float | None = Field(None, gt=0, le=1024, description="RL-DFN memory budget per tile (GB).")
+
+
+@dataclass
+class ReconModels:
+    """Everything learned or measured that the chain needs besides the data."""
+
+    vsisr: Any = None  # nn.Module or predictor callable (N,7,H,W) → (N,3,1.5H,1.5W)
+    otfs: Any = None  # engines.vsisr.otf.OTFSet, or a folder to read it from
+    lateral: Any = None  # engines.vsisr.lateral.LateralSRParams
+    rldfn: Any = None  # engines.rldfn.network.DualViewFusionNet
+    psf: np.ndarray | None = None  # detection PSF (Z, Y, X) at psf_voxel_um, unrotated
+    psf_voxel_um: tuple[float, float, float] | None = None
+    psf_a: np.ndarray | None = None  # the views' PSFs on the views' grid, if measured
+    psf_b: np.ndarray | None = None
+
+
+@dataclass
+class ReconResult:
+    """Fused volume, the intermediates kept on request, each step's report and wall time."""
+
+    fused: np.ndarray
+    voxel_um: float
+    reports: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    intermediates: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def views_voxel_um(optics: OpticsConfig, mode: Mode) -> float:
+    """Isotropic voxel size of the views and of the fused volume (µm)."""
+    return optics.pixel_size_um / SR_SCALE if mode == "full" else optics.pixel_size_um
+
+
+def view_psfs(optics: OpticsConfig, mode: Mode, models: ReconModels) -> tuple[np.ndarray, np.ndarray]:
+    """PSFs of views A and B on the views' isotropic grid.
+
+    Measured view PSFs win; else a given detection PSF is rotated by ± the objective angle; else the detection PSF is
+    computed from NA, emission wavelength and refractive index. A computed PSF is the widefield one: after lateral SR
+    the data are sharper than it, so RL-DFN users should pass PSFs measured on their super-resolved views.
+    """
+    from engines.rldfn.psf import computed_psf, dual_view_psfs
+
+    if models.psf_a is not None and models.psf_b is not None:
+        return models.psf_a, models.psf_b
+    v = views_voxel_um(optics, mode)
+    if models.psf is not None:
+        voxel = models.psf_voxel_um or (v, v, v)
+        psf = models.psf
+    else:
+        voxel = (v, v, v)
+        psf = computed_psf((PSF_BOX, PSF_BOX, PSF_BOX), voxel, optics.emission_nm, optics.na_detection,
+                           optics.refractive_index)
+    return dual_view_psfs(psf, optics.objective_angle_deg, voxel, (v, v, v), (PSF_BOX, PSF_BOX, PSF_BOX))
+
+
+class Reconstructor:
+    """Holds the models on the device and runs the chain; build once, call per stack."""
+
+    def __init__(self, optics: OpticsConfig, params: ReconstructParams | None = None,
+                 models: ReconModels | None = None, device: str | torch.device | None = None) -> None:
+        self.optics = optics
+        self.params = params or ReconstructParams()
+        self.models = models or ReconModels()
+        self.device = pick_device(str(device) if device is not None else None)
+        self.views_params = self.params.views or ViewsParams(angle_deg=optics.objective_angle_deg)
+        mode = self.params.mode
+        if mode == "full":
+            missing = [n for n, v in (("VSI-SR checkpoint", self.models.vsisr), ("OTFs", self.models.otfs),
+                                      ("RL-DFN weights", self.models.rldfn)) if v is None]
+            if missing:
+                raise ReconstructError(f"mode 'full' needs {', '.join(missing)}; give them or use mode 'classical'")
+        self.psf_a, self.psf_b = view_psfs(optics, mode, self.models)
+        self._rldfn = None
+        if mode == "full":
+            from engines.rldfn.model import RLDFN
+
+            self._rldfn = RLDFN(self.models.rldfn, self.psf_a, self.psf_b).to(self.device).eval()
+
+    # --- the steps, each array in → array out ------------------------------------------------------------------
+
+    def preprocess(self, raw: np.ndarray) -> tuple[np.ndarray, PreprocessReport]:
+        return preprocess(raw, self.optics, self.params.background, device=self.device)
+
+    def lateral(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        if self.params.mode != "full":
+            return volume
+        from engines.vsisr.lateral import lateral_sr
+
+        return lateral_sr(volume, self.models.vsisr, self.models.otfs, self.models.lateral, device=self.device,
+                          progress=progress)
+
+    def split(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, ViewsReport]:
+        dz = self.optics.deskewed_pixel_z_um
+        dx = views_voxel_um(self.optics, self.params.mode)
+        return split_views(volume, dx, dz, self.views_params, device=self.device)
+
+    def fuse(self, view_a: np.ndarray, view_b: np.ndarray,
+             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        if self.params.mode == "full":
+            from engines.rldfn.fuse import fuse_rldfn
+
+            budget = None if self.params.memory_budget_gb is None else int(self.params.memory_budget_gb * 2**30)
+            return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
+                              device=self.device, memory_budget_bytes=budget, progress=progress)
+        from engines.rldfn.classical import classical_fuse
+
+        return classical_fuse(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, device=self.device,
+                              progress=progress)
+
+    def __call__(self, raw: np.ndarray, keep_intermediates: bool = False) -> ReconResult:
+        timings: dict[str, float] = {}
+        reports: dict[str, Any] = {}
+        kept: dict[str, np.ndarray] = {}
+
+        def timed(name: str, fn: Callable[[], Any]) -> Any:
+            t0 = time.perf_counter()
+            out = fn()
+            timings[name] = time.perf_counter() - t0
+            return out
+
+        vol, reports["preprocess"] = timed("preprocess", lambda: self.preprocess(raw))
+        if keep_intermediates:
+            kept["preprocessed"] = vol
+        sr = timed("lateral_sr", lambda: self.lateral(vol))
+        if keep_intermediates and self.params.mode == "full":
+            kept["lateral_sr"] = sr
+        view_a, view_b, reports["split_views"] = timed("split_views", lambda: self.split(sr))
+        if keep_intermediates:
+            kept["view_a"], kept["view_b"] = view_a, view_b
+        fused = timed("fuse", lambda: self.fuse(view_a, view_b))
+        return ReconResult(fused=fused, voxel_um=views_voxel_um(self.optics, self.params.mode), reports=reports,
+                           timings_s=timings, intermediates=kept)
+
+    def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
+        """The chain as named stages for the streaming pipeline (reports are dropped; timings are the runner's)."""
+        chain: list[tuple[str, Callable[[Any], Any]]] = [("preprocess", lambda raw: self.preprocess(raw)[0])]
+        if self.params.mode == "full":
+            chain.append(("lateral_sr", self.lateral))
+        chain.append(("split_views", lambda vol: self.split(vol)[:2]))
+        chain.append(("fuse", lambda views: self.fuse(*views)))
+        return chain
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def load_models(
+    *, vsisr_checkpoint: str | Path | None = None, otf_dir: str | Path | None = None,
+    rldfn_weights: str | Path | None = None, psf: str | Path | np.ndarray | None = None,
+    psf_voxel_um: tuple[float, float, float] | None = None, psf_a: str | Path | None = None,
+    psf_b: str | Path | None = None, optics: OpticsConfig | None = None, lateral: Any = None,
+) -> ReconModels:
+    """Read checkpoints, OTFs and PSFs from disk into :class:`ReconModels`.
+
+    Without ``otf_dir`` but with a VSI-SR checkpoint, OTFs are generated from the optics (documented approximation
+    in :func:`engines.vsisr.otf.generate_otfs`).
+    """
+    import tifffile
+
+    models = ReconModels(lateral=lateral)
+    if vsisr_checkpoint is not None:
+        from engines.vsisr.checkpoint import load_checkpoint
+
+        models.vsisr = load_checkpoint(vsisr_checkpoint).eval()
+    if otf_dir is not None:
+        from engines.vsisr.otf import load_otfs
+
+        wl = optics.wavelength_nm if optics is not None else 488.0
+        models.otfs = load_otfs(otf_dir, wl)
+    elif models.vsisr is not None:
+        from engines.vsisr.otf import generate_otfs
+
+        models.otfs = generate_otfs(optics or OpticsConfig())
+    if rldfn_weights is not None:
+        from engines.rldfn.checkpoint import load_rldfn
+
+        models.rldfn = load_rldfn(rldfn_weights)
+    if psf is not None:
+        models.psf = tifffile.imread(psf).astype(np.float32) if not isinstance(psf, np.ndarray) else psf
+        models.psf_voxel_um = psf_voxel_um
+    if (psf_a is None) != (psf_b is None):
+        raise ReconstructError("give both --psf-a and --psf-b, or neither")
+    if psf_a is not None and psf_b is not None:
+        from engines.rldfn.psf import clean_psf
+
+        models.psf_a = clean_psf(tifffile.imread(psf_a))
+        models.psf_b = clean_psf(tifffile.imread(psf_b))
+    return models
+
+
+def demo_models(optics: OpticsConfig) -> ReconModels | None:
+    """The shipped demonstration weights (trained on simulated data only), or None when not installed."""
+    try:
+        from engines.weights import demo_weights_path
+    except ImportError:
+        return None
+    try:
+        vsisr, rldfn = demo_weights_path("vsi-sr"), demo_weights_path("rl-dfn")
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    if not (Path(vsisr).exists() and Path(rldfn).exists()):
+        return None
+    return load_models(vsisr_checkpoint=vsisr, rldfn_weights=rldfn, optics=optics)
+
+
+def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None,
+                weights: str | None = None) -> list[tuple[str, Callable[[Any], Any]]]:
+    """Named stages for the streaming service.
+
+    ``weights`` is a folder holding ``vsi-sr.pt`` (or ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder
+    ``rl-dfn/``) and optionally ``otf/``; in ``full`` mode without it the shipped demo weights are used.
+    """
+    if mode not in ("full", "classical"):
+        raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected 'full' or 'classical'")
+    models = ReconModels()
+    if mode == "full":
+        if weights is not None:
+            models = _models_from_folder(Path(weights), optics)
+        else:
+            found = demo_models(optics)
+            if found is None:
+                raise ReconstructError("mode 'full' needs weights (--weights DIR) and no demo weights are installed")
+            models = found
+    rec = Reconstructor(optics, ReconstructParams(mode=mode), models, device=device)
+    return rec.stages()
+
+
+def _models_from_folder(root: Path, optics: OpticsConfig) -> ReconModels:
+    def first(*names: str) -> Path | None:
+        return next((root / n for n in names if (root / n).exists()), None)
+
+    vsisr = first("vsi-sr.pt", "vsi-sr.pth", "vsisr.pt", "vsisr.pth")
+    rldfn = first("rl-dfn.pt", "rl-dfn", "rldfn.pt", "rldfn")
+    if vsisr is None or rldfn is None:
+        raise ReconstructError(f"{root}: expected vsi-sr.pt (or .pth) and rl-dfn.pt (or an RL-DFN folder rl-dfn/)")
+    otf = first("otf", "OTF")
+    return load_models(vsisr_checkpoint=vsisr, otf_dir=otf, rldfn_weights=rldfn, optics=optics)

@@ -1,0 +1,142 @@
+"""``rllsm reconstruct``: the four steps chained on raw TIFF stacks, intermediates kept on request."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from streamer.cli.geometry_io import read_stack, write_stack
+from streamer.cli.options import add_optics_args, optics_from_args
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reconstruct",
+        help="raw sample-scan stack(s) → fused volume(s): preprocess, lateral SR, split views, fuse",
+        description="Run the four Meta-rLLS-VSIM steps on one raw TIFF stack or on every *.tif in a folder. "
+        "Mode 'full' needs a VSI-SR checkpoint, OTFs and RL-DFN weights (the shipped demo weights, trained on "
+        "simulated data only, are used when none are given); mode 'classical' needs no network.",
+    )
+    p.add_argument("input", type=Path, metavar="IN", help="raw stack (3-D TIFF) or a folder of them")
+    p.add_argument("output", type=Path, metavar="OUT", help="output TIFF (for one input) or folder")
+    p.add_argument("--mode", choices=["full", "classical"], default="full",
+                   help="full: VSI-SR + RL-DFN (default); classical: joint Richardson–Lucy fusion, no network")
+    p.add_argument("--checkpoint", type=Path, metavar="PTH", help="VSI-SR checkpoint (reference .pth or ours)")
+    p.add_argument("--otf-dir", type=Path, metavar="DIR",
+                   help="OTF folder in the reference layout (<wavelength>/OTF0.tif, OTF1.tif, apo_*.tif); "
+                   "default: OTFs generated from the optics (approximation)")
+    p.add_argument("--model", type=Path, metavar="DIR_OR_PT", help="RL-DFN weights: reference folder or our .pt")
+    p.add_argument("--psf", type=Path, metavar="TIF", help="measured detection PSF (rotated to both views)")
+    p.add_argument("--psf-voxel-um", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
+                   help="voxel size of --psf (default: the views' voxel)")
+    p.add_argument("--psf-a", type=Path, metavar="TIF", help="measured view-A PSF on the views' grid")
+    p.add_argument("--psf-b", type=Path, metavar="TIF", help="measured view-B PSF on the views' grid")
+    p.add_argument("--iterations", type=int, default=10, metavar="K", help="joint RL iterations (classical)")
+    p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
+    p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
+    p.add_argument("--stride", type=int, choices=[1, 3], default=1, help="VSI-SR window stride (3: faster)")
+    p.add_argument("--keep-intermediates", action="store_true",
+                   help="also write preprocessed, lateral-SR and view A/B stacks beside each output")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if present)")
+    p.add_argument("--float32", action="store_true", help="write float32 instead of uint16 scaled to 0–65535")
+    add_optics_args(p)
+    p.set_defaults(func=run)
+
+
+def _tile(value: str) -> str | int:
+    from streamer.cli import CLIError
+
+    if value in ("none", "auto"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise CLIError(f"--tile must be none, auto or a size in voxels, got {value!r}") from None
+    if n < 16:
+        raise CLIError(f"--tile {n} is too small; use at least 16 voxels")
+    return n
+
+
+def run(args: argparse.Namespace) -> int:
+    from streamer.cli import CLIError
+
+    optics = optics_from_args(args)
+    inputs = sorted(args.input.glob("*.tif*")) if args.input.is_dir() else [args.input]
+    if not inputs:
+        raise CLIError(f"no *.tif stacks in {args.input}")
+    many = args.input.is_dir() or len(inputs) > 1
+    try:
+        rec = build_reconstructor(args, optics)
+    except (ValueError, FileNotFoundError) as err:  # every engine error is a ValueError subclass
+        raise CLIError(str(err)) from None
+    for path in inputs:
+        out = args.output / f"{path.stem}.tif" if many else args.output
+        reconstruct_file(rec, path, out, keep=args.keep_intermediates, float32=args.float32)
+    return 0
+
+
+def build_reconstructor(args: argparse.Namespace, optics):
+    """Resolve mode, weights (explicit, else demo) and PSFs into an :class:`engines.reconstruct.Reconstructor`."""
+    from engines.reconstruct import ReconModels, Reconstructor, ReconstructParams, demo_models, load_models
+    from engines.vsisr.lateral import LateralSRParams
+    from streamer.cli import CLIError
+
+    lateral = LateralSRParams(stride=args.stride, wavelength_nm=optics.wavelength_nm)
+    models = ReconModels()
+    if args.mode == "full":
+        if args.checkpoint is None and args.model is None:
+            found = demo_models(optics)
+            if found is None:
+                raise CLIError("mode 'full' needs --checkpoint and --model (no demo weights are installed); "
+                               "or use --mode classical")
+            log.warning("using the shipped DEMO weights, trained on simulated data only: not for real specimens")
+            models = found
+        elif args.checkpoint is None or args.model is None:
+            raise CLIError("mode 'full' needs both --checkpoint (VSI-SR) and --model (RL-DFN)")
+        else:
+            models = load_models(vsisr_checkpoint=args.checkpoint, otf_dir=args.otf_dir, rldfn_weights=args.model,
+                                 optics=optics)
+    extra = load_models(psf=args.psf, psf_voxel_um=tuple(args.psf_voxel_um) if args.psf_voxel_um else None,
+                        psf_a=args.psf_a, psf_b=args.psf_b, optics=optics)
+    models.psf, models.psf_voxel_um, models.psf_a, models.psf_b = extra.psf, extra.psf_voxel_um, extra.psf_a, extra.psf_b
+    if args.mode == "full" and args.otf_dir is not None and models.otfs is None:
+        models.otfs = load_models(otf_dir=args.otf_dir, optics=optics).otfs
+    models.lateral = lateral
+    params = ReconstructParams(mode=args.mode, iterations=args.iterations, tile=_tile(args.tile), overlap=args.overlap)
+    return Reconstructor(optics, params, models, device=args.device)
+
+
+def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: bool = False) -> dict:
+    """Reconstruct one raw TIFF into ``dst``; writes ``<dst>.json`` with reports and per-step timings."""
+    import numpy as np
+
+    raw = read_stack(src, "raw stack")
+    res = rec(raw, keep_intermediates=keep)
+    dtype = "float32" if float32 else "uint16"
+
+    def scaled(v: np.ndarray) -> np.ndarray:
+        if float32:
+            return v
+        peak = float(v.max())
+        return v * (65535.0 / peak) if peak > 0 else v
+
+    write_stack(dst, scaled(res.fused), dtype)
+    for name, vol in res.intermediates.items():
+        write_stack(dst.with_name(f"{dst.stem}.{name}.tif"), scaled(vol), dtype)
+    summary = {
+        "input": str(src),
+        "output": str(dst),
+        "mode": rec.params.mode,
+        "voxel_um": res.voxel_um,
+        "shape": list(res.fused.shape),
+        "timings_s": res.timings_s,
+        "reports": {k: v.model_dump(mode="json") for k, v in res.reports.items()},
+    }
+    dst.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{src.name} → {dst} {'×'.join(map(str, res.fused.shape))} voxel {res.voxel_um * 1000:.1f} nm "
+          + " ".join(f"{k} {v:.2f}s" for k, v in res.timings_s.items()))
+    return summary
