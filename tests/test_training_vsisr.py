@@ -214,3 +214,14 @@ def test_finetune_starts_from_published_meta_model_layout(dataset: Path, tmp_pat
     assert out["iterations"] == 2 and np.isfinite(out["loss_last"])
     tuned = load_checkpoint(tmp_path / "f" / "finetuned_reference.pth")
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), full.parameters()))
+
+
+def test_prepare_data_from_the_simulator(tmp_path: Path) -> None:
+    rc = main(["prepare-data", str(tmp_path / "sim"), "--simulator", "--structures", "puncta", "--photon-levels",
+               "100", "--finetune-structure", "puncta", "--cells", "2", "--planes", "8", "--size", "48",
+               "--patch", "16", "--patches-per-task", "8", "--finetune-patches", "4"])
+    assert rc == 0
+    index = read_index(tmp_path / "sim")
+    assert list(index["tasks"]) == ["puncta-p100"] and index["provenance"]["source"] == "simulator"
+    train, val = load_finetune(tmp_path / "sim")
+    assert train.gts.shape[1:] == (3, 24, 24) and val[0][2].shape == (8, 72, 72)

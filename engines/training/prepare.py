@@ -60,6 +60,21 @@ class SyntheticSource(BaseModel):
     photons: float = Field(300.0, gt=0, le=1e6)
 
 
+class SimulatorSource(BaseModel):
+    """Cells from the rLLSM simulator (:mod:`engines.simulate`); one task per structure × photon level."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    task_structures: tuple[str, ...] = ("filaments", "beads")
+    photon_levels: tuple[float, ...] = (100.0, 400.0)
+    finetune_structure: str | None = "puncta"
+    finetune_photons: float = Field(200.0, gt=0, le=1e6)
+    cells_per_structure: int = Field(3, ge=1, le=1000)
+    planes: int = Field(12, ge=IN_PLANES, le=512)
+    size: int = Field(96, ge=16, le=4096, description="LLSM lateral size of a cell (even).")
+
+
 def normalise(x: np.ndarray) -> np.ndarray:
     """Min–max to [0, 1] (float32); a constant stack becomes zeros."""
     x = x.astype(np.float32)
@@ -201,6 +216,35 @@ def prepare_synthetic(out: Path, cfg: PrepareConfig, src: SyntheticSource,
         ft = (src.finetune_structure, synthetic_cells(src.finetune_structure, src,
                                                        stable(cfg.seed, src.finetune_structure)))
     return write_dataset(out, tasks, ft, cfg, {"source": "synthetic", "synthetic": src.model_dump()}, progress)
+
+
+def simulator_cells(structure: str, photons: float, src: SimulatorSource, seed: int) -> list[Cell]:
+    """Cells of one structure at one photon level from the rLLSM simulator (deterministic in ``seed``)."""
+    from engines.simulate.pairs import simulate_training_pair
+
+    cells = []
+    for i in range(src.cells_per_structure):
+        llsm, gt = simulate_training_pair(structure, seed + i, (src.planes, src.size, src.size), photons=photons)
+        cells.append((f"{structure}-p{photons:g}-cell{i:02d}", normalise(llsm), normalise(gt)))
+    return cells
+
+
+def prepare_simulator(out: Path, cfg: PrepareConfig, src: SimulatorSource,
+                      progress: Callable[[str], None] | None = None) -> dict:
+    """Prepare tasks (structure × photon level) and a fine-tuning set from the rLLSM simulator."""
+    tasks = {}
+    for s in src.task_structures:
+        for ph in src.photon_levels:
+            if progress:
+                progress(f"simulating {src.cells_per_structure} {s} cells at {ph:g} photons")
+            tasks[f"{s}-p{ph:g}"] = simulator_cells(s, ph, src, _stable_seed(cfg.seed, f"{s}{ph}"))
+    ft = None
+    if src.finetune_structure:
+        name = src.finetune_structure
+        if progress:
+            progress(f"simulating {src.cells_per_structure} {name} cells for fine-tuning")
+        ft = (name, simulator_cells(name, src.finetune_photons, src, _stable_seed(cfg.seed, name)))
+    return write_dataset(out, tasks, ft, cfg, {"source": "simulator", "simulator": src.model_dump()}, progress)
 
 
 def _stable_seed(seed: int, name: str) -> int:

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder (created)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-folder", metavar="DIR", help="root of <Structure>/<Cell>/ folders with gt.tif + LLSM tifs")
-    src.add_argument("--synthetic", action="store_true", help="simulate cells with the built-in generator")
+    src.add_argument("--synthetic", action="store_true", help="cells from the small built-in generator (fast)")
+    src.add_argument("--simulator", action="store_true",
+                     help="cells from the rLLSM simulator (tasks: structure × --photon-levels)")
     p.add_argument("--structures", default=None,
                    help="comma-separated structures used as meta tasks (default: all but the fine-tuning one)")
     p.add_argument("--finetune-structure", default=None,
@@ -38,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cells", type=int, default=3, help="cells per structure [3]")
     g.add_argument("--planes", type=int, default=12)
     g.add_argument("--size", type=int, default=96, help="LLSM lateral size of a cell [96]")
-    g.add_argument("--photons", type=float, default=300.0)
+    g.add_argument("--photons", type=float, default=300.0, help="--synthetic peak photons; --simulator: "
+                   "photons of the fine-tuning cells [300 / 200]")
+    g.add_argument("--photon-levels", default="100,400", help="--simulator: photon levels, one task each [100,400]")
     add_optics_args(p)
     p.set_defaults(func=run)
 
@@ -49,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from engines.training.data import TrainingDataError
-    from engines.training.prepare import PrepareConfig, SyntheticSource, prepare_folder, prepare_synthetic
+    from engines.training.prepare import (
+        PrepareConfig, SimulatorSource, SyntheticSource, prepare_folder, prepare_simulator, prepare_synthetic,
+    )
     from streamer.cli import CLIError
 
     def say(msg: str) -> None:
@@ -69,6 +75,14 @@ def run(args: argparse.Namespace) -> int:
                                   cells_per_structure=args.cells, planes=args.planes, size=args.size,
                                   photons=args.photons, **kw)
             index = prepare_synthetic(Path(args.out), cfg, src, progress=say)
+        elif args.simulator:
+            kw = {} if structures is None else {"task_structures": tuple(structures)}
+            levels = tuple(float(v) for v in args.photon_levels.split(",") if v.strip())
+            src = SimulatorSource(finetune_structure=("puncta" if ft is None else ft) or None,
+                                  photon_levels=levels, cells_per_structure=args.cells, planes=args.planes,
+                                  size=args.size, finetune_photons=200.0 if args.photons == 300.0 else args.photons,
+                                  **kw)
+            index = prepare_simulator(Path(args.out), cfg, src, progress=say)
         else:
             index = prepare_folder(Path(args.from_folder), Path(args.out), cfg, optics_from_args(args),
                                    deskew=args.deskew, average_planes=args.average_planes,
