@@ -4,11 +4,14 @@ Each message is ``[header JSON, payload]``; the header is a :class:`DisplayHeade
 (``"volume"`` or ``"mip"``), so a subscriber that only wants MIPs subscribes to the prefix ``{"kind":"mip"`` and the
 large volumes are filtered out by the publisher before they cross the network.
 
-Nothing here ever waits for a viewer. The PUB socket keeps at most ``sndhwm`` messages per subscriber and drops the
-rest for that subscriber only (ZMQ's PUB semantics); ``seq`` numbers each kind's messages, so a subscriber counts
-exactly how many it missed (:attr:`DisplayClient.dropped`). A full multipart message is never half delivered.
-``ZMQ_CONFLATE`` would keep only the newest message, but it silently breaks multipart messages, so latest-wins is a
-small high-water mark on both sides plus draining to the newest on the client.
+Nothing here ever waits for a viewer. ``publish`` only puts each message into a "latest" slot (one per kind and MIP
+axis) and returns; a sender thread moves slots to an XPUB socket with ``XPUB_NODROP``, so when a subscriber's queue
+(``sndhwm`` messages) is full the send fails, the slot keeps waiting and is *replaced* by the next volume's message:
+the newest always gets through, older ones are superseded. ``seq`` numbers each kind's messages at publish time, so
+a subscriber counts exactly how many it missed (:attr:`DisplayClient.dropped`). ``ZMQ_CONFLATE`` would keep only the
+newest message too, but it silently breaks multipart messages; and plain PUB drops the *newest* message when a queue
+is full, which is the opposite of what a display needs. One slow subscriber paces the stream for all (they all see
+latest-wins at its rate) — acceptable for the one or two viewers of a microscope.
 
 >>> with DisplayClient("tcp://127.0.0.1:5556", kinds=("mip",)) as c:   # doctest: +SKIP
 ...     msg = c.latest(timeout=5.0)
@@ -23,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -96,8 +100,11 @@ class DisplayPublisher:
         self.config = config or DisplayConfig()
         self.metrics = metrics
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUB)
+        # XPUB with NODROP: a full subscriber pipe makes send() fail instead of silently dropping the *newest*
+        # message (plain PUB's behaviour); the sender thread then retries with whatever is newest by then.
+        self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, self.config.sndhwm)
+        self._sock.setsockopt(zmq.XPUB_NODROP, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
             self._sock.bind(self.config.endpoint)
@@ -106,48 +113,103 @@ class DisplayPublisher:
             raise DisplayError(f"cannot publish the display stream on {self.config.endpoint}: {err}") from None
         self.endpoint: str = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._seq = {"volume": 0, "mip": 0}
-        self._lock = threading.Lock()  # a PUB socket is not thread-safe; publish may be called from several threads
+        self._cond = threading.Condition()
+        # newest not-yet-sent message per (kind, axis): the latest-wins slots
+        self._slots: dict[tuple[str, str | None], tuple[bytes, np.ndarray]] = {}
+        self._closing = False
         self.sent = 0
-        self.send_dropped = 0
+        self.superseded = 0  # messages replaced by a newer one before a slow subscriber could take them
         if metrics is not None:
-            metrics.declare("display_send_dropped")
+            metrics.declare("display_superseded")
+            metrics.declare("display_messages_sent")
+        self._thread = threading.Thread(target=self._run, name="display-publisher", daemon=True)
+        self._thread.start()
 
     def publish(self, volume: np.ndarray, index: VolumeIndex, *, acquisition_id: str,
                 voxel_size_um: Sequence[float] | None = None) -> int:
-        """Publish ``volume`` and/or its MIPs (as configured); returns the number of messages handed to ZMQ."""
+        """Queue ``volume`` and/or its MIPs (as configured) for sending; returns the number of messages queued.
+
+        Never waits for subscribers: a message still waiting from an earlier call is replaced (latest wins) and
+        counted in :attr:`superseded`.
+        """
+        t0 = time.perf_counter()
         parts: list[tuple[str, str | None, np.ndarray]] = []
         if self.config.send_volume:
             parts.append(("volume", None, np.ascontiguousarray(volume)))
         if self.config.send_mips:
             parts.extend(("mip", ax, arr) for ax, arr in mips(volume).items())
         vox = tuple(float(v) for v in voxel_size_um) if voxel_size_um is not None else None
-        n = 0
-        t0 = time.perf_counter()
-        with self._lock:
+        replaced = 0
+        with self._cond:
+            if self._closing:
+                raise DisplayError("display publisher is closed")
             for kind, axis, arr in parts:
                 head = DisplayHeader(
                     kind=kind, acquisition_id=acquisition_id, seq=self._seq[kind], timepoint=index.timepoint,
                     channel=index.channel, axis=axis, shape=arr.shape, dtype=arr.dtype.name, voxel_size_um=vox,
                 )
                 self._seq[kind] += 1
-                try:
-                    self._sock.send_multipart([head.model_dump_json().encode(), memoryview(arr).cast("B")],
-                                              flags=zmq.NOBLOCK, copy=False)
-                    n += 1
-                except zmq.Again:  # PUB drops per subscriber by itself; this only fires in exotic socket states
-                    self.send_dropped += 1
-                    if self.metrics is not None:
-                        self.metrics.inc("display_send_dropped")
-        self.sent += n
+                replaced += (kind, axis) in self._slots
+                self._slots[(kind, axis)] = (head.model_dump_json().encode(), arr)
+            self.superseded += replaced
+            self._cond.notify_all()
         if self.metrics is not None:
             self.metrics.observe("display_publish", time.perf_counter() - t0)
-            self.metrics.inc("display_messages_sent", n)
-        return n
+            if replaced:
+                self.metrics.inc("display_superseded", replaced)
+        return len(parts)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued message left (False on timeout, e.g. a subscriber that stopped reading)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._slots or self._closing, timeout)
+
+    def _run(self) -> None:
+        backoff = 0.0005
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._slots) or self._closing)
+                if self._closing:
+                    return
+                key = next(iter(self._slots))
+                head, arr = self._slots[key]
+            try:
+                self._sock.send_multipart([head, memoryview(arr).cast("B")], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                # a subscriber's queue is full: wait a little (or for a newer message) and retry the newest
+                with self._cond:
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, 0.05)
+                continue
+            except zmq.ZMQError:
+                if self._closing:
+                    return
+                raise
+            backoff = 0.0005
+            with self._cond:
+                if self._slots.get(key, (None,))[0] is head:
+                    del self._slots[key]
+                self.sent += 1
+                self._cond.notify_all()
+            if self.metrics is not None:
+                self.metrics.inc("display_messages_sent")
+            self._drain_subscriptions()
+
+    def _drain_subscriptions(self) -> None:
+        # XPUB hands subscription messages to the application; read them so they do not pile up
+        try:
+            while self._sock.poll(0, zmq.POLLIN):
+                self._sock.recv(zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def close(self) -> None:
-        with self._lock:
-            if not self._sock.closed:
-                self._sock.close(0)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(5)
+        if not self._sock.closed:
+            self._sock.close(0)
 
     def __enter__(self) -> DisplayPublisher:
         return self
@@ -298,3 +360,63 @@ class DisplayClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- a PNG writer for MIPs: the smallest useful viewer ------------------------------------------------------------
+
+
+def mip_to_png(msg: DisplayMessage, out_dir: str | Path) -> Path:
+    """Write one MIP as an 8-bit PNG (contrast from the 0.1–99.9 percentiles, isotropic pixels); returns its path.
+
+    The ``y`` and ``x`` MIPs have z as rows; z spacing usually differs from the lateral one, so rows are rescaled by
+    ``voxel_z / voxel_lateral`` to show the sample's true proportions.
+    """
+    from PIL import Image
+
+    h = msg.header
+    if h.kind != "mip" or h.axis is None:
+        raise DisplayError(f"only MIPs are written as PNG, got a {h.kind}")
+    img = np.asarray(msg.array, dtype=np.float32)
+    lo, hi = np.percentile(img, (0.1, 99.9))
+    scaled = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    pic = Image.fromarray((scaled * 255 + 0.5).astype(np.uint8))
+    if h.axis != "z" and h.voxel_size_um is not None:
+        dz, _, dx = h.voxel_size_um
+        rows = max(1, round(img.shape[0] * dz / dx))
+        pic = pic.resize((img.shape[1], rows), Image.Resampling.BILINEAR)
+    out = Path(out_dir) / f"{h.acquisition_id}_t{h.timepoint:05d}_c{h.channel}_mip{h.axis}.png"
+    tmp = out.with_name(out.name + ".partial")
+    pic.save(tmp, format="PNG")
+    tmp.replace(out)  # a viewer polling the folder never opens half a PNG
+    return out
+
+
+def watch(endpoint: str, out_dir: str | Path, *, count: int | None = None, timeout: float | None = None,
+          context: zmq.Context | None = None) -> list[Path]:
+    """Subscribe to MIPs at ``endpoint`` and write each as a PNG under ``out_dir``.
+
+    Parameters
+    ----------
+    count
+        Stop after this many PNGs (None: run until interrupted).
+    timeout
+        Give up if no MIP arrives for this many seconds (raises :class:`DisplayError`); None waits forever.
+    """
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DisplayError(f"cannot create output folder {out}: {err.strerror or err}") from None
+    written: list[Path] = []
+    with DisplayClient(endpoint, kinds=("mip",), context=context) as client:
+        while count is None or len(written) < count:
+            msg = client.recv(timeout)
+            if msg is None:
+                raise DisplayError(f"no MIP arrived from {endpoint} within {timeout} s "
+                                   f"({len(written)} written; is the service running and publishing there?)")
+            written.append(mip_to_png(msg, out))
+            log.info("wrote %s", written[-1])
+        if client.dropped:
+            log.warning("missed %d MIPs published while writing (the display stream keeps only the newest)",
+                        client.dropped)
+    return written

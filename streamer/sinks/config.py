@@ -70,6 +70,6 @@ class DisplayConfig(_Base):
     send_mips: bool = Field(True, description="Publish the z, y and x maximum-intensity projections.")
     sndhwm: int = Field(
         4, ge=1, le=10_000,
-        description="Messages queued per subscriber before the publisher drops for it (volume + 3 MIPs = 4).",
+        description="Messages queued per subscriber; beyond it newer messages replace waiting ones (latest wins).",
     )
     queue_size: int = Field(1, ge=1, le=64, description="Volumes waiting for MIP computation; older ones are replaced.")
