@@ -225,3 +225,15 @@ def test_bad_configs_raise_typed_errors_that_name_the_field() -> None:
     with pytest.raises(SimulationError, match="negative|≥ 0"):
         camera(np.full((4, 4), -1.0, np.float32), np.random.default_rng(0), offset=100.0)
     assert SimConfig().version == 1
+
+
+def test_step1_band_fit_finds_the_simulated_band_and_its_drift() -> None:
+    background = pytest.importorskip("engines.background")
+    cfg = make_sim_config(structure="filaments", shape=(63, 96, 192), band_drift_px_per_plane=0.2, band_photons=60.0)
+    mic = Microscope(cfg, seed=4)
+    raw = mic.acquire(0, with_ground_truth=False).raw.astype(np.float32) - cfg.optics.camera_offset
+    fit = background.fit_band(raw, background.BackgroundParams(gs_window_px=cfg.band_sigma_px, n_average=9))
+    truth = mic.band_center()
+    mid = (cfg.shape[0] - 1) / 2
+    assert abs(fit.position_px - np.interp(mid, np.arange(cfg.shape[0]), truth)) < 3.0
+    assert fit.drift_px_per_plane == pytest.approx(0.2, abs=0.05)
