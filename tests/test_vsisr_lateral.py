@@ -199,3 +199,13 @@ def test_cuda_matches_cpu(parity, otfs):
     assert r >= 0.9999 and nrmse <= 0.002
     r, _ = pearson_nrmse(gpu, data["expected_adjust"])
     assert r >= 0.999
+
+
+def test_bf16_close_to_fp32_and_fp16_needs_cuda(tiny_model, otfs):
+    vol = _seeded().seeded_volume((9, 24, 24), 9)
+    a = lateral_sr(vol, tiny_model, otfs, LateralSRParams(), device="cpu")
+    b = lateral_sr(vol, tiny_model, otfs, LateralSRParams(precision="bf16"), device="cpu")
+    r, nrmse = pearson_nrmse(a, b)
+    assert r > 0.99 and 0 < nrmse < 0.05
+    with pytest.raises(LateralSRError, match="CUDA"):
+        lateral_sr(vol, tiny_model, otfs, LateralSRParams(precision="fp16"), device="cpu")

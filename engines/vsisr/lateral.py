@@ -16,7 +16,8 @@ computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,16 +59,44 @@ class LateralSRParams(BaseModel):
         1, description="1: every window (each plane predicted 3× and averaged, as published); 3: each plane once."
     )
     batch_size: int = Field(8, ge=1, le=4096, description="7-plane windows per network call.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Network arithmetic for torch models: fp32 (published numbers), bf16 (CPU/GPU), fp16 (GPU)."
+    )
     wavelength_nm: float = Field(488.0, ge=300.0, le=1100.0, description="Excitation line; picks the OTF folder.")
 
 
-class TorchPredictor:
-    """Runs a torch module on batches of windows: inference mode, chosen device, channels-last on CPU."""
+Precision = Literal["fp32", "bf16", "fp16"]
 
-    def __init__(self, model: nn.Module, device: torch.device | str | None = None, channels_last: bool | None = None) -> None:
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Full float32 convolutions on CUDA for the duration of one call (PyTorch's default allows TF32)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+class TorchPredictor:
+    """Runs a torch module on batches of windows: inference mode, chosen device, channels-last on CPU.
+
+    ``precision="fp32"`` (default) keeps full float32 arithmetic, also on CUDA where PyTorch would
+    otherwise use TF32 for convolutions; ``"bf16"``/``"fp16"`` run the convolutions under autocast
+    (faster, at a measured cost: docs/benchmarks/lateral-sr.md).
+    """
+
+    def __init__(
+        self, model: nn.Module, device: torch.device | str | None = None, channels_last: bool | None = None,
+        precision: Precision = "fp32",
+    ) -> None:
         from engines.device import pick_device
 
         self.device = pick_device(str(device) if device is not None else None)
+        self.precision = precision
+        if precision == "fp16" and self.device.type != "cuda":
+            raise LateralSRError("fp16 inference needs a CUDA device; use bf16 on the CPU")
         self.model = model.to(self.device).eval()
         # channels-last lets oneDNN pick its blocked conv kernels without per-call reorders on CPU
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
@@ -75,21 +104,27 @@ class TorchPredictor:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        amp = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        # TF32 would silently drop float32 convolutions to a 10-bit mantissa on recent GPUs
+        tf32 = _no_tf32() if self.device.type == "cuda" and dtype is None else contextlib.nullcontext()
+        with torch.inference_mode(), amp, tf32:
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             if self.channels_last:
                 t = t.contiguous(memory_format=torch.channels_last)
             return self.model(t).float().cpu().numpy()
 
 
-def as_predictor(model: nn.Module | Predictor, device: torch.device | str | None = None) -> Predictor:
+def as_predictor(
+    model: nn.Module | Predictor, device: torch.device | str | None = None, precision: Precision = "fp32"
+) -> Predictor:
     """Wrap an ``nn.Module`` in :class:`TorchPredictor`; pass any other callable through.
 
     A callable (ONNX Runtime, TensorRT, …) takes ``(N, 7, H, W)`` float32 and returns ``(N, 3, 1.5H, 1.5W)``
     as a numpy array or torch tensor.
     """
     if isinstance(model, nn.Module):
-        return TorchPredictor(model, device)
+        return TorchPredictor(model, device, precision=precision)
     if callable(model):
         return model
     raise LateralSRError(f"model must be a torch nn.Module or a callable, got {type(model).__name__}")
@@ -195,7 +230,7 @@ def lateral_sr(
     dev = pick_device(str(device) if device is not None else None)
     if not isinstance(otfs, OTFSet):
         otfs = load_otfs(otfs, p.wavelength_nm)
-    predict = as_predictor(model, dev)
+    predict = as_predictor(model, dev, p.precision)
     out_h, out_w = int(ny * SCALE), int(nx * SCALE)
     recombine = Recombiner(otfs, out_h, out_w, p.otf_weight, p.wiener, p.apo_factor, dev)
 
