@@ -1,0 +1,159 @@
+"""``rllsm fuse``: step 4, fuse the two registered views into one volume (RL-DFN or classical joint RL)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _tile_arg(text: str) -> str | int:
+    if text in ("none", "auto"):
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile must be 'none', 'auto' or a number of voxels, got {text!r}") from None
+    if n <= 0 or n % 4:
+        raise argparse.ArgumentTypeError(f"--tile {n}: must be a positive multiple of 4 (the network pools twice)")
+    return n
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fuse",
+        help="fuse the two views of a stack into one isotropic volume (step 4)",
+        description="Fuse view A and view B (registered onto one grid, TIFF Z×Y×X) into one volume, either with "
+        "RL-DFN (one Richardson–Lucy step + trained network; needs --model) or by classical joint "
+        "Richardson–Lucy deconvolution (no network). Writes a float32 TIFF.",
+    )
+    p.add_argument("view_a", type=Path, metavar="VIEW_A", help="view A, TIFF (Z, Y, X)")
+    p.add_argument("view_b", type=Path, metavar="VIEW_B", help="view B, TIFF (Z, Y, X), same grid as view A")
+    p.add_argument("out", type=Path, metavar="OUT", help="output TIFF (float32)")
+    p.add_argument("--mode", choices=["rldfn", "classical"], default="rldfn",
+                   help="rldfn: trained network (default); classical: joint RL deconvolution, no weights needed")
+    p.add_argument("--model", type=Path, metavar="PATH",
+                   help="RL-DFN weights: a reference checkpoint folder (net_FA.pth, net_FB.pth, net_G.pth) or an "
+                        "rllsm .pt file")
+    p.add_argument("--psf-a", type=Path, required=True, metavar="TIF", help="PSF of view A on the views' grid")
+    p.add_argument("--psf-b", type=Path, required=True, metavar="TIF", help="PSF of view B on the views' grid")
+    p.add_argument("--tile", type=_tile_arg, default="none", metavar="none|auto|N",
+                   help="rldfn: 'none' = whole volume in one pass (default); N = tiles of N³ voxels (multiple of 4); "
+                        "'auto' = largest tile within --memory-budget")
+    p.add_argument("--overlap", type=int, default=None, metavar="N",
+                   help="rldfn: voxels shared by neighbouring tiles (default 24; rounded up to a multiple of 4)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="MiB",
+                   help="rldfn: refuse (or, with --tile auto, size tiles for) patches estimated above this memory")
+    p.add_argument("--iterations", type=int, default=10, metavar="K",
+                   help="classical: joint RL iterations (default 10); RL-DFN always does one RL step")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _read_volume(path: Path, what: str):
+    import numpy as np
+    import tifffile
+
+    from streamer.cli import CLIError
+
+    if not path.is_file():
+        raise CLIError(f"{what} file not found: {path}")
+    try:
+        arr = np.squeeze(tifffile.imread(path))
+    except Exception as err:  # tifffile raises many types for non-TIFF or truncated files
+        raise CLIError(f"{what} {path}: not a readable TIFF ({type(err).__name__}: {err})") from None
+    if arr.ndim != 3:
+        raise CLIError(f"{what} {path}: need a 3-D stack (Z, Y, X), the file holds shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def fuse_files(
+    view_a: Path,
+    view_b: Path,
+    out: Path,
+    psf_a: Path,
+    psf_b: Path,
+    mode: str = "rldfn",
+    model: Path | None = None,
+    tile: str | int = "none",
+    overlap: int | None = None,
+    memory_budget_mib: float | None = None,
+    iterations: int = 10,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Read the views and PSFs, fuse them, write ``out`` as a float32 TIFF; returns ``out``.
+
+    Raises :class:`streamer.cli.CLIError` for anything the user can fix (missing files, wrong shapes,
+    unknown checkpoint layout, memory budget too small).
+    """
+    import tifffile
+    import torch
+    from tqdm import tqdm
+
+    from engines.device import pick_device
+    from engines.rldfn.errors import FusionError
+    from streamer.cli import CLIError
+
+    if mode not in ("rldfn", "classical"):
+        raise CLIError(f"--mode must be rldfn or classical, got {mode!r}")
+    if mode == "rldfn" and model is None:
+        raise CLIError("--mode rldfn needs --model (RL-DFN weights); without weights use --mode classical")
+    try:
+        dev = pick_device(device)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    a, b = _read_volume(view_a, "view A"), _read_volume(view_b, "view B")
+    pa, pb = _read_volume(psf_a, "PSF A"), _read_volume(psf_b, "PSF B")
+    bar = tqdm(total=None, desc=f"fuse ({mode})", unit="step", disable=not progress, leave=False)
+
+    def tick(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    t0 = time.perf_counter()
+    try:
+        if mode == "classical":
+            from engines.rldfn.classical import classical_fuse
+
+            fused = classical_fuse(a, b, pa, pb, iterations=iterations, device=dev, progress=tick)
+        else:
+            from engines.rldfn.checkpoint import load_rldfn
+            from engines.rldfn.fuse import DEFAULT_OVERLAP, fuse_rldfn
+            from engines.rldfn.model import RLDFN
+
+            net = load_rldfn(model)  # type: ignore[arg-type]
+            budget = None if memory_budget_mib is None else int(memory_budget_mib * 2**20)
+            with torch.inference_mode():
+                fused = fuse_rldfn(a, b, RLDFN(net, pa, pb), tile=tile,  # type: ignore[arg-type]
+                                   overlap=DEFAULT_OVERLAP if overlap is None else overlap, device=dev,
+                                   memory_budget_bytes=budget, progress=tick)
+    except FusionError as err:
+        raise CLIError(str(err)) from None
+    finally:
+        bar.close()
+    log.info("fused %s in %.2f s on %s", "×".join(map(str, fused.shape)), time.perf_counter() - t0, dev)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(out, fused, metadata={"axes": "ZYX"})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from streamer.cli import CLIError
+
+    if args.mode == "classical" and (args.tile != "none" or args.overlap is not None or args.model is not None):
+        raise CLIError("--tile, --overlap and --model apply to --mode rldfn only")
+    if args.iterations < 1:
+        raise CLIError(f"--iterations must be ≥ 1, got {args.iterations}")
+    if args.tile == "auto" and args.memory_budget is None:
+        raise CLIError("--tile auto needs --memory-budget MiB")
+    out = fuse_files(args.view_a, args.view_b, args.out, args.psf_a, args.psf_b, mode=args.mode, model=args.model,
+                     tile=args.tile, overlap=args.overlap, memory_budget_mib=args.memory_budget,
+                     iterations=args.iterations, device=args.device, progress=not args.no_progress)
+    print(out)
+    return 0
