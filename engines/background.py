@@ -262,12 +262,17 @@ def band_masks(
 
     nz, nv, nu = shape
     f64 = torch.float64
-    z = torch.arange(nz, dtype=f64, device=device)[:, None, None] - (nz - 1) / 2.0
-    v = torch.arange(nv, dtype=f64, device=device)[None, :, None] - (nv - 1) / 2.0
-    u = torch.arange(nu, dtype=f64, device=device)[None, None, :]
     ta = math.tan(math.radians(fit.tilt_deg))
-    # Signed distance across the (tilted) band, in px, computed in float64 then stored in float32.
-    d = ((u - fit.position_px - ta * v - fit.drift_px_per_plane * z) * math.cos(math.radians(fit.tilt_deg))).float()
+    ct = math.cos(math.radians(fit.tilt_deg))
+    # Signed distance across the (tilted, drifting) band in px: one float64 term per axis, summed in float32
+    # (the full float64 volume would cost more than the masks themselves).
+    z = torch.arange(nz, dtype=f64, device=device) - (nz - 1) / 2.0
+    v = torch.arange(nv, dtype=f64, device=device) - (nv - 1) / 2.0
+    u = torch.arange(nu, dtype=f64, device=device)
+    dz_term = (-fit.drift_px_per_plane * ct * z).float()[:, None, None]
+    dv_term = (-ta * ct * v).float()[None, :, None]
+    du_term = ((u - fit.position_px) * ct).float()[None, None, :]
+    d = du_term + dv_term + dz_term
     sa = params.gs_window_px
     sb = params.gs_window_px * params.scale_factor
     w = params.sigma_weight

@@ -271,14 +271,15 @@ def _shear(
         t_idx = torch.from_numpy(idx).to(dev)
         t_w = torch.from_numpy(w).to(dev)
         t_ok = torch.from_numpy(ok).to(dev)
-        zi = torch.arange(nz, device=dev)[:, None, None]
-        yi = torch.arange(ny, device=dev)[None, :, None]
-        out = torch.zeros((nz, ny, n_out), dtype=torch.float32, device=dev)
-        # One gather per tap over the whole volume; broadcasting the (nz, 1, n_out) index over rows keeps
-        # the index arrays small while every plane gets its own shift.
+        out: torch.Tensor | None = None
+        # One gather per tap over the whole volume. The (nz, 1, n_out) index is expanded over rows as a
+        # stride-0 view, so every plane gets its own shift without materialising a full-size index array.
         for k in range(idx.shape[0]):
-            out += t_in[zi, yi, t_idx[k][:, None, :]] * t_w[k][:, None, :]
-        out = torch.where(t_ok[:, None, :], out, torch.tensor(float(pad), dtype=torch.float32, device=dev))
+            tap = t_in.gather(2, t_idx[k][:, None, :].expand(nz, ny, n_out))
+            wk = t_w[k][:, None, :]
+            out = tap.mul_(wk) if out is None else out.addcmul_(tap, wk)
+        assert out is not None
+        out.masked_fill_(~t_ok[:, None, :], float(pad))
         res = out.cpu().numpy()
     if skew_axis == "y":
         res = np.ascontiguousarray(np.swapaxes(res, 1, 2))

@@ -156,9 +156,8 @@ def _vertex(ym: float, y0: float, yp: float) -> tuple[float, float]:
     return d, float(y0 - 0.25 * (ym - yp) * d)
 
 
-def cut_views(rotated: np.ndarray, offset: float, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """View A below the mirror, view B above it flipped along z; common depth, far → near the mirror."""
-    nz = rotated.shape[0]
+def view_indices(nz: int, offset: float, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slices of view A and (mirrored, in the same order) view B in a rotated volume of ``nz`` planes."""
     k = int(round(nz - 1 + offset))  # index sum of mirror pairs: z_B = k − z_A
     m = k / 2.0
     z_hi = int(math.ceil(m)) - 1  # last slice strictly below the mirror (the mirror slice itself is dropped)
@@ -166,7 +165,13 @@ def cut_views(rotated: np.ndarray, offset: float, max_depth: int) -> tuple[np.nd
     if depth < 1:
         raise ViewsError(f"mirror at slice {m} of {nz} leaves no room for two views")
     a_idx = np.arange(z_hi - depth + 1, z_hi + 1)
-    return rotated[a_idx], rotated[k - a_idx]
+    return a_idx, k - a_idx
+
+
+def cut_views(rotated: np.ndarray, offset: float, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """View A below the mirror, view B above it flipped along z; common depth, far → near the mirror."""
+    a_idx, b_idx = view_indices(rotated.shape[0], offset, max_depth)
+    return rotated[a_idx], rotated[b_idx]
 
 
 def split_views(
@@ -247,17 +252,23 @@ def split_views(
         )
         # The y correction was found on the x-corrected volume, so it is applied last.
         rot = rot_y(dy) @ rot
+    n_rot = rotated.shape[0]
+    a_idx, b_idx = view_indices(n_rot, offset, params.max_depth)
     if ax != 0 or dy != 0:
-        rotated = rotate_volume(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, device=dev)
-    view_a, view_b = cut_views(rotated, offset, params.max_depth)
+        # Only the planes the views keep are resampled again.
+        lo, hi = int(a_idx.min()), int(b_idx.max()) + 1
+        part = rotate_volume(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, device=dev, z_slices=(lo, hi))
+        view_a, view_b = part[a_idx - lo], part[b_idx - lo]
+    else:
+        view_a, view_b = rotated[a_idx], rotated[b_idx]
     report = ViewsReport(
         angle_y_deg=params.angle_deg + dy,
         angle_y_correction_deg=dy,
         angle_x_deg=ax,
-        split_index=(rotated.shape[0] - 1 + offset) / 2.0,
+        split_index=(n_rot - 1 + offset) / 2.0,
         split_offset=offset,
         depth=view_a.shape[0],
-        rotated_shape=tuple(int(s) for s in rotated.shape),  # type: ignore[arg-type]
+        rotated_shape=(n_rot, int(rotated.shape[1]), int(rotated.shape[2])),
         voxel_um=float(dx_um),
         score=score,
     )
