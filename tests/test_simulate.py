@@ -261,3 +261,31 @@ def test_step1_and_step3_find_the_true_mirror_plane_on_filaments() -> None:
     assert abs(vr.split_index - true_split) < 1.0
     # the two views show the same filaments: strongly correlated once B is flipped
     assert np.corrcoef(view_a.ravel(), view_b.ravel())[0, 1] > 0.6
+
+
+def _direct_same_convolution(img: np.ndarray, ker: np.ndarray) -> np.ndarray:
+    from scipy.signal import convolve
+
+    return convolve(img.astype(np.float64), ker.astype(np.float64), mode="same", method="direct")
+
+
+def test_fft_convolver_is_the_linear_same_size_convolution() -> None:
+    from engines.simulate.optics import FFTConvolver
+
+    rng = np.random.default_rng(0)
+    img = rng.random((9, 12, 20)).astype(np.float32)
+    ker = rng.random((5, 3, 7)).astype(np.float32)  # asymmetric: catches a flipped or shifted kernel
+    out = FFTConvolver(ker, img.shape)(img)
+    assert np.allclose(out, _direct_same_convolution(img, ker), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_fft_convolver_cuda_matches_cpu() -> None:
+    from engines.simulate.optics import FFTConvolver
+
+    rng = np.random.default_rng(1)
+    img = rng.random((33, 64, 96)).astype(np.float32)
+    ker = rng.random((11, 9, 21)).astype(np.float32)
+    cpu = FFTConvolver(ker, img.shape)(img)
+    gpu = FFTConvolver(ker, img.shape, device="cuda")(img)
+    assert np.allclose(gpu, cpu, rtol=1e-4, atol=1e-3 * float(cpu.max()))
