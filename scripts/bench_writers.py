@@ -30,11 +30,11 @@ def synthetic_volumes(shape: tuple[int, int, int], n: int, seed: int = 0) -> lis
     return [rng.poisson(base).astype(np.uint16) for _ in range(n)]
 
 
-def w_rllsm_zarr(vols: list[np.ndarray], out: Path) -> None:
+def w_rllsm_zarr(vols: list[np.ndarray], out: Path, backend: str = "zarr-python") -> None:
     from streamer.sinks import OmeZarrConfig, VolumeIndex, VolumeMeta
     from streamer.sinks.zarr_sink import OmeZarrSink
 
-    sink = OmeZarrSink(OmeZarrConfig(path=out, overwrite=True))
+    sink = OmeZarrSink(OmeZarrConfig(path=out, overwrite=True, backend=backend))
     sink.setup(VolumeMeta(acquisition_id="bench", shape=vols[0].shape, dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1),
                           n_timepoints=len(vols)))
     for t, v in enumerate(vols):
@@ -43,11 +43,12 @@ def w_rllsm_zarr(vols: list[np.ndarray], out: Path) -> None:
 
 
 def w_rllsm_zarr_threaded(vols: list[np.ndarray], out: Path) -> None:
-    """Our sink behind the writer thread, as the service runs it (append returns at once; close waits)."""
+    """Our sink (tensorstore backend) behind the writer thread, as the service runs it (close waits for all)."""
     from streamer.sinks import OmeZarrConfig, ThreadedSink, VolumeIndex, VolumeMeta
     from streamer.sinks.zarr_sink import OmeZarrSink
 
-    sink = ThreadedSink(OmeZarrSink(OmeZarrConfig(path=out, overwrite=True)), queue_size=len(vols), on_full="block")
+    sink = ThreadedSink(OmeZarrSink(OmeZarrConfig(path=out, overwrite=True, backend="tensorstore")),
+                        queue_size=len(vols), on_full="block")
     sink.setup(VolumeMeta(acquisition_id="bench", shape=vols[0].shape, dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1),
                           n_timepoints=len(vols)))
     for t, v in enumerate(vols):
@@ -111,7 +112,8 @@ def w_acquire_zarr(vols: list[np.ndarray], out: Path) -> None:
 
 WRITERS: dict[str, Callable[[list[np.ndarray], Path], None]] = {
     "zarr-python (rllsm OmeZarrSink)": w_rllsm_zarr,
-    "zarr-python + writer thread": w_rllsm_zarr_threaded,
+    "tensorstore (rllsm OmeZarrSink)": lambda v, o: w_rllsm_zarr(v, o, "tensorstore"),
+    "tensorstore + writer thread": w_rllsm_zarr_threaded,
     "ome-writers": w_ome_writers,
     "acquire-zarr": w_acquire_zarr,
     "tifffile (rllsm OmeTiffSink)": w_rllsm_tiff,

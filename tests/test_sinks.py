@@ -41,13 +41,14 @@ def volume(t: int, c: int = 0, dtype: str = "uint16") -> np.ndarray:
 
 
 def make_config(kind: str, tmp_path: Path, **kw):
-    if kind == "zarr":
-        return OmeZarrConfig(path=tmp_path / "run.ome.zarr", **kw)
+    if kind.startswith("zarr"):
+        backend = kind.removeprefix("zarr-") if "-" in kind else "zarr-python"
+        return OmeZarrConfig(path=tmp_path / "run.ome.zarr", backend=backend, **kw)
     return OmeTiffConfig(directory=tmp_path / "tiffs", **kw)
 
 
 def read_back(kind: str, tmp_path: Path, m: VolumeMeta, index: VolumeIndex) -> np.ndarray | None:
-    if kind == "zarr":
+    if kind.startswith("zarr"):
         arr = zarr.open_group(tmp_path / "run.ome.zarr", mode="r")["0"]
         return None if index.timepoint >= arr.shape[0] else arr[index.timepoint, index.channel]
     p = tmp_path / "tiffs" / tiff_name(m.acquisition_id, index)
@@ -56,7 +57,8 @@ def read_back(kind: str, tmp_path: Path, m: VolumeMeta, index: VolumeIndex) -> n
 
 # --- the contract every disk sink keeps -------------------------------------------------------------------------
 
-KINDS = ["zarr", "tiff"]
+KINDS = ["zarr", "zarr-tensorstore", "tiff"]
+ZARR_BACKENDS = ["zarr-python", "tensorstore"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -112,7 +114,7 @@ def test_existing_output_is_not_overwritten_unless_asked(kind: str, tmp_path: Pa
 def test_unwritable_location_fails_at_setup(kind: str, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the output folder should be")
-    cfg = (OmeZarrConfig(path=blocker / "run.ome.zarr") if kind == "zarr"
+    cfg = (OmeZarrConfig(path=blocker / "run.ome.zarr") if kind.startswith("zarr")
            else OmeTiffConfig(directory=blocker / "tiffs"))
     with pytest.raises(SinkSetupError, match="cannot create"):
         open_sink(cfg).setup(meta())
@@ -128,10 +130,12 @@ def test_bad_geometry_is_refused() -> None:
 # --- OME-Zarr: NGFF 0.5 that napari-ome-zarr and Fiji's readers understand ---------------------------------------
 
 
-def test_zarr_ngff05_metadata(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ZARR_BACKENDS)
+def test_zarr_ngff05_metadata(tmp_path: Path, backend: str) -> None:
     m = meta(channels=("488", "560"))
-    sink = open_sink(OmeZarrConfig(path=tmp_path / "run.ome.zarr", compression=ZarrCompression.lz4))
+    sink = open_sink(OmeZarrConfig(path=tmp_path / "run.ome.zarr", compression=ZarrCompression.lz4, backend=backend))
     sink.setup(m)
+    assert sink.backend == backend
     for t in range(2):
         for c in range(2):
             sink.append(volume(t, c), VolumeIndex(t, c))
@@ -168,8 +172,10 @@ def test_zarr_ngff05_metadata(tmp_path: Path) -> None:
     assert prov["metadata"]["Camera"] == "Orca"
 
 
-def test_zarr_grows_along_t_and_trims_at_close(tmp_path: Path) -> None:
-    sink = open_sink(OmeZarrConfig(path=tmp_path / "run.ome.zarr", shard=False, chunk_zyx=(3, 8, 8)))
+@pytest.mark.parametrize("backend", ZARR_BACKENDS)
+@pytest.mark.parametrize("shard", [False, True])
+def test_zarr_grows_along_t_and_trims_at_close(tmp_path: Path, backend: str, shard: bool) -> None:
+    sink = open_sink(OmeZarrConfig(path=tmp_path / "run.ome.zarr", shard=shard, chunk_zyx=(3, 8, 8), backend=backend))
     sink.setup(meta(n_timepoints=None))
     for t in range(5):
         sink.append(volume(t), VolumeIndex(t))

@@ -136,11 +136,11 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     from streamer.sinks import OmeZarrConfig, SinkFailed, SinkWriteError, ThreadedSink, VolumeIndex, VolumeMeta, open_sink
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
-    out = sys.argv[1]
+    out, backend = sys.argv[1], sys.argv[2]
     m = VolumeMeta(acquisition_id="run-1", shape=(4, 64, 64), dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1))
     told = threading.Event()
     errors = []
-    sink = ThreadedSink(open_sink(OmeZarrConfig(path=out)), queue_size=2, critical=True,
+    sink = ThreadedSink(open_sink(OmeZarrConfig(path=out, backend=backend)), queue_size=2, critical=True,
                         on_error=lambda e: (errors.append(e), told.set()))
     sink.setup(m)
     sink.append(np.ones(m.shape, np.uint16), VolumeIndex(0))
@@ -164,9 +164,10 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_disk_error_stops_critical_writer_and_tells_caller(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["zarr-python", "tensorstore"])
+def test_disk_error_stops_critical_writer_and_tells_caller(tmp_path: Path, backend: str) -> None:
     out = tmp_path / "r.ome.zarr"
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(out), backend], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]

@@ -40,6 +40,10 @@ class OmeZarrConfig(_Base):
     )
     shard: bool = Field(True, description="Group the chunks of one volume into one shard file (fewer, larger files).")
     compression: ZarrCompression = ZarrCompression.none
+    backend: Literal["auto", "tensorstore", "zarr-python"] = Field(
+        "auto", description="Who writes the chunks: tensorstore when installed (faster, see docs/benchmarks/"
+        "writers.md), else zarr-python. Metadata is the same either way.",
+    )
     queue_size: int = Field(4, ge=1, le=1024, description="Volumes that may wait for the disk before one is dropped.")
 
     @field_validator("chunk_zyx")

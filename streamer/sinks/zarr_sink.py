@@ -8,10 +8,10 @@ timepoints is unknown the array grows along t as volumes arrive (a metadata-only
 Volumes that never arrive are listed under ``attributes.rllsm.skipped`` with their reason; their chunks stay absent
 (the fill value 0), so a viewer shows them as empty rather than as stale data.
 
-Why zarr-python: it is already a dependency, lets us write the NGFF 0.5 document ourselves and accepts volumes that
-arrive out of order (ome-writers and acquire-zarr are append-in-order streams). It is *not* the fastest here:
-docs/benchmarks/writers.md measured ome-writers (tensorstore backend) 3.2× faster on this 2-core container
-(0.98 vs 0.30 GB/s); a tensorstore-backed variant of this sink is the obvious next step.
+Why this design (measured in docs/benchmarks/writers.md): zarr-python creates the group, the array and the NGFF 0.5
+document (so we control the metadata and accept volumes that finish out of order, which the in-order streams of
+ome-writers and acquire-zarr do not); the chunk data are written by tensorstore when it is installed (2.5× zarr-python
+on the 2-core container, on par with ome-writers, which uses tensorstore too), else by zarr-python.
 """
 
 from __future__ import annotations
@@ -104,6 +104,22 @@ def _codecs(cfg: OmeZarrConfig) -> Any:
     return ZstdCodec(level=1)
 
 
+_TS_ERRNO = {"No space left": "disk full", "File too large": "file larger than this system or its limits allow",
+             "Permission denied": "no permission", "No such file": "folder no longer exists",
+             "Read-only file system": "read-only file system", "Disk quota": "disk quota exceeded"}
+
+
+def describe_error(err: BaseException) -> str:
+    """:func:`describe_os_error` for OSError; for tensorstore's ValueError, the same words found in its text."""
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    text = str(err)
+    for needle, what in _TS_ERRNO.items():
+        if needle in text:
+            return f"{what} ({text})"
+    return text
+
+
 def default_chunks(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """Chunks of ≤ 64×256×256: small enough for a viewer to fetch a plane, large enough to write fast."""
     z, y, x = shape
@@ -130,6 +146,7 @@ class OmeZarrSink:
         self._n_t = 0
         self._last_t = -1
         self._closed = False
+        self._ts: Any = None
         self._range: dict[int, tuple[float, float]] = {}
 
     def setup(self, meta: VolumeMeta) -> None:
@@ -161,16 +178,53 @@ class OmeZarrSink:
                 fill_value=0, dimension_names=list(AXES), compressors=_codecs(self.config),
             )
             if self.config.shard:
-                kwargs.update(chunks=(1, 1, *chunks), shards=(1, 1, z, y, x))
+                # one shard holds a whole volume; it must be a whole number of chunks, so it may overhang the edge
+                shard = tuple(-(-s // c) * c for s, c in zip(meta.shape, chunks))
+                kwargs.update(chunks=(1, 1, *chunks), shards=(1, 1, *shard))
             else:
                 kwargs.update(chunks=(1, 1, *chunks))
             self._array = group.create_array(**kwargs)
             group.attrs.update({"ome": ngff_attributes(meta), "rllsm": self._provenance(meta)})
-        except OSError as err:
-            raise SinkSetupError(f"{self.name}: cannot create {p}: {describe_os_error(err)}") from err
+            self._ts = self._open_tensorstore(p / "0") if self._use_tensorstore() else None
+        except (OSError, ValueError) as err:
+            raise SinkSetupError(f"{self.name}: cannot create {p}: {describe_error(err)}") from err
         self._group = group
         self._meta = meta
         self._n_t = n_t
+
+    def _use_tensorstore(self) -> bool:
+        if self.config.backend == "zarr-python":
+            return False
+        try:
+            import tensorstore  # noqa: F401
+        except ImportError:
+            if self.config.backend == "tensorstore":
+                raise SinkSetupError(f"{self.name}: backend 'tensorstore' asked for, but the tensorstore package is "
+                                     "not installed (pip install tensorstore)") from None
+            return False
+        return True
+
+    @staticmethod
+    def _open_tensorstore(path: Path) -> Any:
+        # zarr-python created the array (same metadata, codecs and shards either way); tensorstore only writes
+        # chunks, in C++ threads without the GIL
+        import tensorstore as ts
+
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+        return ts.open(spec, open=True, write=True).result()
+
+    @property
+    def backend(self) -> str:
+        """The library that writes the chunks: ``"tensorstore"`` or ``"zarr-python"``."""
+        return "tensorstore" if self._ts is not None else "zarr-python"
+
+    def _resize(self, n_t: int) -> None:
+        if self._ts is not None:
+            self._ts = self._ts.resize(exclusive_max=[n_t, None, None, None, None], resize_metadata_only=True,
+                                       shrink_only=n_t < self._ts.shape[0], expand_only=n_t > self._ts.shape[0]
+                                       ).result()
+        else:
+            self._array.resize((n_t, *self._array.shape[1:]))
 
     def _provenance(self, meta: VolumeMeta) -> dict[str, Any]:
         return {
@@ -197,11 +251,14 @@ class OmeZarrSink:
             if index.timepoint >= self._n_t:
                 # grow geometrically so an open-ended acquisition rewrites zarr.json O(log T) times, not T times
                 self._n_t = max(index.timepoint + 1, 2 * self._n_t)
-                self._array.resize((self._n_t, *self._array.shape[1:]))
-            self._array[index.timepoint, index.channel] = volume
-        except OSError as err:
+                self._resize(self._n_t)
+            if self._ts is not None:
+                self._ts[index.timepoint, index.channel].write(volume).result()
+            else:
+                self._array[index.timepoint, index.channel] = volume
+        except (OSError, ValueError) as err:  # tensorstore reports I/O failures as ValueError with the OS text
             self.stats.errors += 1
-            msg = f"{self.name}: {describe_os_error(err)} while writing {index.label()} to {self.path}"
+            msg = f"{self.name}: {describe_error(err)} while writing {index.label()} to {self.path}"
             self.stats.last_error = msg
             raise SinkWriteError(msg, index=index, cause=err) from err
         self._last_t = max(self._last_t, index.timepoint)
@@ -225,11 +282,11 @@ class OmeZarrSink:
         try:
             last = max([self._last_t] + [i.timepoint for i in self.stats.skipped])
             if meta.n_timepoints is None and last + 1 != self._n_t:
-                self._array.resize((max(last + 1, 1), *self._array.shape[1:]))
+                self._resize(max(last + 1, 1))
             self._group.attrs.update({"ome": ngff_attributes(meta, window=self._range), "rllsm": self._provenance(meta)})
-        except OSError as err:
+        except (OSError, ValueError) as err:
             self.stats.errors += 1
-            raise SinkWriteError(f"{self.name}: {describe_os_error(err)} while finishing {self.path}", cause=err) \
+            raise SinkWriteError(f"{self.name}: {describe_error(err)} while finishing {self.path}", cause=err) \
                 from err
         log.info("%s: wrote %d volumes to %s (%d skipped)", self.name, self.stats.written, self.path,
                  len(self.stats.skipped))
