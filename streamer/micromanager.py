@@ -19,7 +19,8 @@ Indices come from the metadata these libraries really deliver:
   ``Height``, ``PixelType`` (``GRAY8``/``GRAY16``/``GRAY32``) and ``PixelSizeUm``; the number of planes per stack is not
   in a frame's metadata, so it is given to the hook.
 * pymmcore-plus: ``event.index = {"t", "z", "c"}``, sizes from ``event.sequence.sizes``, channel names from
-  ``event.sequence.channels``, and ``meta["pixel_size_um"]``, ``meta["camera_device"]``, ``meta["exposure_ms"]``.
+  ``event.sequence.channels``, the stage step from ``event.sequence.z_plan.step``, and ``meta["pixel_size_um"]``,
+  ``meta["camera_device"]``, ``meta["exposure_ms"]``.
 """
 
 from __future__ import annotations
@@ -74,15 +75,19 @@ class _Forwarder:
         else:
             self.frames_dropped += 1
 
-    def _optics(self, pixel_size_um: Any) -> OpticsConfig:
+    def _optics(self, pixel_size_um: Any, stage_step_um: Any = None) -> OpticsConfig:
         if self.optics is not None:
             return self.optics
-        try:
-            px = float(pixel_size_um)
-        except (TypeError, ValueError):
-            px = 0.0
-        # Micro-Manager reports 0 when no pixel-size configuration is defined; keep our default then
-        return OpticsConfig(pixel_size_um=px) if 0.01 < px <= 2.0 else OpticsConfig()
+        fields: dict[str, float] = {}
+        for name, value, lo, hi in (("pixel_size_um", pixel_size_um, 0.01, 2.0), ("stage_step_um", stage_step_um, 0, 10)):
+            try:
+                v = abs(float(value))
+            except (TypeError, ValueError):
+                continue
+            # Micro-Manager reports 0 when no pixel-size configuration is defined; keep our default then
+            if lo < v <= hi:
+                fields[name] = v
+        return OpticsConfig(**fields)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this hook plus its sender's."""
@@ -199,7 +204,9 @@ class PymmcorePlusHandler(_Forwarder):
             channels = tuple(ch.config for ch in seq.channels) if seq is not None and seq.channels else None
             if channels is None and event.channel is not None:
                 channels = (event.channel.config,)
-            start = dict(optics=self._optics(meta.get("pixel_size_um")), z_count=z_count,
+            # in a sample-scan light-sheet acquisition the z step of the sequence is the stage step between planes
+            z_step = getattr(getattr(seq, "z_plan", None), "step", None)
+            start = dict(optics=self._optics(meta.get("pixel_size_um"), z_step), z_count=z_count,
                          frame_shape=tuple(img.shape[:2]), dtype=img.dtype.name, n_timepoints=n_t,
                          channels=channels or ("0",),
                          metadata={k: meta[k] for k in ("camera_device", "exposure_ms") if k in meta})

@@ -156,3 +156,114 @@ def test_pymmcore_plus_handler_with_real_mda_events() -> None:
     end = msgs[-1][0]
     assert end.kind == "acquisition_end" and end.n_messages == 1 + len(images)
     assert handler.errors == 0 and handler.frames_forwarded == 6
+
+
+def _unicore_with_python_devices(px_um: float = 0.104):
+    """A real pymmcore-plus core (UniMMCore) with pure-Python camera, focus stage and shutter.
+
+    Micro-Manager's C++ demo adapters need ``mmcore install`` (a download from micro-manager.org, not reachable here);
+    UniMMCore runs the real MDA engine and runner over Python devices instead.
+    """
+    unicore = pytest.importorskip("pymmcore_plus.experimental.unicore", reason="pymmcore-plus without unicore")
+
+    class Camera(unicore.SimpleCameraDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+            self.exposure = 1.0
+
+        def get_exposure(self) -> float:
+            return self.exposure
+
+        def set_exposure(self, exposure: float) -> None:
+            self.exposure = exposure
+
+        def sensor_shape(self) -> tuple[int, int]:
+            return (32, 48)
+
+        def dtype(self):
+            return np.uint16
+
+        def snap(self, buffer: np.ndarray) -> dict:
+            buffer[:] = self.n  # frame k is filled with k, so the receiver can check order and content
+            self.n += 1
+            return {}
+
+    class Focus(unicore.StageDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = 0.0
+
+        def home(self) -> None: ...
+
+        def stop(self) -> None: ...
+
+        def set_origin(self) -> None: ...
+
+        def set_position_um(self, val: float) -> None:
+            self.pos = val
+
+        def get_position_um(self) -> float:
+            return self.pos
+
+    class Shutter(unicore.ShutterDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self.state = False
+
+        def get_open(self) -> bool:
+            return self.state
+
+        def set_open(self, open: bool) -> None:
+            self.state = open
+
+    core = unicore.UniMMCore()
+    for label, dev, setter in (("Cam", Camera(), core.setCameraDevice), ("Z", Focus(), core.setFocusDevice),
+                               ("Shutter", Shutter(), core.setShutterDevice)):
+        core.loadPyDevice(label, dev)
+        core.initializeDevice(label)
+        setter(label)
+    core.definePixelSizeConfig("px")
+    core.setPixelSizeUm("px", px_um)
+    core.setPixelSizeConfig("px")
+    return core
+
+
+def test_pymmcore_plus_real_in_process_acquisition() -> None:
+    core = _unicore_with_python_devices()
+    rx = Receiver()
+    try:
+        handler = PymmcorePlusHandler(sender=rx.connected_sender())
+        core.mda.events.frameReady.connect(handler.frameReady)
+        core.mda.events.sequenceFinished.connect(handler.sequenceFinished)
+        seq = useq.MDASequence(time_plan={"interval": 0, "loops": 2}, z_plan={"range": 0.6, "step": 0.3},
+                               axis_order="tz")
+        core.mda.run(seq)  # blocking run in this thread: the real runner, engine and signals
+        msgs = rx.take(1 + 6 + 1)
+    finally:
+        rx.close()
+    start = msgs[0][0]
+    assert (start.z_count, start.n_timepoints, start.frame_shape, start.dtype) == (3, 2, (32, 48), "uint16")
+    assert start.optics.pixel_size_um == pytest.approx(0.104)
+    assert start.optics.stage_step_um == pytest.approx(0.3)
+    assert start.metadata["camera_device"] == "Cam"
+    for k, (head, arr) in enumerate(msgs[1:7]):
+        assert (head.timepoint, head.z_index, head.z_count) == (k // 3, k % 3, 3)
+        assert (arr == k).all()
+    assert msgs[7][0].kind == "acquisition_end" and msgs[7][0].reason == "complete"
+    assert handler.stats()["forwarded"] == 6 and handler.errors == 0
+
+
+def test_pymmcore_plus_acquisition_completes_with_service_down(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="streamer")
+    core = _unicore_with_python_devices()
+    handler = PymmcorePlusHandler(endpoint=f"tcp://127.0.0.1:{free_port()}")
+    got: list[int] = []
+    core.mda.events.frameReady.connect(handler.frameReady)
+    core.mda.events.frameReady.connect(lambda img, event, meta: got.append(int(img[0, 0])))
+    seq = useq.MDASequence(time_plan={"interval": 0, "loops": 5}, z_plan={"range": 0.8, "step": 0.2})
+    core.mda.run(seq)
+    handler.finish()
+    assert got == list(range(25))  # the microscope acquired every frame; other listeners saw them all
+    assert handler.frames_seen == 25 and handler.frames_dropped == 25 and handler.errors == 0
+    assert len([r for r in caplog.records if "not taking frames" in r.getMessage()]) == 1

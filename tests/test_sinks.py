@@ -6,6 +6,8 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import importlib.util
+
 import numpy as np
 import pytest
 import tifffile
@@ -24,6 +26,8 @@ from streamer.sinks import (
 )
 from streamer.sinks.tiff_sink import tiff_name
 
+HAS_TS = importlib.util.find_spec("tensorstore") is not None
+TS = pytest.param("tensorstore", marks=pytest.mark.skipif(not HAS_TS, reason="tensorstore not installed"))
 SHAPE = (6, 20, 24)
 VOXEL = (0.1032, 0.0926, 0.0926)
 
@@ -57,8 +61,8 @@ def read_back(kind: str, tmp_path: Path, m: VolumeMeta, index: VolumeIndex) -> n
 
 # --- the contract every disk sink keeps -------------------------------------------------------------------------
 
-KINDS = ["zarr", "zarr-tensorstore", "tiff"]
-ZARR_BACKENDS = ["zarr-python", "tensorstore"]
+KINDS = ["zarr", pytest.param("zarr-tensorstore", marks=TS.marks), "tiff"]
+ZARR_BACKENDS = ["zarr-python", TS]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -9,6 +9,8 @@ import textwrap
 import threading
 from pathlib import Path
 
+import importlib.util
+
 import numpy as np
 import pytest
 import zarr
@@ -26,6 +28,8 @@ from streamer.sinks import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+HAS_TS = importlib.util.find_spec("tensorstore") is not None
+TS = pytest.param("tensorstore", marks=pytest.mark.skipif(not HAS_TS, reason="tensorstore not installed"))
 SHAPE = (4, 16, 16)
 
 
@@ -164,7 +168,7 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend", ["zarr-python", "tensorstore"])
+@pytest.mark.parametrize("backend", ["zarr-python", TS])
 def test_disk_error_stops_critical_writer_and_tells_caller(tmp_path: Path, backend: str) -> None:
     out = tmp_path / "r.ome.zarr"
     proc = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(out), backend], capture_output=True, text=True,
