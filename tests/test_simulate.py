@@ -289,3 +289,17 @@ def test_fft_convolver_cuda_matches_cpu() -> None:
     cpu = FFTConvolver(ker, img.shape)(img)
     gpu = FFTConvolver(ker, img.shape, device="cuda")(img)
     assert np.allclose(gpu, cpu, rtol=1e-4, atol=1e-3 * float(cpu.max()))
+
+
+def test_fft_convolver_extended_is_the_valid_convolution() -> None:
+    from scipy.signal import convolve
+
+    from engines.simulate.optics import FFTConvolver
+
+    rng = np.random.default_rng(2)
+    ker = rng.random((5, 3, 7)).astype(np.float32)
+    conv = FFTConvolver(ker, (9, 12, 20))
+    src = rng.random(conv.extended_shape).astype(np.float32)
+    expect = convolve(src.astype(np.float64), ker.astype(np.float64), mode="valid", method="direct")
+    assert expect.shape == (9, 12, 20)
+    assert np.allclose(conv.extended(src), expect, rtol=1e-4, atol=1e-4)

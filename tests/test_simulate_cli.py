@@ -117,7 +117,7 @@ def test_stream_per_stack_from_the_function(pull) -> None:
     assert [h.timepoint for h, _ in stacks] == [0, 1, 2]
     assert all(a.shape == SHAPE and a.dtype == np.uint16 for _, a in stacks)
     assert msgs[-1][0].n_messages == 4 and result == {"acquisition_id": "sim-test-1", "sent": 5, "dropped": 0,
-                                                      "late": 0}
+                                                      "late": 0, "start_retries": 0}
 
 
 def test_stream_with_the_non_blocking_sender(pull) -> None:
@@ -133,7 +133,9 @@ def test_stream_with_the_non_blocking_sender(pull) -> None:
     frames = [h for h, _ in msgs if isinstance(h, wire.Frame)]
     # a receiver that keeps up loses nothing; whatever was dropped is counted and matches the gap
     assert len(frames) + result["dropped"] == SHAPE[0]
-    assert msgs[-1][0].n_messages == SHAPE[0] + 1
+    # the sender numbers refused start attempts too: n_messages counts them
+    assert msgs[-1][0].n_messages == SHAPE[0] + 1 + result["start_retries"]
+    assert msgs[0][0].seq == result["start_retries"]
 
 
 def test_nothing_listening_is_a_clear_error(capsys) -> None:

@@ -121,9 +121,11 @@ class Microscope:
         return self._scale
 
     def _sample_image(self, timepoint: int) -> np.ndarray:
-        g = self.geometry
         idx, w = self.emitters(timepoint)
-        img = self.convolver(splat((g.nz, g.ny, g.nx), idx, w))
+        conv = self.convolver
+        # Emitters just outside the field or the scanned planes still blur into it: render on a grid
+        # extended by the kernel's reach and keep the part the camera sees.
+        img = conv.extended(splat(conv.extended_shape, idx + np.array(conv.margins), w))
         np.maximum(img, 0.0, out=img)  # FFT round-off leaves tiny negatives where there is no light
         return img
 

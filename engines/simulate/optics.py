@@ -164,11 +164,35 @@ class FFTConvolver:
                 return
         self.spectrum = sfft.rfftn(kernel.astype(np.float32), s=self.fshape, workers=self.workers)
 
+    @property
+    def margins(self) -> tuple[int, int, int]:
+        """Half kernel sizes: how far outside the output grid a source still reaches into it."""
+        return tuple(k // 2 for k in self.kshape)  # type: ignore[return-value]
+
+    @property
+    def extended_shape(self) -> tuple[int, int, int]:
+        """Shape of the source grid for :meth:`extended`: the output grid plus the margins on every side."""
+        return tuple(n + k - 1 for n, k in zip(self.shape, self.kshape))  # type: ignore[return-value]
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        """``same``-size convolution: sources outside ``image`` are taken as zero."""
         if image.shape != self.shape:
             raise SimulationError(f"image shape {image.shape} differs from the convolver's {self.shape}")
         c = [k // 2 for k in self.kshape]
-        crop = tuple(slice(ci, ci + n) for ci, n in zip(c, self.shape))
+        return self._run(image, tuple(slice(ci, ci + n) for ci, n in zip(c, self.shape)))
+
+    def extended(self, sources: np.ndarray) -> np.ndarray:
+        """The output grid's image of sources on :attr:`extended_shape` (``valid`` convolution).
+
+        Sources in the margins (outside the field or the scanned planes) still blur into it, as on a real
+        camera. The circular FFT of the same size is exact here: wrap-around only touches outputs the
+        ``valid`` crop discards.
+        """
+        if sources.shape != self.extended_shape:
+            raise SimulationError(f"source grid {sources.shape} differs from the convolver's {self.extended_shape}")
+        return self._run(sources, tuple(slice(k - 1, k - 1 + n) for k, n in zip(self.kshape, self.shape)))
+
+    def _run(self, image: np.ndarray, crop: tuple[slice, ...]) -> np.ndarray:
         if self.device is not None:
             import torch
 

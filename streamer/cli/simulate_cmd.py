@@ -245,7 +245,10 @@ class _ReliablePush:
 def stream_simulation(mic: Any, endpoint: str, timepoints: int, *, rate_hz: float = 0.0, per_frame: bool = True,
                       connect_timeout_s: float = 10.0, send_timeout_s: float = 30.0, drop_when_busy: bool = False,
                       checksum: bool = False, acquisition_id: str | None = None) -> dict[str, Any]:
-    """Stream a simulated acquisition in the wire schema; returns counts (sent, dropped, late) and the id.
+    """Stream a simulated acquisition in the wire schema; returns the id and counts.
+
+    Counts: ``sent`` messages, ``dropped`` frames/stacks/end (only with ``drop_when_busy``), ``late`` messages
+    behind the ``rate_hz`` schedule, ``start_retries`` (start attempts refused before a receiver connected).
 
     Raises
     ------
@@ -269,8 +272,12 @@ def stream_simulation(mic: Any, endpoint: str, timepoints: int, *, rate_hz: floa
         try:
             # The microscope-side sender never waits; only the start is retried, so a receiver that comes up
             # late still gets a complete header before the first stack.
+            # Each refused start still consumes a sequence number (the sender's accounting), so the receiver's
+            # first seq and n_messages include them; they are reported apart from dropped pixels.
             deadline = time.monotonic() + connect_timeout_s
+            start_retries = 0
             while not sender.start(**start_fields):
+                start_retries += 1
                 if time.monotonic() > deadline:
                     raise CLIError(f"nothing is listening at {endpoint} (waited {connect_timeout_s:g} s)")
                 time.sleep(0.05)
@@ -289,7 +296,8 @@ def stream_simulation(mic: Any, endpoint: str, timepoints: int, *, rate_hz: floa
             stats = sender.stats()
         finally:
             sender.close()
-        return {"acquisition_id": acq, "sent": stats["sent"], "dropped": stats["dropped"], "late": pacer.late}
+        return {"acquisition_id": acq, "sent": stats["sent"], "dropped": stats["dropped"] - start_retries,
+                "late": pacer.late, "start_retries": start_retries}
 
     push = _ReliablePush(endpoint, connect_timeout_s, send_timeout_s, acq)
     reason = "error"
@@ -319,4 +327,4 @@ def stream_simulation(mic: Any, endpoint: str, timepoints: int, *, rate_hz: floa
             except CLIError:
                 log.warning("could not send the acquisition end to %s", endpoint)
         push.close()
-    return {"acquisition_id": acq, "sent": push.sent, "dropped": 0, "late": pacer.late}
+    return {"acquisition_id": acq, "sent": push.sent, "dropped": 0, "late": pacer.late, "start_retries": 0}
