@@ -137,7 +137,8 @@ def test_slow_subscriber_never_blocks_publisher_and_every_drop_is_counted() -> N
 def test_display_sink_behind_latest_wins_queue() -> None:
     with DisplayPublisher(cfg(send_volume=False)) as pub, DisplayClient(pub.endpoint) as client:
         connect_when_ready(pub, client)
-        sink = ThreadedSink(DisplaySink(pub), queue_size=1, on_full="drop_oldest", critical=False)
+        sink = ThreadedSink.for_display(DisplaySink(pub), queue_size=1)
+        assert (sink.on_full, sink.critical) == ("drop_oldest", False)
         sink.setup(VolumeMeta(acquisition_id="acq", shape=(8, 24, 32), dtype="uint16", voxel_size_um=VOX))
         for t in range(20):
             sink.append(sample(t), VolumeIndex(t))

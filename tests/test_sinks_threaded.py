@@ -144,8 +144,9 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     m = VolumeMeta(acquisition_id="run-1", shape=(4, 64, 64), dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1))
     told = threading.Event()
     errors = []
-    sink = ThreadedSink(open_sink(OmeZarrConfig(path=out, backend=backend)), queue_size=2, critical=True,
-                        on_error=lambda e: (errors.append(e), told.set()))
+    sink = ThreadedSink.for_disk(open_sink(OmeZarrConfig(path=out, backend=backend)), queue_size=2,
+                                 on_error=lambda e: (errors.append(e), told.set()))
+    assert (sink.on_full, sink.critical) == ("drop", True)
     sink.setup(m)
     sink.append(np.ones(m.shape, np.uint16), VolumeIndex(0))
     assert sink.flush(20)

@@ -96,6 +96,17 @@ class ThreadedSink:
                 metrics.declare(c, labels=labels)
             metrics.set_gauge("sink_queue_depth", 0, labels=labels)
 
+    @classmethod
+    def for_disk(cls, inner: Sink, *, queue_size: int = 4, metrics: Any | None = None,
+                 on_error: Callable[[SinkError], None] | None = None) -> ThreadedSink:
+        """The disk policy: critical, drop the new volume when the queue is full (never block the acquisition)."""
+        return cls(inner, queue_size=queue_size, on_full="drop", critical=True, metrics=metrics, on_error=on_error)
+
+    @classmethod
+    def for_display(cls, inner: Sink, *, queue_size: int = 1, metrics: Any | None = None) -> ThreadedSink:
+        """The display policy: not critical, latest wins."""
+        return cls(inner, queue_size=queue_size, on_full="drop_oldest", critical=False, metrics=metrics)
+
     # --- caller side ----------------------------------------------------------------------------------------------
 
     @property
