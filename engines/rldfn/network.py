@@ -17,9 +17,10 @@ networks here map the two correction volumes to the fused volume:
 Parameter names are laid out so that ``state_dict()`` keys equal those of the reference's checkpoint
 files (``net_FA.pth``, ``net_FB.pth``, ``net_G.pth``): checkpoints load without renaming.
 
-The reference, at test time, passes **both** views through the view-A feature net (the view-B net is trained
-and saved but not used when reconstructing). ``DualViewFusionNet(share_view_a_features=True)`` — the
-default — reproduces that, so that trained reference checkpoints give the reference's numbers.
+The reference passes **both** views through the view-A feature net — in its test-time forward and in its
+training forward alike; the view-B net is built, handed to the optimiser and saved (``net_FB.pth``) but never
+used, so its weights stay at their initialisation. ``DualViewFusionNet(share_view_a_features=True)`` — the
+default — reproduces that, so that reference checkpoints give the reference's numbers.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ class DualViewFusionNet(nn.Module):
     width
         Feature channels (64 in the reference; smaller only for experiments).
     share_view_a_features
-        Pass both views through the view-A feature net, as the reference does at test time (default).
-        ``False`` uses the view-B net for view B, as the reference's *training* forward does.
+        Pass both views through the view-A feature net, as the reference does (default). ``False`` sends
+        view B through the view-B net — a choice for new training only: reference checkpoints hold an
+        untrained view-B net.
 
     Notes
     -----
