@@ -149,10 +149,13 @@ class StageWorker:
             x = x.pin_memory().to(self.device, non_blocking=True)
         return x
 
-    def _to_numpy(self, x: Any) -> np.ndarray:
+    def _to_numpy(self, x: Any) -> Any:
+        # Between stages a value may be a tuple (e.g. the two views of split-views); only tensors are converted.
         if self._torch is not None and isinstance(x, self._torch.Tensor):
             return x.detach().cpu().numpy()
-        return np.asarray(x)
+        if isinstance(x, (tuple, list)):
+            return type(x)(self._to_numpy(v) for v in x)
+        return x
 
     def _run_chain(self, x: Any, item: _InFlight, token: Any) -> Any:
         for st in self.stages:
@@ -177,7 +180,7 @@ class StageWorker:
         """Start processing ``array``; returns the ``(token, result)`` pairs that finished meanwhile, in order."""
         item = _InFlight(token, None)
         if not self.cuda:
-            item.out = self._to_numpy(self._run_chain(array, item, token))
+            item.out = np.asarray(self._to_numpy(self._run_chain(array, item, token)))
             self._pending.append(item)
             return self._collect(block=True)
         t = self._torch
@@ -216,7 +219,7 @@ class StageWorker:
                 item.done_event.synchronize()
                 for name, e0, e1 in item.events:
                     self.observe(name, e0.elapsed_time(e1) / 1e3)
-                result = self._to_numpy(item.out)
+                result = np.asarray(self._to_numpy(item.out))
             else:
                 for name, s in item.host_times.items():
                     self.observe(name, s)

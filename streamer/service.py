@@ -90,7 +90,7 @@ class Service:
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
         self.stage_factory = stage_factory or self._default_stages
-        self.sink_factory = sink_factory or self._default_sinks
+        self.sink_factory = sink_factory or self.default_sinks
         self.error: BaseException | None = None
         self.stopped = threading.Event()
         self._stop = threading.Event()
@@ -113,7 +113,7 @@ class Service:
     def _default_stages(self, start: Any) -> list[Stage]:
         return build_stages(self.config.mode, start.optics, device=self.config.device)
 
-    def _default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
+    def default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
         from streamer.sinks import OmeTiffConfig, OmeZarrConfig, ThreadedSink, open_sink
 
         out: list[tuple[Any, bool]] = []
