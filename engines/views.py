@@ -91,7 +91,8 @@ class ViewsReport(BaseModel):
 
 def _steps(lo: float, hi: float, step: float) -> np.ndarray:
     n = int(math.floor((hi - lo) / step + 1e-9))
-    return lo + step * np.arange(n + 1)
+    # Rounded so that 0° is exactly 0 (no needless interpolation) and reports read 0.2, not 0.20000000000000007.
+    return np.round(lo + step * np.arange(n + 1), 9)
 
 
 def mirror_search(
