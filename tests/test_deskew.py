@@ -137,3 +137,25 @@ def test_cuda_equals_cpu(interp):
     back_cpu = skew(cpu, 0.1, 0.3, 31.5, interp=interp, device="cpu")
     back_gpu = skew(cpu, 0.1, 0.3, 31.5, interp=interp, device="cuda")
     np.testing.assert_allclose(back_gpu, back_cpu, rtol=1e-6, atol=1e-3)
+
+
+def test_reference_matlab_deskew_is_our_negative_angle():
+    # Fixture: the reference's func_deskew (under GNU Octave) on a line at one raw column; see
+    # tests/fixtures/geometry/make_reference_deskew_fixture.py. It shears the other way from cudaDecon, so
+    # reference data deskew with the negated angle here. Its width uses ceil and it centres on plane
+    # (nz − 1)/2 instead of nz/2: a constant offset of (w_ref − w)/2 − f/2 px, and nothing else.
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).parent / "fixtures" / "geometry" / "reference_deskew.json").read_text())
+    c = ref["case"]
+    nz, ny, nx = c["shape"]
+    raw = np.zeros((nz, ny, nx), np.float32)
+    raw[:, :, c["line_column"]] = 1.0
+    f = shear_factor(c["dx_um"], c["dz_um"], c["angle_deg"])
+    theirs = np.array(ref["line_centroid_px"])
+    for sign, expect_match in ((-1, True), (1, False)):
+        out = deskew(raw, c["dx_um"], c["dz_um"], sign * c["angle_deg"], interp="cubic")[:, 1, :]
+        ours = (out * np.arange(out.shape[1])).sum(axis=1) / out.sum(axis=1)
+        shifted = ours + (ref["width"] - out.shape[1]) / 2 - f / 2
+        assert (np.abs(shifted - theirs).max() < 0.1) == expect_match
