@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--ref", type=Path, default=Path("/tmp/ref"))
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--otf-dir", type=Path, default=REPO.parent / "shared" / "data" / "otf-meta-rlls-vsim")
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()

@@ -58,7 +58,7 @@ class LateralSRParams(BaseModel):
     stride: Literal[1, 3] = Field(
         1, description="1: every window (each plane predicted 3× and averaged, as published); 3: each plane once."
     )
-    batch_size: int = Field(8, ge=1, le=4096, description="7-plane windows per network call.")
+    batch_size: int = Field(4, ge=1, le=4096, description="7-plane windows per network call.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Network arithmetic for torch models: fp32 (published numbers), bf16 (CPU/GPU), fp16 (GPU)."
     )

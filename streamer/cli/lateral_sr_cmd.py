@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="percentile above which plane brightness is measured (default 99)")
     p.add_argument("--stride", type=int, choices=[1, 3], default=1,
                    help="1: average 3 predictions per plane (published); 3: predict each plane once, ~3x faster")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="7-plane windows per network call")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="7-plane windows per network call (default 4)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="network arithmetic: fp32 (published numbers), bf16 (~2x faster on CPUs with AVX512-BF16), "
                    "fp16 (CUDA only)")
