@@ -158,4 +158,5 @@ def test_reference_matlab_deskew_is_our_negative_angle():
         out = deskew(raw, c["dx_um"], c["dz_um"], sign * c["angle_deg"], interp="cubic")[:, 1, :]
         ours = (out * np.arange(out.shape[1])).sum(axis=1) / out.sum(axis=1)
         shifted = ours + (ref["width"] - out.shape[1]) / 2 - f / 2
-        assert (np.abs(shifted - theirs).max() < 0.1) == expect_match
+        # 0.25 px: Octave's cubic kernel is not Keys'; the wrong direction is off by tens of px.
+        assert (np.abs(shifted - theirs).max() < 0.25) == expect_match
