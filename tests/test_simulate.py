@@ -176,7 +176,7 @@ def test_timepoints_move_deterministically() -> None:
     assert not np.array_equal(a.acquire(0).raw, a.acquire(1).raw)
 
 
-@pytest.mark.parametrize("structure", ["filaments", "puncta", "beads"])
+@pytest.mark.parametrize("structure", ["filaments", "puncta", "beads", "tubules", "rings", "meshwork"])
 def test_training_pair_shapes_range_and_determinism(structure: str) -> None:
     llsm, gt = simulate_training_pair(structure, seed=4, shape=(12, 64, 96))
     assert llsm.shape == (12, 64, 96) and gt.shape == (12, 96, 144)

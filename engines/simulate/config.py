@@ -29,6 +29,9 @@ class Structure(StrEnum):
     filaments = "filaments"  # F-actin-like worm-like chains lying near the coverslip
     puncta = "puncta"  # clathrin-coated-pit-like diffraction-limited spots on the membranes
     beads = "beads"  # isolated sub-resolution point emitters, for resolution and geometry checks
+    tubules = "tubules"  # ER/mitochondria-like tubes of 60–180 nm radius, more flexible than actin
+    rings = "rings"  # hollow rings of 0.15–0.5 µm radius lying on the membrane (coated pits, caveolae, vesicles)
+    meshwork = "meshwork"  # dense short straight segments (cortical actin)
 
 
 PositiveDim = Annotated[int, Field(ge=4, le=4096)]
@@ -53,7 +56,7 @@ class SimConfig(BaseModel):
 
     # --- sample ---------------------------------------------------------------------------------------------
     n_objects: int | None = Field(
-        None, ge=1, le=100_000, description="Filaments, puncta or beads; None scales a default density with the field."
+        None, ge=1, le=100_000, description="Objects (filaments, puncta, beads …); None scales a default density with the field."
     )
     height_range_um: tuple[float, float] = Field(
         (0.4, 4.0), description="Heights above the mirror the sample occupies (cells sit on the reflective coverslip)."

@@ -21,7 +21,7 @@ def simulate_training_pair(structure: str | Structure, seed: int, shape: tuple[i
     Parameters
     ----------
     structure
-        ``filaments``, ``puncta`` or ``beads``.
+        ``filaments``, ``puncta``, ``beads``, ``tubules``, ``rings`` or ``meshwork``.
     seed
         Seeds the sample and the noise; the same seed gives the same pair.
     shape

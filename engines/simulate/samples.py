@@ -78,12 +78,10 @@ def make_sample(cfg: SimConfig, seed: int, geom: Geometry | None = None, *, mirr
             f"at mirror_position {cfg.mirror_position}); lower the heights or move the mirror"
         )
     kind = Structure(cfg.structure)
-    if kind is Structure.filaments:
-        pts, w, g, n = _filaments(rng, cfg, a_rng, y_rng, area)
-    elif kind is Structure.puncta:
-        pts, w, g, n = _puncta(rng, cfg, a_rng, y_rng, area)
-    else:
+    if kind is Structure.beads:
         pts, w, g, n = _beads(rng, cfg, geom, area, mirrored)
+    else:
+        pts, w, g, n = _GENERATORS[kind](rng, cfg, a_rng, y_rng, area)
     return Sample(kind, pts, w, g, n, seed)
 
 
@@ -96,20 +94,11 @@ def _filaments(rng: np.random.Generator, cfg: SimConfig, a_rng: tuple[float, flo
     chunks, weights, groups = [], [], []
     for i in range(n):
         length = rng.uniform(6.0, 25.0)
-        m = int(length / ds)
         start = np.array([rng.uniform(*a_rng), rng.uniform(*y_rng), rng.uniform(lo, lo + 0.6 * (hi - lo))])
-        phi = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, np.sqrt(ds / persistence), m))
-        # Filaments lie along the coverslip: a small elevation that wanders slowly.
-        elev = np.clip(rng.normal(0, 0.06) + np.cumsum(rng.normal(0, 0.004, m)), -0.25, 0.25)
-        step = ds * np.stack([np.cos(phi) * np.cos(elev), np.sin(phi) * np.cos(elev), np.sin(elev)], 1)
-        path = start + np.cumsum(step, 0)
-        # Keep within the cell's height range by folding at its bounds.
-        span = hi - lo
-        rel = np.mod(path[:, 2] - lo, 2 * span)
-        path[:, 2] = lo + np.where(rel > span, 2 * span - rel, rel)
+        path = _chain(rng, start, length, ds, persistence, (lo, hi))
         chunks.append(path)
-        weights.append(np.full(m, ds * rng.uniform(0.5, 1.0)))
-        groups.append(np.full(m, i))
+        weights.append(np.full(len(path), ds * rng.uniform(0.5, 1.0)))
+        groups.append(np.full(len(path), i))
     return np.concatenate(chunks), np.concatenate(weights), np.concatenate(groups), n
 
 
@@ -130,6 +119,75 @@ def _puncta(rng: np.random.Generator, cfg: SimConfig, a_rng: tuple[float, float]
     bright = rng.lognormal(0.0, 0.35, n)
     w = np.repeat(bright / k, k)
     return pts, w, np.repeat(np.arange(n), k), n
+
+
+def _chain(rng: np.random.Generator, start: np.ndarray, length: float, ds: float, persistence: float,
+           span: tuple[float, float]) -> np.ndarray:
+    """A worm-like chain along the coverslip from ``start``, folded back into the height range ``span``."""
+    m = max(2, int(length / ds))
+    phi = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, np.sqrt(ds / persistence), m))
+    elev = np.clip(rng.normal(0, 0.06) + np.cumsum(rng.normal(0, 0.004, m)), -0.25, 0.25)
+    step = ds * np.stack([np.cos(phi) * np.cos(elev), np.sin(phi) * np.cos(elev), np.sin(elev)], 1)
+    path = start + np.cumsum(step, 0)
+    lo, hi = span
+    rel = np.mod(path[:, 2] - lo, 2 * (hi - lo))
+    path[:, 2] = lo + np.where(rel > hi - lo, 2 * (hi - lo) - rel, rel)
+    return path
+
+
+def _tubules(rng: np.random.Generator, cfg: SimConfig, a_rng: tuple[float, float], y_rng: tuple[float, float],
+             area: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    n = cfg.n_objects or max(2, int(round(area / 12.0)))
+    lo, hi = cfg.height_range_um
+    ds = 0.03
+    chunks, weights, groups = [], [], []
+    for i in range(n):
+        start = np.array([rng.uniform(*a_rng), rng.uniform(*y_rng), rng.uniform(lo, hi)])
+        axis = _chain(rng, start, rng.uniform(3.0, 12.0), ds, persistence=4.0, span=(lo, hi))
+        # Membrane of a tube: emitters on a cylinder around the axis (isotropic offsets of the radius are
+        # close enough below the resolution, and keep the tube round in every view).
+        radius = rng.uniform(0.06, 0.18)
+        per = 4  # emitters per axis step: enough that the membrane renders smooth, not beaded
+        u = rng.normal(size=(len(axis), per, 3))
+        u /= np.linalg.norm(u, axis=2, keepdims=True)
+        chunks.append((axis[:, None, :] + radius * u).reshape(-1, 3))
+        weights.append(np.full(len(axis) * per, ds * rng.uniform(0.6, 1.0) * (radius / 0.06) / per))
+        groups.append(np.full(len(axis) * per, i))
+    return np.concatenate(chunks), np.concatenate(weights), np.concatenate(groups), n
+
+
+def _rings(rng: np.random.Generator, cfg: SimConfig, a_rng: tuple[float, float], y_rng: tuple[float, float],
+           area: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    n = cfg.n_objects or max(3, int(round(area / 6.0)))
+    lo, hi = cfg.height_range_um
+    k = 48
+    centres = np.stack([rng.uniform(*a_rng, n), rng.uniform(*y_rng, n),
+                        rng.uniform(lo, min(hi, lo + 0.5), n)], 1)
+    radius = rng.uniform(0.15, 0.5, n)
+    t = rng.uniform(0, 2 * np.pi, (n, k))
+    # Rings lie on the membrane, parallel to the coverslip.
+    pts = np.stack([centres[:, 0:1] + radius[:, None] * np.cos(t), centres[:, 1:2] + radius[:, None] * np.sin(t),
+                    np.repeat(centres[:, 2:3], k, 1)], 2).reshape(-1, 3)
+    w = np.repeat(rng.uniform(0.5, 1.0, n) * radius / k, k)
+    return pts, w, np.repeat(np.arange(n), k), n
+
+
+def _meshwork(rng: np.random.Generator, cfg: SimConfig, a_rng: tuple[float, float], y_rng: tuple[float, float],
+              area: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    n = cfg.n_objects or max(5, int(round(area / 1.5)))
+    lo, hi = cfg.height_range_um
+    ds = 0.04
+    lengths = rng.uniform(0.6, 2.0, n)
+    m = np.maximum(2, (lengths / ds).astype(int))
+    group = np.repeat(np.arange(n), m)
+    s = np.concatenate([np.arange(mi) * ds for mi in m])
+    # Cortical mesh: just above the basal membrane, straight, any direction in the plane.
+    p0 = np.stack([rng.uniform(*a_rng, n), rng.uniform(*y_rng, n), rng.uniform(lo, min(hi, lo + 0.4), n)], 1)
+    ang = rng.uniform(0, np.pi, n)
+    d = np.stack([np.cos(ang), np.sin(ang), rng.normal(0, 0.05, n)], 1)
+    pts = p0[group] + s[:, None] * d[group]
+    w = np.repeat(ds * rng.uniform(0.3, 0.8, n), m)
+    return pts, w, group, n
 
 
 def _beads(rng: np.random.Generator, cfg: SimConfig, geom: Geometry, area: float,
@@ -184,10 +242,8 @@ def make_box_sample(cfg: SimConfig, seed: int, extent_um: tuple[float, float, fl
     area = extent_um[1] * extent_um[2]
     box_cfg = cfg.model_copy(update={"height_range_um": h_rng})
     kind = Structure(cfg.structure)
-    if kind is Structure.filaments:
-        pts, w, g, n = _filaments(rng, box_cfg, a_rng, y_rng, area)
-    elif kind is Structure.puncta:
-        pts, w, g, n = _puncta(rng, box_cfg, a_rng, y_rng, area)
+    if kind is not Structure.beads:
+        pts, w, g, n = _GENERATORS[kind](rng, box_cfg, a_rng, y_rng, area)
     else:
         n = cfg.n_objects or max(3, int(round(area / 15.0)))
         lo = np.array([margin_um[2], margin_um[1], margin_um[0]])
@@ -204,3 +260,12 @@ def make_box_sample(cfg: SimConfig, seed: int, extent_um: tuple[float, float, fl
         pts = np.array(chosen)
         w, g, n = np.ones(len(pts)), np.arange(len(pts)), len(pts)
     return Sample(kind, pts, w, g, n, seed)
+
+
+_GENERATORS = {
+    Structure.filaments: _filaments,
+    Structure.puncta: _puncta,
+    Structure.tubules: _tubules,
+    Structure.rings: _rings,
+    Structure.meshwork: _meshwork,
+}

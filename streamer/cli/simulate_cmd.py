@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--connect", metavar="ENDPOINT", help="stream to this ZMQ PULL endpoint, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--timepoints", type=int, default=1, metavar="N", help="stacks to simulate (default 1)")
     p.add_argument("--shape", default=None, metavar="Z,Y,X", help="raw stack size (default 64,128,128)")
-    p.add_argument("--structure", choices=["filaments", "puncta", "beads"], default=None)
+    p.add_argument("--structure", choices=[s.value for s in _structures()], default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sim-config", metavar="FILE", help="SimConfig fields (.yaml/.json); flags override them")
     p.add_argument("--peak-photons", type=float, default=None, help="brightest sample voxel (photons)")
@@ -62,6 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checksum", action="store_true", help="stream: add a CRC-32 to every payload")
     add_optics_args(p)
     p.set_defaults(func=run)
+
+
+def _structures() -> list:
+    # engines.simulate.config is light (pydantic only), so the choices come from the one enum, not a copy.
+    from engines.simulate.config import Structure
+
+    return list(Structure)
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:
