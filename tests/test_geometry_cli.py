@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tifffile
 
 from tests.test_background import band_stack, sample_stack
