@@ -171,29 +171,34 @@ class DisplayPublisher:
                 self._cond.wait_for(lambda: bool(self._slots) or self._closing)
                 if self._closing:
                     return
-                key = next(iter(self._slots))
-                head, arr = self._slots[key]
-            try:
-                self._sock.send_multipart([head, memoryview(arr).cast("B")], flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                # a subscriber's queue is full: wait a little (or for a newer message) and retry the newest
+                pending = list(self._slots.items())
+            progressed = False
+            # try every slot: a viewer that is slow on whole volumes must not hold back MIPs for the others
+            for key, (head, arr) in pending:
+                try:
+                    self._sock.send_multipart([head, memoryview(arr).cast("B")], flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    continue
+                except zmq.ZMQError:
+                    if self._closing:
+                        return
+                    raise
+                progressed = True
+                with self._cond:
+                    if self._slots.get(key, (None,))[0] is head:
+                        del self._slots[key]
+                    self.sent += 1
+                    self._cond.notify_all()
+                if self.metrics is not None:
+                    self.metrics.inc("display_messages_sent")
+            self._drain_subscriptions()
+            if progressed:
+                backoff = 0.0005
+            else:
+                # every waiting message meets a full subscriber queue: wait a little, or until a newer one comes
                 with self._cond:
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, 0.05)
-                continue
-            except zmq.ZMQError:
-                if self._closing:
-                    return
-                raise
-            backoff = 0.0005
-            with self._cond:
-                if self._slots.get(key, (None,))[0] is head:
-                    del self._slots[key]
-                self.sent += 1
-                self._cond.notify_all()
-            if self.metrics is not None:
-                self.metrics.inc("display_messages_sent")
-            self._drain_subscriptions()
 
     def _drain_subscriptions(self) -> None:
         # XPUB hands subscription messages to the application; read them so they do not pile up
