@@ -10,8 +10,9 @@ axis) and returns; a sender thread moves slots to an XPUB socket with ``XPUB_NOD
 the newest always gets through, older ones are superseded. ``seq`` numbers each kind's messages at publish time, so
 a subscriber counts exactly how many it missed (:attr:`DisplayClient.dropped`). ``ZMQ_CONFLATE`` would keep only the
 newest message too, but it silently breaks multipart messages; and plain PUB drops the *newest* message when a queue
-is full, which is the opposite of what a display needs. One slow subscriber paces the stream for all (they all see
-latest-wins at its rate) — acceptable for the one or two viewers of a microscope.
+is full, which is the opposite of what a display needs. A subscriber slow on one kind paces that kind for every
+subscriber of it (latest-wins at its rate) but never holds back the other kind — acceptable for the one or two
+viewers of a microscope.
 
 >>> with DisplayClient("tcp://127.0.0.1:5556", kinds=("mip",)) as c:   # doctest: +SKIP
 ...     msg = c.latest(timeout=5.0)
