@@ -64,6 +64,7 @@ class Microscope:
         self._conv: FFTConvolver | None = None
         self._scale: float | None = None
         self._first: np.ndarray | None = None
+        self._static: np.ndarray | None = None
 
     # --- pieces -------------------------------------------------------------------------------------------
     @property
@@ -132,13 +133,25 @@ class Microscope:
     # --- outputs ------------------------------------------------------------------------------------------
     def expected_photons(self, timepoint: int) -> np.ndarray:
         """Noise-free raw stack in photons (float32, (nz, ny, nx))."""
+        if self._static is not None:
+            return self._static.copy()
         scale = np.float32(self.photon_scale)
         img = self._first if timepoint == 0 and self._first is not None else self._sample_image(timepoint)
         self._first = None
         img = img * scale
         img *= self.sheet_envelope()
         img += self.band()
+        if self.is_static:
+            # Nothing moves: every timepoint has the same expected image, only the noise differs.
+            self._static = img.copy()
         return img
+
+    @property
+    def is_static(self) -> bool:
+        """True when the sample does not move between timepoints (no drift, and no jitter or beads)."""
+        c = self.cfg
+        still = c.jitter_um == 0 or self.sample.structure is Structure.beads
+        return still and not any(c.drift_um_per_timepoint)
 
     def ground_truth(self, timepoint: int) -> np.ndarray:
         """Real emitters (no mirror image, no blur) on the deskewed grid, in photon units (float32)."""

@@ -179,6 +179,48 @@ def write_simulation(mic: Any, out: Path, timepoints: int, *, ground_truth: bool
 # --- stream -----------------------------------------------------------------------------------------------------
 
 
+def _prefetch(mic: Any, timepoints: int, depth: int = 2) -> Any:
+    """Yield the stacks of ``mic.series`` while the next ones are simulated in a background thread.
+
+    Sending (paced to the camera rate) and simulating then overlap, as on a microscope where the camera keeps
+    exposing while frames travel. An error in the simulation is re-raised in the caller.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for stack in mic.series(timepoints, with_ground_truth=False):
+                while not stop.is_set():
+                    try:
+                        q.put(stack, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(None)
+        except BaseException as err:  # handed to the consumer, which raises it
+            q.put(err)
+
+    th = threading.Thread(target=produce, name="simulate-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
 class _Pacer:
     """Releases message ``i`` no earlier than ``i / rate`` after the start; counts the ones that were late."""
 
@@ -289,7 +331,7 @@ def stream_simulation(mic: Any, endpoint: str, timepoints: int, *, rate_hz: floa
                     raise CLIError(f"nothing is listening at {endpoint} (waited {connect_timeout_s:g} s)")
                 time.sleep(0.05)
             i = 0
-            for stack in mic.series(timepoints, with_ground_truth=False):
+            for stack in _prefetch(mic, timepoints):
                 if per_frame:
                     for z in range(g.nz):
                         pacer.wait(i)
@@ -311,7 +353,7 @@ def stream_simulation(mic: Any, endpoint: str, timepoints: int, *, rate_hz: floa
     try:
         push.send(lambda seq: wire.AcquisitionStart(acquisition_id=acq, seq=seq, **start_fields))
         i = 0
-        for stack in mic.series(timepoints, with_ground_truth=False):
+        for stack in _prefetch(mic, timepoints):
             if per_frame:
                 for z in range(g.nz):
                     plane = stack.raw[z]
