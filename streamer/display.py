@@ -351,6 +351,30 @@ class DisplayClient:
                 newest = msg
         return newest
 
+    def latest_mips(self, timeout: float | None = None) -> dict[str, DisplayMessage] | None:
+        """The three MIPs (keyed ``"z"``, ``"y"``, ``"x"``) of the newest volume whose MIPs all arrived.
+
+        Waits up to ``timeout`` seconds; returns None if no complete set arrived. Needs a ``"mip"`` subscription.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        partial: dict[tuple[str, int, int], dict[str, DisplayMessage]] = {}
+        best: dict[str, DisplayMessage] | None = None
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # once a complete set is in hand, only take what is already queued (it may hold a newer set)
+            msg = self.recv(0 if best is not None else left)
+            if msg is None:
+                return best
+            if msg.kind != "mip" or msg.header.axis is None:
+                continue
+            key = (msg.header.acquisition_id, msg.header.timepoint, msg.header.channel)
+            group = partial.setdefault(key, {})
+            group[msg.header.axis] = msg
+            if len(group) == len(MIP_AXES):
+                if best is not None:
+                    self.superseded += len(MIP_AXES)
+                best = partial.pop(key)
+
     def __iter__(self) -> Iterator[DisplayMessage]:
         while True:
             msg = self.recv()

@@ -238,3 +238,17 @@ def test_viewer_slow_on_volumes_does_not_hold_back_mips_for_others() -> None:
             last_seen = max(last_seen, msg.header.timepoint)
         assert last_seen >= 55
         assert pub.superseded > 0  # the stuck viewer's volumes were replaced, not queued without bound
+
+
+def test_latest_mips_returns_a_complete_set_of_the_newest_volume() -> None:
+    with DisplayPublisher(cfg(send_volume=False, sndhwm=16)) as pub, DisplayClient(pub.endpoint, kinds=("mip",)) as c:
+        connect_when_ready(pub, c)
+        for t in range(3):
+            pub.publish(sample(t), VolumeIndex(t), acquisition_id="set")
+        assert pub.flush(10)
+        got = c.latest_mips(10)
+    assert got is not None and set(got) == {"z", "y", "x"}
+    t = got["z"].header.timepoint
+    assert {m.header.timepoint for m in got.values()} == {t}
+    assert t == 2  # all three volumes' MIPs left the publisher; the newest complete set wins
+    np.testing.assert_array_equal(got["x"].array, sample(t).max(axis=2))
