@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m engines.simulate.bench")
     ap.add_argument("--shape", default="101,512,512")
-    ap.add_argument("--structure", default="filaments", choices=["filaments", "puncta", "beads", "tubules", "rings", "meshwork"])
+    ap.add_argument("--structure", default="filaments",
+                    choices=["filaments", "puncta", "beads", "tubules", "rings", "meshwork"])
     ap.add_argument("--repeat", type=int, default=2, help="warm timepoints after the first")
     args = ap.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))

@@ -56,7 +56,7 @@ class SimConfig(BaseModel):
 
     # --- sample ---------------------------------------------------------------------------------------------
     n_objects: int | None = Field(
-        None, ge=1, le=100_000, description="Objects (filaments, puncta, beads …); None scales a default density with the field."
+        None, ge=1, le=100_000, description="Objects (filaments, beads …); None scales a default density with the field."
     )
     height_range_um: tuple[float, float] = Field(
         (0.4, 4.0), description="Heights above the mirror the sample occupies (cells sit on the reflective coverslip)."
@@ -93,7 +93,9 @@ class SimConfig(BaseModel):
     )
 
     # --- camera ---------------------------------------------------------------------------------------------
-    peak_photons: float = Field(300.0, gt=0.0, le=1e6, description="Brightest real-image voxel (photons).")
+    peak_photons: float = Field(
+        300.0, gt=0.0, le=1e6, description="Brightest voxel of the sample image (real + mirror, no band) at t = 0."
+    )
     snr: float | None = Field(
         None, gt=0.0, le=1000.0, description="Peak SNR; when set it overrides peak_photons (see photons_for_snr)."
     )

@@ -3,7 +3,7 @@
 Forward model of one raw stack at timepoint ``t``::
 
     emitters  = sample(t) ∪ reflectance · mirror(sample(t))            (mirror frame, h → −h)
-    photons   = scale · (splat_raw(emitters) ⊛ K_raw) · sheet_envelope   (K_raw: system PSF sheared onto the raw grid)
+    photons   = scale · (splat_raw(emitters) ⊛ K_raw) · sheet_envelope   (K_raw: system PSF sheared onto raw grid)
               + band(k, u)                                              (epi-fluorescence where the mirror crosses)
     counts    = camera(photons)                                         (Poisson, gain, read noise, offset, uint16)
 

@@ -50,7 +50,9 @@ def camera(photons: np.ndarray, rng: np.random.Generator, *, offset: float, gain
     if lam.size and (not np.isfinite(lam).all() or lam.min() < 0):
         raise SimulationError("photon image must be finite and ≥ 0 (a negative expected count has no meaning)")
     if gain <= 0 or read_noise < 0 or offset < 0:
-        raise SimulationError(f"camera needs gain > 0, read noise ≥ 0, offset ≥ 0; got {gain}, {read_noise}, {offset}")
+        raise SimulationError(
+            f"camera needs gain > 0, read noise ≥ 0, offset ≥ 0; got {gain}, {read_noise}, {offset}"
+        )
     out = np.empty(lam.shape, dtype=np.uint16)
     flat_in, flat_out = lam.reshape(-1), out.reshape(-1)
     # Fixed chunking (independent of the thread count) with one child generator per chunk: the result depends

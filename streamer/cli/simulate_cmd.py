@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="DIR", help="write TIFF stacks, ground truth and metadata.json here")
-    where.add_argument("--connect", metavar="ENDPOINT", help="stream to this ZMQ PULL endpoint, e.g. tcp://127.0.0.1:5555")
+    where.add_argument("--connect", metavar="ENDPOINT",
+                       help="stream to this ZMQ PULL endpoint, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--timepoints", type=int, default=1, metavar="N", help="stacks to simulate (default 1)")
     p.add_argument("--shape", default=None, metavar="Z,Y,X", help="raw stack size (default 64,128,128)")
     p.add_argument("--structure", choices=[s.value for s in _structures()], default=None)
