@@ -257,6 +257,10 @@ def meta_train(tasks: Mapping[str, PatchSet], cfg: MetaConfig | None = None, out
         else:  # only rank 0 saves its generator; the others draw fresh, distinct task streams
             rng = np.random.default_rng([cfg.seed, rank, step])
 
+    if world > 1:  # start every rank from rank 0's weights, as DistributedDataParallel does
+        for t in [*gen.parameters(), *disc.parameters()]:
+            torch.distributed.broadcast(t.data, src=0)
+
     def checkpoint() -> None:
         if state_path is None or rank != 0:
             return
