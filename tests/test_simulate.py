@@ -315,3 +315,20 @@ def test_static_sample_renders_once_and_only_the_noise_changes() -> None:
     # the cached image is what a fresh render of that timepoint gives
     fresh = Microscope(cfg, seed=1)  # same config, but timepoint 3 rendered first
     assert np.allclose(fresh.expected_photons(3), b.photons, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("virtual_side", "angle"), [("low", 30.8), ("high", -30.8)])
+def test_geometry_variants_deskew_to_truth(virtual_side: str, angle: float) -> None:
+    """Mirror image on the other side of the band, and the stage scanning the other way."""
+    cfg = make_sim_config(**{**BEADS, "n_objects": 4}, mirror_reflectance=0.0, virtual_side=virtual_side,
+                          optics={"skew_angle_deg": angle})
+    mic = Microscope(cfg, seed=1)
+    g = mic.geometry
+    raw = mic.acquire(0).raw.astype(np.float32) - cfg.optics.camera_offset
+    desk = deskew(raw, g.dx_um, g.dz_um, g.angle_deg)
+    for p in mic.bead_positions()["deskewed_index"]:
+        c, tilt = _centroid(desk, np.array(p), (12, 6, 6))
+        assert np.abs(c - p).max() < 0.5 and abs(tilt) < 0.15
+    k, _, x = np.nonzero(mic.ground_truth(0))
+    below = x < g.mirror_deskewed_x(k)
+    assert below.all() if virtual_side == "high" else not below.any()
