@@ -34,12 +34,12 @@ agree to float32 rounding.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
-from engines.device import pick_device
+if TYPE_CHECKING:  # torch is imported where used: the geometry helpers here are imported by light modules
+    import torch
 
 Interp = Literal["linear", "cubic"]
 SkewAxisName = Literal["x", "y"]
@@ -256,6 +256,10 @@ def _shear(
     pad: float,
     device: str | torch.device | None,
 ) -> np.ndarray:
+    import torch
+
+    from engines.device import pick_device
+
     if skew_axis not in ("x", "y"):
         raise DeskewError(f"skew axis must be 'x' or 'y', got {skew_axis!r}")
     if not math.isfinite(pad):
