@@ -7,7 +7,7 @@ Three lines in a user script (see docs/micromanager.md)::
     with Acquisition(directory, name, image_process_fn=hook) as acq: ...
 
     from streamer.micromanager import PymmcorePlusHandler
-    mmc.mda.events.frameReady.connect(PymmcorePlusHandler().frameReady)
+    PymmcorePlusHandler().connect(mmc)
 
 The hooks never raise into the acquisition. If the service is down or slow, or a frame's metadata is not understood,
 they warn once, count, and return at once so the microscope keeps going. The pixels are handed to ZMQ as a buffer, so
@@ -26,7 +26,7 @@ Indices come from the metadata these libraries really deliver:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ class _Forwarder:
         if sender is not None and endpoint is not None:
             raise HookError("give either a sender or an endpoint, not both")
         self.sender = sender or StreamSender(SenderConfig(endpoint=endpoint) if endpoint else None, metrics=metrics)
+        self.metrics = metrics
         self.optics = optics
         self.frames_seen = 0
         self.frames_forwarded = 0
@@ -63,10 +64,11 @@ class _Forwarder:
             self._warned.add(key)
             log.warning(msg + " (further occurrences are counted, not logged)", *args)
 
-    def _forward(self, image: np.ndarray, *, t: int, z: int, c: int, z_count: int, start: dict[str, Any],
-                 metadata: dict[str, Any]) -> None:
+    def _forward(self, image: np.ndarray, *, t: int, z: int, c: int, z_count: int,
+                 start: Callable[[], dict[str, Any]], metadata: dict[str, Any]) -> None:
         if not self.sender.started:
-            self.sender.start(**start)  # retried on every frame until the service takes it
+            # built only until it is sent: at camera rate every microsecond of the hook counts
+            self.sender.start(**start())  # retried on every frame until the service takes it
         if not self.sender.started:
             self.frames_dropped += 1
             return
@@ -93,6 +95,17 @@ class _Forwarder:
         """Counters of this hook plus its sender's."""
         return {"seen": self.frames_seen, "forwarded": self.frames_forwarded, "dropped": self.frames_dropped,
                 "errors": self.errors, "sender": self.sender.stats()}
+
+    def new_acquisition(self) -> None:
+        """Start a fresh acquisition (new id, new AcquisitionStart) if the current one was used; never raises."""
+        try:
+            if self.sender.started or self.sender.closed:
+                old = self.sender
+                if not old.closed:
+                    self.finish("complete")
+                self.sender = StreamSender(old.config, metrics=self.metrics)
+        except Exception as err:  # pragma: no cover - must not break the user's script
+            self._warn_once("new_acquisition", "could not open a new stream: %s", err)
 
     def finish(self, reason: str = "complete") -> None:
         """Send AcquisitionEnd (if anything was started) and close the sender; never raises."""
@@ -156,10 +169,12 @@ class PycroManagerHook(_Forwarder):
             dtype = MM_PIXEL_TYPES.get(mm_type, image.dtype.name) if mm_type else image.dtype.name
             if np.dtype(dtype) != image.dtype:
                 raise ValueError(f"PixelType {mm_type} does not match the image's {image.dtype}")
-            start = dict(optics=self._optics(metadata.get("PixelSizeUm")), z_count=self.z_count,
-                         frame_shape=(height, width), dtype=image.dtype.name, n_timepoints=self.n_timepoints,
-                         channels=self.channels or ("0",),
-                         metadata={k: metadata[k] for k in ("Camera", "Core-Camera", "Exposure") if k in metadata})
+            def start() -> dict[str, Any]:
+                return dict(optics=self._optics(metadata.get("PixelSizeUm")), z_count=self.z_count,
+                            frame_shape=(height, width), dtype=image.dtype.name, n_timepoints=self.n_timepoints,
+                            channels=self.channels or ("0",),
+                            metadata={k: metadata[k] for k in ("Camera", "Core-Camera", "Exposure") if k in metadata})
+
             frame_meta = {k: metadata[k] for k in ("ElapsedTime-ms", "ImageNumber", "ZPositionUm", "Exposure")
                           if k in metadata}
             self._forward(image, t=t, z=z, c=c, z_count=self.z_count, start=start, metadata=frame_meta)
@@ -186,9 +201,21 @@ class PymmcorePlusHandler(_Forwarder):
     def __init__(self, *, optics: OpticsConfig | None = None, endpoint: str | None = None,
                  sender: StreamSender | None = None, metrics: Any | None = None) -> None:
         super().__init__(sender, endpoint, optics, metrics)
+        self._seq_cached: Any = object()
+        self._z_count = 1
+        self._n_t: int | None = None
+
+    def connect(self, core: Any) -> PymmcorePlusHandler:
+        """Connect to ``core.mda.events`` (sequenceStarted, frameReady, sequenceFinished); returns self."""
+        events = core.mda.events
+        events.sequenceStarted.connect(self.sequenceStarted)
+        events.frameReady.connect(self.frameReady)
+        events.sequenceFinished.connect(self.sequenceFinished)
+        return self
 
     def sequenceStarted(self, sequence: Any, meta: Any = None) -> None:  # noqa: N802 - pymmcore-plus's name
-        """Nothing to do: AcquisitionStart goes out lazily with the first frame, which knows the image format."""
+        """A new MDA is a new acquisition; its AcquisitionStart goes out lazily with the first frame."""
+        self.new_acquisition()
 
     def sequenceFinished(self, sequence: Any) -> None:  # noqa: N802
         self.finish("complete")
@@ -198,18 +225,24 @@ class PymmcorePlusHandler(_Forwarder):
         try:
             index = event.index
             seq = event.sequence
-            sizes = {str(getattr(k, "value", k)): int(v) for k, v in (seq.sizes.items() if seq is not None else ())}
-            z_count = max(sizes.get("z", 1), 1)
-            n_t = sizes.get("t") or None
-            channels = tuple(ch.config for ch in seq.channels) if seq is not None and seq.channels else None
-            if channels is None and event.channel is not None:
-                channels = (event.channel.config,)
-            # in a sample-scan light-sheet acquisition the z step of the sequence is the stage step between planes
-            z_step = getattr(getattr(seq, "z_plan", None), "step", None)
-            start = dict(optics=self._optics(meta.get("pixel_size_um"), z_step), z_count=z_count,
-                         frame_shape=tuple(img.shape[:2]), dtype=img.dtype.name, n_timepoints=n_t,
-                         channels=channels or ("0",),
-                         metadata={k: meta[k] for k in ("camera_device", "exposure_ms") if k in meta})
+            if seq is not self._seq_cached:  # sizes are per sequence: work them out once, not per frame
+                sizes = {str(getattr(k, "value", k)): int(v) for k, v in (seq.sizes.items() if seq is not None else ())}
+                self._z_count = max(sizes.get("z", 1), 1)
+                self._n_t = sizes.get("t") or None
+                self._seq_cached = seq
+            z_count = self._z_count
+
+            def start() -> dict[str, Any]:
+                channels = tuple(ch.config for ch in seq.channels) if seq is not None and seq.channels else None
+                if channels is None and event.channel is not None:
+                    channels = (event.channel.config,)
+                # in a sample-scan light-sheet acquisition the z step of the sequence is the stage step
+                z_step = getattr(getattr(seq, "z_plan", None), "step", None)
+                return dict(optics=self._optics(meta.get("pixel_size_um"), z_step), z_count=z_count,
+                            frame_shape=tuple(img.shape[:2]), dtype=img.dtype.name, n_timepoints=self._n_t,
+                            channels=channels or ("0",),
+                            metadata={k: meta[k] for k in ("camera_device", "exposure_ms") if k in meta})
+
             frame_meta = {k: meta[k] for k in ("runner_time_ms", "exposure_ms") if k in meta}
             self._forward(img, t=int(index.get("t", 0)), z=int(index.get("z", 0)), c=int(index.get("c", 0)),
                           z_count=z_count, start=start, metadata=frame_meta)

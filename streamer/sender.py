@@ -93,6 +93,10 @@ class StreamSender:
     def endpoint(self) -> str:
         return self.config.endpoint
 
+    @property
+    def closed(self) -> bool:
+        return self._sock.closed
+
     def _send(self, parts: list[Any], what: str, nbytes: int = 0) -> bool:
         with self._lock:
             if self._sock.closed:
