@@ -70,6 +70,15 @@ def test_split_recovers_x_tilt_and_mirror_and_views_overlay(ax_deg, mirror_um):
         assert np.linalg.norm(ca - cb) <= 1.0
 
 
+def test_skew_axis_y_splits_the_transposed_volume():
+    vol, _ = mirrored_volume(SHAPE, 0.43, 0.25, seed=2)
+    a, b, rep = split_views(vol, DX, DZ, ViewsParams(max_depth=20), device="cpu")
+    a_y, b_y, rep_y = split_views(np.swapaxes(vol, 1, 2), DX, DZ, ViewsParams(max_depth=20), skew_axis="y")
+    assert rep_y == rep
+    np.testing.assert_array_equal(a_y, np.swapaxes(a, 1, 2))
+    np.testing.assert_array_equal(b_y, np.swapaxes(b, 1, 2))
+
+
 def test_y_correction_search_finds_a_small_extra_tilt():
     # Mirror truly at 31.2° while the nominal objective angle is 30.8°: the y search corrects it.
     vol, _ = mirrored_volume(SHAPE, 0.0, 0.2, seed=1)
