@@ -7,7 +7,7 @@ resampling. Weights are relative emitter brightness; the microscope scales them 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,6 +27,8 @@ class Sample:
     group: np.ndarray  # (N,) int
     n_groups: int
     seed: int
+    # (t, cumulative walk) of the latest timepoint: a series asks for t, t+1, … so each costs one step
+    _walk: dict = field(default_factory=dict, compare=False, repr=False)
 
     def at(self, timepoint: int, cfg: SimConfig) -> np.ndarray:
         """Point positions at ``timepoint`` (0 = as generated): common drift plus a random walk per group.
@@ -40,10 +42,16 @@ class Sample:
         # Beads are stuck to the coverslip: they share the stage drift but do not diffuse.
         jitter = 0.0 if self.structure is Structure.beads else cfg.jitter_um
         if jitter > 0:
-            for t in range(1, timepoint + 1):
+            t0, walk = self._walk.get(jitter, (0, disp))
+            if t0 > timepoint:
+                t0, walk = 0, disp
+            walk = walk.copy()
+            for t in range(t0 + 1, timepoint + 1):
                 step = np.random.default_rng([self.seed, 104729, t]).normal(0.0, jitter, (self.n_groups, 3))
                 step[:, 2] *= 0.3  # cells spread along the coverslip more than they climb
-                disp += step
+                walk += step
+            self._walk[jitter] = (timepoint, walk)
+            disp = walk.copy()
         disp += np.asarray(cfg.drift_um_per_timepoint) * timepoint
         pts = self.points_um + disp[self.group]
         pts[:, 2] = np.maximum(pts[:, 2], MIN_HEIGHT_UM)
