@@ -7,9 +7,11 @@ honours precision written into the network (strong typing).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,25 @@ def _dynamic_shapes(spec: ModelSpec, ranges: Mapping[str, ShapeRange], arg_names
     return shapes
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatter (progress lines, "torchvision is not installed", renamed-axis notes) so
+    that a user sees our summary and real problems only; errors still propagate."""
+    names = ["torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._core",
+             "torch.onnx._internal.exporter._onnx_program", "torch.export"]
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 def export_onnx(module: nn.Module, spec: ModelSpec, ranges: Mapping[str, ShapeRange], out_path: Path,
                 precision: Precision = Precision.FP32, opset: int | None = None) -> tuple[Path, int]:
     """Export *module* to *out_path* with dynamic axes covering *ranges*.
@@ -119,7 +140,7 @@ def export_onnx(module: nn.Module, spec: ModelSpec, ranges: Mapping[str, ShapeRa
     if isinstance(net, TypedIO):  # forward(*xs): torch.export sees one tuple argument
         dynamic_shapes = (dynamic_shapes,)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 net, examples, dynamo=True, opset_version=opset, input_names=spec.input_names,
                 output_names=spec.output_names, dynamic_shapes=dynamic_shapes, external_data=False,

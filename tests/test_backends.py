@@ -131,6 +131,46 @@ def test_shape_outside_exported_range_names_the_valid_range(models, backend, sou
         assert "axis H = 40 is outside" in msg and "8–32" in msg and "N 1–4" in msg and "--max-shape" in msg
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_torch_reduced_precision_keeps_float32_io_and_50db(models, precision):
+    from export.validate import psnr_db
+
+    ckpt, _ = models["vsi-sr"]
+    x = np.random.default_rng(4).random((1, 7, 16, 16), dtype=np.float32)
+    with make_backend("vsi-sr", ckpt, "torch", BackendConfig(device="cpu", precision=precision)) as b:
+        y = b(x)
+    assert y.dtype == np.float32
+    assert psnr_db(_reference(models, "vsi-sr", x), y) >= 50.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(cuda_graphs=True), dict(torch_compile=True)], ids=["cuda-graphs", "compile"])
+def test_torch_cuda_graphs_and_compile_match_eager(models, options):
+    ckpt, _ = models["vsi-sr"]
+    x = torch.rand(2, 7, 24, 20, device="cuda")
+    with make_backend("vsi-sr", ckpt, "torch", BackendConfig(device="cuda")) as eager, \
+            make_backend("vsi-sr", ckpt, "torch", BackendConfig(device="cuda", **options)) as fast:
+        want = eager(x)
+        for _ in range(3):  # graphs are captured on the first call and replayed after; replays must not alias
+            got = fast(x)
+            assert got.device.type == "cuda" and torch.abs(got - want).max().item() <= 1e-4
+        assert torch.abs(fast(x * 2) - eager(x * 2)).max().item() <= 1e-4
+
+
+def test_flop_counter_matches_analytic_vsisr_count():
+    """Bench FLOPs (torch.utils.flop_counter) = the layer-by-layer count of VSI-SR (multiply-add = 2 FLOPs)."""
+    from export.bench import count_flops
+
+    n, h, w = 2, 10, 14
+    net = get_model("vsi-sr").build_random(0)
+    px, up = n * h * w, n * int(1.5 * h) * int(1.5 * w)
+    conv3 = lambda cin, cout, pixels: 2 * cin * cout * 9 * pixels  # noqa: E731
+    trunk = conv3(7, 64, px) + 16 * 2 * conv3(64, 64, px)
+    attention = 16 * n * 2 * (64 * 4 + 4 * 64)  # two 1×1 convs on the pooled vector per RCAB
+    tail = conv3(64, 256, up) + conv3(256, 3, up)
+    assert count_flops(net, torch.rand(n, 7, h, w)) == trunk + attention + tail
+
+
 def test_step2_through_onnxruntime_matches_torch(models):
     """Full Step 2 (three orientations, batching, Wiener recombination) with ONNX Runtime as `predict`."""
     from engines.config import OpticsConfig

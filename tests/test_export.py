@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from engines.backends.errors import InputShapeError
 from engines.backends.manifest import Precision, read_manifest
 from engines.backends.models import get_model, sha256_of
 from export.api import GOLDEN_NAME
@@ -148,12 +149,37 @@ def test_fp16_export_keeps_float32_io_and_meets_psnr(tmp_path):
     assert dtypes == {onnx.TensorProto.FLOAT16}
 
 
-def test_bf16_onnx_refused_without_engine_and_nothing_written(tmp_path, capsys):
-    rc, folder = _export(tmp_path, "vsi-sr", "bf16")
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "bfloat16" in err and "--format engine" in err
-    assert not (folder / "manifest.json").exists() and not (folder / "vsi-sr.onnx").exists()
+def _tiny_conv_kind():
+    """A one-conv model registered like the real ones: the BF16 path is generic, so a tiny net tests it fast."""
+    from engines.backends.base import ModelSpec
+    from engines.backends.manifest import Normalisation, ShapeRange, TensorInfo
+    from engines.backends.models import ModelKind, register_model
+
+    def build(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Conv2d(2, 3, 3, padding=1).eval()
+
+    spec = ModelSpec(kind="tiny-conv", inputs=(TensorInfo(name="x", layout="NCHW", shape=["N", 2, "H", "W"]),),
+                     outputs=(TensorInfo(name="y", layout="NCHW", shape=["N", 3, "H", "W"]),),
+                     default_ranges={"x": ShapeRange(min=[1, 2, 4, 4], opt=[1, 2, 8, 8], max=[2, 2, 16, 16])})
+    register_model(ModelKind(spec=spec, load=lambda p: torch.load(p, weights_only=False), build_random=build,
+                             save=lambda m, p: torch.save(m, p),
+                             normalisation=Normalisation(input="test", output="test")))
+    return spec.kind
+
+
+def test_bf16_onnx_refused_without_engine_and_nothing_written(tmp_path):
+    from export.api import export_model
+
+    kind = _tiny_conv_kind()
+    get_model(kind).save(get_model(kind).build_random(0), tmp_path / "t.pt")
+    with pytest.raises(ExportValidationError) as err:
+        export_model(kind, tmp_path / "t.pt", tmp_path / "out", precision="bf16")
+    assert "bfloat16" in str(err.value) and "--format engine" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [], "nothing may be left behind"
+    # the same tiny model exports fine in FP32, at opset 18, with a manifest
+    man = export_model(kind, tmp_path / "t.pt", tmp_path / "out", precision="fp32")
+    assert man.opset == 18 and (tmp_path / "out" / "manifest.json").is_file()
 
 
 def test_psnr_and_golden_shapes_properties():
@@ -182,12 +208,14 @@ def test_constant_resize_check_rejects_size_computed_resize(tmp_path):
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
-def test_unknown_checkpoint_layout_names_expected_keys(tmp_path, capsys):
+@pytest.mark.parametrize("kind, expected", [("vsi-sr", "vars.0"), ("rl-dfn", "state_dict")])
+def test_unknown_checkpoint_layout_names_expected_keys(tmp_path, capsys, kind, expected):
     bad = tmp_path / "bad.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, bad)
-    rc = main(["export", "--model", "vsi-sr", "--checkpoint", str(bad), "--out", str(tmp_path / "o")])
+    rc = main(["export", "--model", kind, "--checkpoint", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "vars.0" in err and "encoder.weight" in err
+    assert rc == 2 and expected in err and "encoder.weight" in err
+    assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -244,3 +272,27 @@ def test_engine_export_builds_and_validates(tmp_path, precision):
         assert np.abs(y - ref).max() <= FP32_MAX_ABS
     else:
         assert psnr_db(ref, y) >= 50
+    with pytest.raises(InputShapeError, match="outside"):
+        pred(np.zeros((1, 7, 128, 128), np.float32))
+    pred.unload()
+
+
+@pytest.mark.tensorrt
+def test_corrupt_engine_is_rebuilt_or_refused_never_deserialised(tmp_path):
+    from engines.backends.errors import EngineFileError
+    from engines.backends.select import BackendConfig, make_predictor
+
+    mk = get_model("vsi-sr")
+    mk.save(mk.build_random(7), tmp_path / "v.pt")
+    out = tmp_path / "eng"
+    assert main(["export", "--model", "vsi-sr", "--checkpoint", str(tmp_path / "v.pt"), "--format", "engine",
+                 "--out", str(out), "--min-shape", "1x7x16x16", "--opt-shape", "1x7x32x32",
+                 "--max-shape", "1x7x64x64"]) == 0
+    engine = out / "vsi-sr.fp32.engine"
+    raw = engine.read_bytes()
+    engine.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(EngineFileError, match="truncated"):
+        make_predictor("vsi-sr", out, backend="tensorrt")
+    pred = make_predictor("vsi-sr", out, backend="tensorrt", config=BackendConfig(rebuild_engine=True))
+    golden = load_golden(out / GOLDEN_NAME)
+    assert np.abs(pred(golden["opt"]["planes"]) - golden["opt"]["components"]).max() <= FP32_MAX_ABS

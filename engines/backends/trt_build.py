@@ -59,6 +59,13 @@ def strongly_typed_flags(trt: Any) -> tuple[int, bool]:
     return 1 << int(flag), True
 
 
+def _parser_error(err: Any) -> str:
+    """Readable text of an ``IParserError`` (its ``desc()`` plus the failing node where available)."""
+    desc = err.desc() if hasattr(err, "desc") else str(err)
+    node = err.node_name() if hasattr(err, "node_name") else None
+    return f"{desc} (node {node})" if node else desc
+
+
 def build_engine_plan(onnx_path: Path, profile: Mapping[str, ShapeRange], precision: Precision, onnx_sha256: str,
                       timing_cache: Path | None = None, workspace_gib: float = 4.0, n_profiles: int = 1,
                       device_id: int = 0) -> tuple[bytes, EngineInfo]:
@@ -100,7 +107,7 @@ def build_engine_plan(onnx_path: Path, profile: Mapping[str, ShapeRange], precis
     parser = trt.OnnxParser(network, logger)
     # parse_from_file (not parse(bytes)) so that weights stored beside the file would be found too.
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
