@@ -147,3 +147,11 @@ def test_bad_inputs():
         classical_fuse(v, v, np.zeros((3, 3, 3)), v)
     with pytest.raises(VolumeShapeError, match="no signal above its background"):
         clean_psf(np.full((9, 9, 9), 100.0))
+
+
+@pytest.mark.gpu
+def test_classical_cuda_matches_cpu(gaussian_pair):
+    (va, vb), _ = _simulate(*gaussian_pair)
+    cpu = classical_fuse(va, vb, *gaussian_pair, iterations=5, device="cpu")
+    gpu = classical_fuse(va, vb, *gaussian_pair, iterations=5, device="cuda")
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-3 * float(cpu.max()))
