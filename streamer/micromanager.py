@@ -66,6 +66,8 @@ class _Forwarder:
 
     def _forward(self, image: np.ndarray, *, t: int, z: int, c: int, z_count: int,
                  start: Callable[[], dict[str, Any]], metadata: dict[str, Any]) -> None:
+        if self.sender.closed:  # the hook is reused after finish(): a new acquisition
+            self.new_acquisition()
         if not self.sender.started:
             # built only until it is sent: at camera rate every microsecond of the hook counts
             self.sender.start(**start())  # retried on every frame until the service takes it

@@ -272,3 +272,28 @@ def test_pymmcore_plus_acquisition_completes_with_service_down(caplog) -> None:
     assert got == list(range(25))  # the microscope acquired every frame; other listeners saw them all
     assert handler.frames_seen == 25 and handler.frames_dropped == 25 and handler.errors == 0
     assert len([r for r in caplog.records if "not taking frames" in r.getMessage()]) == 1
+
+
+def test_pycromanager_hook_reused_after_finish_opens_a_new_acquisition() -> None:
+    rx = Receiver()
+    try:
+        hook = PycroManagerHook(z_count=1, endpoint=rx.endpoint)
+        img = np.ones((8, 8), np.uint16)
+        deadline = time.monotonic() + 10
+        while hook.frames_forwarded == 0:  # the connection is asynchronous; frames before it are dropped, counted
+            assert time.monotonic() < deadline
+            hook(img, pycromanager_metadata(0, 0, "488", 8, 8))
+        hook.finish()
+        first = hook.sender.acquisition_id
+        while hook.frames_forwarded == 1:
+            assert time.monotonic() < deadline
+            hook(img, pycromanager_metadata(0, 0, "488", 8, 8))
+        hook.finish()
+        msgs = rx.take(6)
+    finally:
+        rx.close()
+    by_id: dict[str, list[str]] = {}
+    for h, _ in msgs:  # two sockets one after the other: their messages may interleave at the receiver
+        by_id.setdefault(h.acquisition_id, []).append(h.kind)
+    assert len(by_id) == 2 and first in by_id
+    assert all(kinds == ["acquisition_start", "frame", "acquisition_end"] for kinds in by_id.values())
