@@ -335,3 +335,37 @@ def test_geometry_variants_deskew_to_truth(virtual_side: str, angle: float) -> N
     k, _, x = np.nonzero(mic.ground_truth(0))
     below = x < g.mirror_deskewed_x(k)
     assert below.all() if virtual_side == "high" else not below.any()
+
+
+def _fwhm(line: np.ndarray, spacing: float) -> float:
+    """Full width at half maximum of a 1-D peak, crossings linearly interpolated."""
+    line = np.asarray(line, dtype=np.float64)
+    i = int(np.argmax(line))
+    half = line[i] / 2
+    lo, hi = i, i
+    while lo > 0 and line[lo - 1] > half:
+        lo -= 1
+    while hi < len(line) - 1 and line[hi + 1] > half:
+        hi += 1
+    left = lo - (line[lo] - half) / (line[lo] - line[lo - 1])
+    right = hi + (line[hi] - half) / (line[hi] - line[hi + 1])
+    return float((right - left) * spacing)
+
+
+def test_beads_have_the_resolution_the_optics_imply(beads_no_mirror) -> None:
+    mic, _ = beads_no_mirror
+    g, o, c = mic.geometry, mic.cfg.optics, mic.cfg
+    photons = mic.expected_photons(0)  # noise-free, to measure the optics rather than the noise
+    desk = deskew(photons - mic.band(), g.dx_um, g.dz_um, g.angle_deg)
+    lam, na, n = o.emission_nm / 1000, o.na_detection, o.refractive_index
+    lateral = 0.51 * lam / na  # Airy FWHM; pixel integration and off-centre sampling widen it by up to ~25 %
+    # Axial: widefield detection (0.88 λ / (n − √(n² − NA²))) times the sheet's main lobe, both ~Gaussian.
+    det_axial = 0.88 * lam / (n - math.sqrt(n * n - na * na))
+    axial = 1 / math.sqrt(1 / det_axial**2 + 1 / c.sheet_fwhm_um**2)
+    for p in mic.bead_positions()["deskewed_index"]:
+        k, y, x = np.round(p).astype(int)
+        box = desk[k - 2:k + 3, y - 2:y + 3, x - 2:x + 3]
+        dk, dy, dx = np.unravel_index(int(np.argmax(box)), box.shape)
+        k, y, x = k - 2 + dk, y - 2 + dy, x - 2 + dx
+        assert lateral * 0.95 < _fwhm(desk[k, :, x], g.dx_um) < lateral * 1.3
+        assert axial * 0.9 < _fwhm(desk[:, y, x], g.dz_deskewed_um) < axial * 1.15
