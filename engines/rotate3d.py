@@ -15,12 +15,13 @@ Conventions, used by every caller so that the pieces agree:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from scipy.ndimage import affine_transform
 
-from engines.device import pick_device
+if TYPE_CHECKING:  # torch is imported where used, so importing this module stays light
+    import torch
 
 
 def rot_y(angle_deg: float) -> np.ndarray:
@@ -82,6 +83,30 @@ def rotate_volume(
     numpy.ndarray
         float32 (trilinear interpolation, 0 outside the input), shape ``out_shape`` or its ``z_slices`` part.
     """
+    chunks = list(iter_rotated(vol, spacing, rot, out_spacing=out_spacing, out_shape=out_shape, device=device,
+                               z_slices=z_slices, max_chunk_bytes=max_chunk_bytes))
+    return chunks[0][1] if len(chunks) == 1 else np.concatenate([c for _, c in chunks], axis=0)
+
+
+def iter_rotated(
+    vol: np.ndarray,
+    spacing: tuple[float, float, float],
+    rot: np.ndarray,
+    *,
+    out_spacing: float | None = None,
+    out_shape: tuple[int, int, int] | None = None,
+    device: str | torch.device | None = None,
+    z_slices: tuple[int, int] | None = None,
+    max_chunk_bytes: int = 64 << 20,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`rotate_volume` in chunks of output planes: yields ``(first plane, planes)``.
+
+    A caller that only needs a projection of the rotated volume never holds all of it.
+    """
+    import torch
+
+    from engines.device import pick_device
+
     arr = np.asarray(vol, dtype=np.float32)
     if arr.ndim != 3 or min(arr.shape) < 2:
         raise ValueError(f"volume must be 3-D with at least 2 voxels per axis, got shape {arr.shape}")
@@ -103,7 +128,6 @@ def rotate_volume(
     z_lo, z_hi = z_slices if z_slices is not None else (0, oshape[0])
     if not 0 <= z_lo < z_hi <= oshape[0]:
         raise ValueError(f"z_slices {z_slices} outside the {oshape[0]} output planes")
-    out = np.empty((z_hi - z_lo, *oshape[1:]), dtype=np.float32)
     with torch.no_grad():
         # The grid is affine in the output index, so it is the sum of one small term per axis (computed in
         # float64, summed in float32): far cheaper than materialising index triples and a matrix product.
@@ -122,8 +146,8 @@ def rotate_volume(
                 gz = cols[0][z0 : min(z_hi, z0 + step)][:, [0, 2]].float()[:, None, :]
                 res = torch.nn.functional.grid_sample(src, (gz + gx)[None], mode="bilinear", padding_mode="zeros",
                                                       align_corners=True)
-                out[z0 - z_lo : z0 - z_lo + gz.shape[0]] = res[0].permute(1, 0, 2).cpu().numpy()
-            return out
+                yield z0, np.ascontiguousarray(res[0].permute(1, 0, 2).cpu().numpy())
+            return
         src = torch.from_numpy(arr).to(dev)[None, None]
         gy = cols[1].float()[None, :, None, :]
         gx = (cols[2] + t_t[None, :]).float()[None, None, :, :]
@@ -133,8 +157,7 @@ def rotate_volume(
             gz = cols[0][z0 : min(z_hi, z0 + step)].float()[:, None, None, :]
             grid = (gz + gy + gx)[None]
             res = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            out[z0 - z_lo : z0 - z_lo + gz.shape[0]] = res[0, 0].cpu().numpy()
-    return out
+            yield z0, res[0, 0].cpu().numpy()
 
 
 def rotate_plane(img: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -142,6 +165,8 @@ def rotate_plane(img: np.ndarray, angle_deg: float) -> np.ndarray:
     c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
     rot = np.array([[c, -s], [s, c]])
     centre = (np.asarray(img.shape, dtype=np.float64) - 1) / 2.0
+    from scipy.ndimage import affine_transform
+
     # affine_transform maps output index o to input index M @ o + offset; M = rot.T (inverse rotation).
     m = rot.T
     return affine_transform(np.asarray(img, dtype=np.float64), m, offset=centre - m @ centre, order=1, cval=0.0)

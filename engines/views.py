@@ -209,7 +209,7 @@ def split_views(
     report : ViewsReport
     """
     from engines.device import pick_device
-    from engines.rotate3d import rot_x, rot_y, rotate_volume, rotated_shape
+    from engines.rotate3d import iter_rotated, rot_x, rot_y, rotate_volume, rotated_shape
 
     params = params or ViewsParams()
     arr = np.asarray(volume)
@@ -226,6 +226,7 @@ def split_views(
         if not (math.isfinite(val) and val > 0):
             raise ViewsError(f"voxel size {name} must be a positive number of µm, got {val!r}")
     dev = pick_device(str(device) if device is not None else None)
+    arr = np.asarray(arr, dtype=np.float32)  # once, not in every resampling pass
     spacing = (float(dz_um), float(dx_um), float(dx_um))
     r0 = rot_y(params.angle_deg)
     full = rotated_shape(arr.shape, spacing, r0, dx_um)
@@ -235,33 +236,31 @@ def split_views(
     def trimmed(v: np.ndarray) -> np.ndarray:
         return v[:, b : v.shape[1] - b or None, b : v.shape[2] - b or None] if b else v
 
-    rotated = rotate_volume(arr, spacing, r0, out_spacing=dx_um, out_shape=oshape, device=dev)
-    sub = trimmed(rotated)
-    if sub.shape[1] < 1 or sub.shape[2] < 1:
-        raise ViewsError(f"border_px={b} removes the whole {rotated.shape[1]}×{rotated.shape[2]} projection")
+    def projection(rot: np.ndarray, axis: int) -> np.ndarray:
+        # Max projection of the rotated volume, built chunk by chunk: the whole rotated volume (often several
+        # times the input) is never held, only the planes the views keep are resampled at the end.
+        parts = [trimmed(c).max(axis=axis) for _, c in iter_rotated(arr, spacing, rot, out_spacing=dx_um,
+                                                                      out_shape=oshape, device=dev)]
+        return np.concatenate(parts, axis=0)
+
+    if b and (oshape[1] <= 2 * b or oshape[2] <= 2 * b):
+        raise ViewsError(f"border_px={b} removes the whole {oshape[1]}×{oshape[2]} projection")
     ax, offset, score = mirror_search(
-        sub.max(axis=2), _steps(*params.x_range_deg, params.x_step_deg), params.split_range, params.blur_px
+        projection(r0, 2), _steps(*params.x_range_deg, params.x_step_deg), params.split_range, params.blur_px
     )
     rot = rot_x(ax) @ r0
     dy = 0.0
     if params.y_range_deg != (0.0, 0.0):
-        if ax != 0:
-            rotated = rotate_volume(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, device=dev)
         dy, offset, score = mirror_search(
-            trimmed(rotated).max(axis=1), _steps(*params.y_range_deg, params.y_step_deg), params.split_range,
-            params.blur_px,
+            projection(rot, 1), _steps(*params.y_range_deg, params.y_step_deg), params.split_range, params.blur_px
         )
         # The y correction was found on the x-corrected volume, so it is applied last.
         rot = rot_y(dy) @ rot
-    n_rot = rotated.shape[0]
+    n_rot = oshape[0]
     a_idx, b_idx = view_indices(n_rot, offset, params.max_depth)
-    if ax != 0 or dy != 0:
-        # Only the planes the views keep are resampled again.
-        lo, hi = int(a_idx.min()), int(b_idx.max()) + 1
-        part = rotate_volume(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, device=dev, z_slices=(lo, hi))
-        view_a, view_b = part[a_idx - lo], part[b_idx - lo]
-    else:
-        view_a, view_b = rotated[a_idx], rotated[b_idx]
+    lo, hi = int(a_idx.min()), int(b_idx.max()) + 1
+    part = rotate_volume(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, device=dev, z_slices=(lo, hi))
+    view_a, view_b = part[a_idx - lo], part[b_idx - lo]
     report = ViewsReport(
         angle_y_deg=params.angle_deg + dy,
         angle_y_correction_deg=dy,
@@ -269,7 +268,7 @@ def split_views(
         split_index=(n_rot - 1 + offset) / 2.0,
         split_offset=offset,
         depth=view_a.shape[0],
-        rotated_shape=(n_rot, int(rotated.shape[1]), int(rotated.shape[2])),
+        rotated_shape=(int(oshape[0]), int(oshape[1]), int(oshape[2])),
         voxel_um=float(dx_um),
         score=score,
     )
