@@ -168,3 +168,24 @@ def test_stage_worker_overlaps_on_cuda_and_matches_cpu():
     assert [t for t, _ in got] == list(range(5))
     for (_, g), w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_status_cli_and_json_logs(tmp_path, capsys):
+    import json
+    import logging
+
+    from streamer.cli import main
+    from streamer.cli.serve_cmd import JsonFormatter
+
+    with Service(config(tmp_path), stage_factory=scale_stages) as svc:
+        assert main(["status", "--control", svc.control_endpoint]) == 0
+        text = capsys.readouterr().out
+        assert "state: running" in text and "queues: recorded=0" in text
+        assert main(["status", "--control", svc.control_endpoint, "--stop"]) == 0
+        assert json.loads(capsys.readouterr().out)["stopping"] is True
+        assert svc.wait(10)
+    assert main(["status", "--control", "tcp://127.0.0.1:1", "--timeout", "0.2"]) == 2
+    assert "no rllsm service answered on tcp://127.0.0.1:1" in capsys.readouterr().err
+    rec = logging.LogRecord("streamer.x", logging.WARNING, __file__, 1, "stack %s incomplete", ("t=3",), None)
+    doc = json.loads(JsonFormatter().format(rec))
+    assert doc["level"] == "WARNING" and doc["message"] == "stack t=3 incomplete" and doc["time"].endswith("Z")
