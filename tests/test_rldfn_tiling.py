@@ -152,3 +152,24 @@ def test_tiled_cuda_matches_cpu(model, views):
     cpu = fuse_rldfn(*views, model, tile=48, overlap=24, device="cpu")
     gpu = fuse_rldfn(*views, model, tile=48, overlap=24, device="cuda")
     np.testing.assert_allclose(gpu, cpu, atol=1e-4 * float(np.ptp(cpu)))
+
+
+class _SmallMemoryNet(DualViewFusionNet):
+    """Fault injection: behaves like a device that runs out of memory on patches above ``limit`` voxels."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(width=4)
+        self.limit = limit
+
+    def forward(self, corr_a: torch.Tensor, corr_b: torch.Tensor) -> torch.Tensor:
+        if corr_a[0, 0].numel() > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().forward(corr_a, corr_b)
+
+
+def test_device_out_of_memory_is_a_budget_error(views):
+    model = RLDFN(_SmallMemoryNet(limit=16 * 24 * 24).eval(), _tilted_psf(0.54), _tilted_psf(-0.54))
+    a, b = (v[:16, :40, :40] for v in views)
+    with pytest.raises(MemoryBudgetError, match="16×40×40 patch did not fit in CPU memory"):
+        fuse_rldfn(a, b, model, tile="none")
+    assert fuse_rldfn(a, b, model, tile=24, overlap=8).shape == (16, 40, 40)

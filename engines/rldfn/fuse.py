@@ -9,9 +9,16 @@ import numpy as np
 import torch
 
 from engines.device import pick_device
-from engines.rldfn.errors import VolumeShapeError
+from engines.rldfn.errors import MemoryBudgetError, VolumeShapeError
 from engines.rldfn.model import RLDFN
-from engines.rldfn.tiling import blend_weights, check_budget, plan_tiles, round_up, tile_for_budget
+from engines.rldfn.tiling import (
+    blend_weights,
+    check_budget,
+    estimate_patch_bytes,
+    plan_tiles,
+    round_up,
+    tile_for_budget,
+)
 
 TileSpec = Literal["none", "auto"] | int
 
@@ -93,7 +100,8 @@ def fuse_rldfn(
     VolumeShapeError
         Views of different shapes, not 3-D, or without signal; a bad tile size.
     MemoryBudgetError
-        The whole volume (``tile="none"``) or one tile needs more memory than the budget.
+        The whole volume (``tile="none"``) or one tile needs more memory than the budget, or the device ran
+        out of memory on a patch.
     """
     check_views(view_a, view_b)
     if overlap < 0:
@@ -132,7 +140,20 @@ def fuse_rldfn(
             sl = t.slices
             ta = torch.from_numpy(np.ascontiguousarray(a[sl])).to(dev)
             tb = torch.from_numpy(np.ascontiguousarray(b[sl])).to(dev)
-            out = model(ta, tb).float().cpu().numpy()
+            try:
+                out = model(ta, tb).float().cpu().numpy()
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError "can't allocate memory"
+                if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+                    raise
+                del ta, tb
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise MemoryBudgetError(
+                    f"a {'×'.join(map(str, t.size))} patch did not fit in {dev.type.upper()} memory "
+                    f"(estimated ≈{estimate_patch_bytes(t.size, width) / 2**20:.0f} MiB); use a smaller tile "
+                    "(tile=N or tile='auto' with a memory budget)"
+                ) from None
             out = np.nan_to_num(out, nan=0.0)  # the reference zeroes NaNs as well
             w = blend_weights(t, padded, overlap) if len(tiles) > 1 else np.ones(t.size, np.float32)
             acc[sl] += w * out
