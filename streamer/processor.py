@@ -222,9 +222,16 @@ class StackProcessor:
         acq = st.key.acquisition_id
         worker = self.workers.get(acq)
         if worker is None:
-            worker = self.workers[acq] = StageWorker(
-                self.stage_factory(self._start_of(st.key, st.data)), device=self.device, observe=self.metrics.observe
-            )
+            try:
+                stages = self.stage_factory(self._start_of(st.key, st.data))
+            except Exception as err:  # missing weights, unusable optics...: say so for every stack, keep recording
+                self.metrics.inc("stage_errors")
+                msg = f"cannot build the reconstruction for {acq}: {type(err).__name__}: {err}"
+                self.last_errors.append(msg)
+                log.error("%s", msg)
+                self._skip(st, msg)
+                return
+            worker = self.workers[acq] = StageWorker(stages, device=self.device, observe=self.metrics.observe)
         try:
             finished = worker.submit(st.data, st)
         except PipelineError as err:  # one bad stack must not stop the stream: count it, say which, go on

@@ -89,7 +89,8 @@ class Service:
         self.metrics = Metrics()
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
-        self.stage_factory = stage_factory or self._default_stages
+        self.default_stages_fn = self._default_stages
+        self.stage_factory = stage_factory or self.default_stages_fn
         self.sink_factory = sink_factory or self.default_sinks
         self.error: BaseException | None = None
         self.stopped = threading.Event()
@@ -149,7 +150,13 @@ class Service:
         """Open the recording (repairing a torn tail), bind the sockets, start the threads."""
         cfg = self.config
         check_bind(cfg.ingest, cfg.keys)
-        check_bind(cfg.control, cfg.keys)
+        # The control socket can stop the service and is not encrypted: it never leaves this machine.
+        check_bind(cfg.control, None)
+        if cfg.mode in (PipelineMode.full, PipelineMode.classical) and self.stage_factory == self.default_stages_fn:
+            try:
+                import engines.reconstruct  # noqa: F401  (fail at start, not at the first stack)
+            except ImportError as err:
+                raise ServiceError(f"mode '{cfg.mode}' needs engines.reconstruct: {err}") from None
         try:
             self.recording = RecordingWriter(cfg.recording, fsync_every=cfg.fsync_every)
         except RecordingError as err:

@@ -81,3 +81,11 @@ def test_curve_accepts_allowed_key_and_rejects_unknown(tmp_path):
         for sock in (bad, good, bad_mon, good_mon):
             sock.close(0)
     ctx.term()
+
+
+def test_control_socket_stays_on_loopback_even_with_keys(tmp_path):
+    generate_keys(tmp_path / "keys")
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", control="tcp://0.0.0.0:0", recording=tmp_path / "rec",
+                        keys=tmp_path / "keys", mode="none")
+    with pytest.raises(InsecureBindError, match="tcp://0.0.0.0:0"):
+        Service(cfg).start()

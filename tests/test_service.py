@@ -189,3 +189,20 @@ def test_status_cli_and_json_logs(tmp_path, capsys):
     rec = logging.LogRecord("streamer.x", logging.WARNING, __file__, 1, "stack %s incomplete", ("t=3",), None)
     doc = json.loads(JsonFormatter().format(rec))
     assert doc["level"] == "WARNING" and doc["message"] == "stack t=3 incomplete" and doc["time"].endswith("Z")
+
+
+def test_unbuildable_reconstruction_is_reported_per_stack_and_recording_goes_on(tmp_path):
+    def no_weights(start):
+        raise ValueError("mode 'full' needs weights (--weights DIR)")
+
+    rng = np.random.default_rng(4)
+    with Service(config(tmp_path), stage_factory=no_weights) as svc:
+        msgs = [start_msg("r", SHAPE[0], SHAPE[1:])]
+        for t in range(2):
+            msgs += stack_frames("r", t, rng.integers(0, 9, SHAPE, np.uint16), None, len(msgs))
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, msgs)
+        assert wait_for(lambda: svc.metrics.counter("stage_errors") == 2, 10)
+        st = svc.status()
+    assert st["state"] == "running" and st["counters"]["messages_received"] == len(msgs)
+    assert "cannot build the reconstruction for r: ValueError: mode 'full' needs weights" in st["errors"]["last"][-1]
