@@ -30,11 +30,11 @@ def synthetic_volumes(shape: tuple[int, int, int], n: int, seed: int = 0) -> lis
     return [rng.poisson(base).astype(np.uint16) for _ in range(n)]
 
 
-def w_rllsm_zarr(vols: list[np.ndarray], out: Path, backend: str = "zarr-python") -> None:
+def w_rllsm_zarr(vols: list[np.ndarray], out: Path, backend: str = "zarr-python", shard: bool = True) -> None:
     from streamer.sinks import OmeZarrConfig, VolumeIndex, VolumeMeta
     from streamer.sinks.zarr_sink import OmeZarrSink
 
-    sink = OmeZarrSink(OmeZarrConfig(path=out, overwrite=True, backend=backend))
+    sink = OmeZarrSink(OmeZarrConfig(path=out, overwrite=True, backend=backend, shard=shard))
     sink.setup(VolumeMeta(acquisition_id="bench", shape=vols[0].shape, dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1),
                           n_timepoints=len(vols)))
     for t, v in enumerate(vols):
@@ -43,12 +43,11 @@ def w_rllsm_zarr(vols: list[np.ndarray], out: Path, backend: str = "zarr-python"
 
 
 def w_rllsm_zarr_threaded(vols: list[np.ndarray], out: Path) -> None:
-    """Our sink (tensorstore backend) behind the writer thread, as the service runs it (close waits for all)."""
+    """Our sink with its default settings behind the writer thread, as the service runs it (close waits for all)."""
     from streamer.sinks import OmeZarrConfig, ThreadedSink, VolumeIndex, VolumeMeta
     from streamer.sinks.zarr_sink import OmeZarrSink
 
-    sink = ThreadedSink(OmeZarrSink(OmeZarrConfig(path=out, overwrite=True, backend="tensorstore")),
-                        queue_size=len(vols), on_full="block")
+    sink = ThreadedSink(OmeZarrSink(OmeZarrConfig(path=out, overwrite=True)), queue_size=len(vols), on_full="block")
     sink.setup(VolumeMeta(acquisition_id="bench", shape=vols[0].shape, dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1),
                           n_timepoints=len(vols)))
     for t, v in enumerate(vols):
@@ -111,9 +110,11 @@ def w_acquire_zarr(vols: list[np.ndarray], out: Path) -> None:
 
 
 WRITERS: dict[str, Callable[[list[np.ndarray], Path], None]] = {
-    "zarr-python (rllsm OmeZarrSink)": w_rllsm_zarr,
-    "tensorstore (rllsm OmeZarrSink)": lambda v, o: w_rllsm_zarr(v, o, "tensorstore"),
-    "tensorstore + writer thread": w_rllsm_zarr_threaded,
+    "zarr-python, sharded": w_rllsm_zarr,
+    "zarr-python, unsharded": lambda v, o: w_rllsm_zarr(v, o, "zarr-python", shard=False),
+    "tensorstore, sharded": lambda v, o: w_rllsm_zarr(v, o, "tensorstore", shard=True),
+    "tensorstore, unsharded": lambda v, o: w_rllsm_zarr(v, o, "tensorstore", shard=False),
+    "rllsm default + writer thread": w_rllsm_zarr_threaded,
     "ome-writers": w_ome_writers,
     "acquire-zarr": w_acquire_zarr,
     "tifffile (rllsm OmeTiffSink)": w_rllsm_tiff,
@@ -161,7 +162,7 @@ def main() -> None:
                 continue
             times[name].append(time.perf_counter() - t0)
             shutil.rmtree(target, ignore_errors=True)
-    ref = min(times["zarr-python (rllsm OmeZarrSink)"] or [float("nan")])
+    ref = min(times["zarr-python, sharded"] or [float("nan")])
     print(f"\n{'writer':34s} {'best GB/s':>10s} {'median GB/s':>12s} {'vs zarr-python':>15s}")
     for name in WRITERS:
         if name in missing:
