@@ -119,3 +119,21 @@ def test_cli_shape_mismatch(files, tmp_path, capsys):
                  str(files["pa"]), "--psf-b", str(files["pb"]), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "registered onto one grid" in err and "12×20×24" in err and "12×20×20" in err
+
+
+def test_cli_single_psf_is_rotated_into_both_views(files, tmp_path, capsys):
+    from engines.rldfn.psf import clean_psf, dual_view_psfs
+    from streamer.cli import main
+
+    out = tmp_path / "one_psf.tif"
+    code = main(["fuse", str(files["a"]), str(files["b"]), str(out), "--mode", "classical", "--psf", str(files["pa"]),
+                 "--angle", "25", "--psf-voxel", "0.2", "0.1", "0.1", "--view-voxel", "0.1", "0.1", "0.1",
+                 "--iterations", "2", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    pa, pb = dual_view_psfs(clean_psf(tifffile.imread(files["pa"])), 25.0, (0.2, 0.1, 0.1), (0.1, 0.1, 0.1))
+    want = classical_fuse(tifffile.imread(files["a"]), tifffile.imread(files["b"]), pa, pb, iterations=2)
+    np.testing.assert_allclose(tifffile.imread(out), want, rtol=1e-5, atol=1e-5)
+    for extra, message in (([], "the views' PSFs are needed"),
+                           (["--psf", str(files["pa"]), "--psf-a", str(files["pa"])], "not both")):
+        assert main(["fuse", str(files["a"]), str(files["b"]), str(out), "--mode", "classical", *extra]) == 2
+        assert message in capsys.readouterr().err

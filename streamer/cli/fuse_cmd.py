@@ -6,6 +6,10 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, metavar="PATH",
                    help="RL-DFN weights: a reference checkpoint folder (net_FA.pth, net_FB.pth, net_G.pth) or an "
                         "rllsm .pt file")
-    p.add_argument("--psf-a", type=Path, required=True, metavar="TIF", help="PSF of view A on the views' grid")
-    p.add_argument("--psf-b", type=Path, required=True, metavar="TIF", help="PSF of view B on the views' grid")
+    psfs = p.add_argument_group("PSFs (either --psf-a and --psf-b, or --psf to be rotated into both)")
+    psfs.add_argument("--psf-a", type=Path, metavar="TIF", help="PSF of view A on the views' grid")
+    psfs.add_argument("--psf-b", type=Path, metavar="TIF", help="PSF of view B on the views' grid")
+    psfs.add_argument("--psf", type=Path, metavar="TIF",
+                      help="one measured detection PSF (bead stack); background removed, centred, then rotated by "
+                           "±--angle into view A's and view B's PSFs")
+    psfs.add_argument("--angle", type=float, default=30.8, metavar="DEG",
+                      help="objective angle for --psf (degrees, default 30.8)")
+    psfs.add_argument("--psf-voxel", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
+                      help="voxel size of --psf in µm (default: --view-voxel)")
+    psfs.add_argument("--view-voxel", type=float, nargs=3, default=None, metavar=("DZ", "DY", "DX"),
+                      help="voxel size of the views in µm (needed with --psf when it differs from --psf-voxel)")
     p.add_argument("--tile", type=_tile_arg, default="none", metavar="none|auto|N",
                    help="rldfn: 'none' = whole volume in one pass (default); N = tiles of N³ voxels (multiple of 4); "
                         "'auto' = largest tile within --memory-budget")
@@ -71,12 +85,34 @@ def _read_volume(path: Path, what: str):
     return arr.astype(np.float32, copy=False)
 
 
+def psfs_from_args(args: argparse.Namespace):
+    """The two views' PSFs from ``--psf-a/--psf-b`` or from one ``--psf`` rotated by ±``--angle``."""
+    from streamer.cli import CLIError
+
+    pair = args.psf_a is not None, args.psf_b is not None
+    if args.psf is not None:
+        if any(pair):
+            raise CLIError("give either --psf-a and --psf-b, or --psf, not both")
+        from engines.rldfn.errors import FusionError
+        from engines.rldfn.psf import clean_psf, dual_view_psfs
+
+        view_voxel = args.view_voxel or args.psf_voxel or (1.0, 1.0, 1.0)
+        psf_voxel = args.psf_voxel or view_voxel
+        try:
+            return dual_view_psfs(clean_psf(_read_volume(args.psf, "PSF")), args.angle, psf_voxel, view_voxel)
+        except FusionError as err:
+            raise CLIError(f"--psf {args.psf}: {err}") from None
+    if not all(pair):
+        raise CLIError("the views' PSFs are needed: --psf-a TIF and --psf-b TIF, or one --psf TIF to rotate")
+    return _read_volume(args.psf_a, "PSF A"), _read_volume(args.psf_b, "PSF B")
+
+
 def fuse_files(
     view_a: Path,
     view_b: Path,
     out: Path,
-    psf_a: Path,
-    psf_b: Path,
+    psf_a: Path | np.ndarray,
+    psf_b: Path | np.ndarray,
     mode: str = "rldfn",
     model: Path | None = None,
     tile: str | int = "none",
@@ -86,7 +122,7 @@ def fuse_files(
     device: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Read the views and PSFs, fuse them, write ``out`` as a float32 TIFF; returns ``out``.
+    """Read the views (and PSFs given as paths), fuse them, write ``out`` as a float32 TIFF; returns ``out``.
 
     Raises :class:`streamer.cli.CLIError` for anything the user can fix (missing files, wrong shapes,
     unknown checkpoint layout, memory budget too small).
@@ -108,7 +144,8 @@ def fuse_files(
     except (RuntimeError, ValueError) as err:
         raise CLIError(str(err)) from None
     a, b = _read_volume(view_a, "view A"), _read_volume(view_b, "view B")
-    pa, pb = _read_volume(psf_a, "PSF A"), _read_volume(psf_b, "PSF B")
+    pa = _read_volume(psf_a, "PSF A") if isinstance(psf_a, Path) else psf_a
+    pb = _read_volume(psf_b, "PSF B") if isinstance(psf_b, Path) else psf_b
     bar = tqdm(total=None, desc=f"fuse ({mode})", unit="step", disable=not progress, leave=False)
 
     def tick(done: int, total: int) -> None:
@@ -152,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--iterations must be ≥ 1, got {args.iterations}")
     if args.tile == "auto" and args.memory_budget is None:
         raise CLIError("--tile auto needs --memory-budget MiB")
-    out = fuse_files(args.view_a, args.view_b, args.out, args.psf_a, args.psf_b, mode=args.mode, model=args.model,
+    psf_a, psf_b = psfs_from_args(args)
+    out = fuse_files(args.view_a, args.view_b, args.out, psf_a, psf_b, mode=args.mode, model=args.model,
                      tile=args.tile, overlap=args.overlap, memory_budget_mib=args.memory_budget,
                      iterations=args.iterations, device=args.device, progress=not args.no_progress)
     print(out)
