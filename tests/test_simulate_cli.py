@@ -161,3 +161,19 @@ def test_bad_arguments_are_user_errors(tmp_path: Path, capsys) -> None:
         from streamer.cli.simulate_cmd import _parse_shape
 
         _parse_shape("1,2")
+
+
+def test_sim_config_file_optics_merge_with_flags(tmp_path: Path) -> None:
+    import argparse
+
+    from streamer.cli.simulate_cmd import config_from_args, register
+
+    cfg = tmp_path / "sim.yaml"
+    cfg.write_text("structure: puncta\nshape: [12, 32, 80]\noptics:\n  stage_step_um: 0.3\n  na_detection: 1.0\n")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["simulate", "--out", str(tmp_path), "--sim-config", str(cfg), "--na-detection", "0.9"])
+    sim = config_from_args(args)
+    # the file's optics stand, a flag overrides only its own field
+    assert sim.optics.stage_step_um == 0.3 and sim.optics.na_detection == 0.9
+    assert sim.structure == "puncta" and sim.shape == (12, 32, 80)

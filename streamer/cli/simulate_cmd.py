@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engines.config import OpticsConfig
 from streamer.cli import CLIError
 from streamer.cli.options import add_optics_args, optics_from_args
 
@@ -97,11 +98,20 @@ def config_from_args(args: argparse.Namespace) -> Any:
         if not isinstance(data, dict):
             raise CLIError(f"{path}: top level must be a mapping of SimConfig fields")
         fields.update(data)
-    optics = optics_from_args(args)
-    if "optics" in fields and not any(getattr(args, f"optics_{n}", None) is not None for n in optics.model_fields):
-        optics = None  # the file's own optics section stands unless flags override it
-    if optics is not None:
-        fields["optics"] = optics
+    # Optics, most specific last: the sim-config's optics section, then --config FILE, then the flags.
+    if args.config or "optics" not in fields:
+        fields["optics"] = optics_from_args(args)
+    else:
+        from engines.config import ConfigError, load_optics
+
+        flags = {n: getattr(args, f"optics_{n}", None) for n in OpticsConfig.model_fields}
+        section = fields["optics"]
+        if not isinstance(section, dict):
+            raise CLIError(f"{args.sim_config}: 'optics' must be a mapping of OpticsConfig fields")
+        try:
+            fields["optics"] = load_optics(None, {**section, **{k: v for k, v in flags.items() if v is not None}})
+        except ConfigError as err:
+            raise CLIError(f"{args.sim_config}: {err}") from None
     for flag, name in (("structure", "structure"), ("peak_photons", "peak_photons"), ("snr", "snr"),
                        ("band_photons", "band_photons")):
         value = getattr(args, flag)
