@@ -223,3 +223,22 @@ def test_tiff_ome_physical_sizes(tmp_path: Path) -> None:
     channel = pixels.find("ome:Channel", ns)
     assert channel.get("Name") == "488"
     assert float(channel.get("ExcitationWavelength")) == pytest.approx(488.0)
+
+
+@pytest.mark.parametrize("backend", ZARR_BACKENDS)
+def test_zarr_store_validates_against_ngff05_models(tmp_path: Path, backend: str) -> None:
+    """An independent reader's check: yaozarrs (the OME-Zarr spec as pydantic models, used by ome-writers)."""
+    yaozarrs = pytest.importorskip("yaozarrs", reason="yaozarrs (comes with ome-writers) not installed")
+    root = tmp_path / "run.ome.zarr"
+    sink = open_sink(OmeZarrConfig(path=root, backend=backend))
+    sink.setup(meta(channels=("488", "560"), n_timepoints=None))
+    for t in range(3):
+        sink.append(volume(t), VolumeIndex(t, t % 2))
+    sink.close()
+    yaozarrs.validate_zarr_store(root)  # group document, multiscales, and the array it points to
+    # negative control: the same document with the spatial axes out of order must be refused
+    doc = json.loads((root / "zarr.json").read_text())
+    axes = doc["attributes"]["ome"]["multiscales"][0]["axes"]
+    axes[2], axes[0] = axes[0], axes[2]
+    with pytest.raises(Exception, match="(?i)axes|time|order"):
+        yaozarrs.validate_ome_json(json.dumps(doc))
