@@ -155,3 +155,17 @@ def test_classical_cuda_matches_cpu(gaussian_pair):
     cpu = classical_fuse(va, vb, *gaussian_pair, iterations=5, device="cpu")
     gpu = classical_fuse(va, vb, *gaussian_pair, iterations=5, device="cuda")
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-3 * float(cpu.max()))
+
+
+def test_computed_psf_has_the_textbook_widths():
+    pytest.importorskip("psfmodels")
+    from engines.rldfn.psf import computed_psf
+
+    lam, na, n = 0.525, 1.1, 1.33
+    p = computed_psf((31, 31, 31), (0.1, 0.05, 0.05), emission_nm=lam * 1000, na=na, refractive_index=n)
+    assert abs(p.sum() - 1) < 1e-5 and np.unravel_index(np.argmax(p), p.shape) == (15, 15, 15)
+    lateral, axial = _fwhm(p[15, 15, :]) * 0.05, _fwhm(p[:, 15, 15]) * 0.1
+    print(f"computed PSF FWHM lateral {lateral:.3f} µm, axial {axial:.3f} µm")
+    assert lateral == pytest.approx(0.51 * lam / na, rel=0.3)
+    assert axial == pytest.approx(0.88 * lam / (n - np.sqrt(n**2 - na**2)), rel=0.4)
+    assert axial > 2.5 * lateral
