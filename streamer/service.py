@@ -104,7 +104,7 @@ class Service:
         self._display_pub: Any = None
         self.recording: RecordingWriter | None = None
         self.processor: StackProcessor | None = None
-        self.ingest_endpoint = self.control_endpoint = ""
+        self.ingest_endpoint = self.control_endpoint = self.display_endpoint = ""
         self.final_summary: dict[str, Any] | None = None
         for c in ("messages_received", "bytes_received", "messages_spilled"):
             self.metrics.declare(c)
@@ -134,12 +134,9 @@ class Service:
                     inner = open_sink(OmeTiffConfig(directory=cfg.output / meta.acquisition_id, overwrite=True))
                 # block, not drop: processing may lag (the recording holds the raw data), the outputs must be whole
                 out.append((ThreadedSink(inner, on_full="block", critical=True, metrics=self.metrics), True))
-        if cfg.display is not None:
-            from streamer.display import DisplayConfig, DisplayPublisher, DisplaySink
+        if self._display_pub is not None:
+            from streamer.display import DisplaySink
 
-            if self._display_pub is None:
-                self._display_pub = DisplayPublisher(DisplayConfig(endpoint=cfg.display), context=self.ctx,
-                                                     metrics=self.metrics)
             out.append((ThreadedSink(DisplaySink(self._display_pub), queue_size=1, on_full="drop_oldest",
                                      critical=False, metrics=self.metrics), False))
         return out
@@ -152,6 +149,8 @@ class Service:
         check_bind(cfg.ingest, cfg.keys)
         # The control socket can stop the service and is not encrypted: it never leaves this machine.
         check_bind(cfg.control, None)
+        if cfg.display is not None:  # the display stream is not encrypted either
+            check_bind(cfg.display, None)
         if cfg.mode in (PipelineMode.full, PipelineMode.classical) and self.stage_factory == self.default_stages_fn:
             try:
                 import engines.reconstruct  # noqa: F401  (fail at start, not at the first stack)
@@ -183,6 +182,18 @@ class Service:
             rep.close(0)
             self._close_resources()
             raise ServiceError(f"cannot listen on {cfg.ingest} / {cfg.control}: {err}") from None
+        if cfg.display is not None:
+            from streamer.display import DisplayConfig, DisplayError, DisplayPublisher
+
+            try:  # bound at start (not at the first volume) so viewers can subscribe before data arrive
+                self._display_pub = DisplayPublisher(DisplayConfig(endpoint=cfg.display), context=self.ctx,
+                                                     metrics=self.metrics)
+            except DisplayError as err:
+                pull.close(0)
+                rep.close(0)
+                self._close_resources()
+                raise ServiceError(str(err)) from None
+            self.display_endpoint = self._display_pub.endpoint
         self.ingest_endpoint = pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.control_endpoint = rep.getsockopt(zmq.LAST_ENDPOINT).decode()
         if cfg.metrics_port is not None:

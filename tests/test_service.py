@@ -206,3 +206,25 @@ def test_unbuildable_reconstruction_is_reported_per_stack_and_recording_goes_on(
         st = svc.status()
     assert st["state"] == "running" and st["counters"]["messages_received"] == len(msgs)
     assert "cannot build the reconstruction for r: ValueError: mode 'full' needs weights" in st["errors"]["last"][-1]
+
+
+def test_fused_volumes_reach_a_real_display_client(tmp_path):
+    from streamer.display import DisplayClient
+
+    rng = np.random.default_rng(5)
+    cfg = config(tmp_path, display="tcp://127.0.0.1:0")
+    with Service(cfg, stage_factory=scale_stages) as svc, \
+            DisplayClient(svc.display_endpoint, kinds=("mip",)) as viewer:
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, [start_msg("v", SHAPE[0], SHAPE[1:])])
+            got, t = None, 0
+            while got is None and t < 50:  # a subscription takes a moment to reach the publisher: keep streaming
+                stack = rng.integers(0, 4000, SHAPE, dtype=np.uint16)
+                send_all(sock, stack_frames("v", t, stack, rng, 1 + t * SHAPE[0]))
+                got = viewer.latest_mips(timeout=1.0)
+                t += 1
+    assert got is not None
+    m = got["z"]
+    k = m.header.timepoint
+    want = (np.load(tmp_path / "out" / "v" / f"t{k:05d}_c0.npy")).max(axis=0)
+    np.testing.assert_array_equal(m.array, want)
