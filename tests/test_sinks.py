@@ -242,3 +242,20 @@ def test_zarr_store_validates_against_ngff05_models(tmp_path: Path, backend: str
     axes[2], axes[0] = axes[0], axes[2]
     with pytest.raises(Exception, match="(?i)axes|time|order"):
         yaozarrs.validate_ome_json(json.dumps(doc))
+
+
+def test_ome_tiff_metadata_parses_with_ome_types(tmp_path: Path) -> None:
+    """An independent reader's check: ome-types validates the OME-XML against the OME data model."""
+    ome_types = pytest.importorskip("ome_types", reason="ome-types (comes with ome-writers) not installed")
+    sink = open_sink(OmeTiffConfig(directory=tmp_path))
+    sink.setup(meta())
+    sink.append(volume(0), VolumeIndex(0))
+    sink.close()
+    with tifffile.TiffFile(tmp_path / "cell-07_t00000_c0.ome.tif") as tf:
+        ome = ome_types.from_xml(tf.ome_metadata)
+    px = ome.images[0].pixels
+    assert (px.size_z, px.size_y, px.size_x) == SHAPE
+    assert (px.physical_size_z, px.physical_size_y, px.physical_size_x) == pytest.approx(VOXEL)
+    assert px.physical_size_x_unit.value == "µm"
+    assert px.channels[0].name == "488" and px.channels[0].excitation_wavelength == pytest.approx(488.0)
+    assert px.time_increment == pytest.approx(2.5)
