@@ -157,6 +157,10 @@ def test_bad_arguments_are_user_errors(tmp_path: Path, capsys) -> None:
     cfg.write_text("mirror_position: 2.0\n")
     assert main(["simulate", "--out", str(tmp_path), "--sim-config", str(cfg)]) == 2
     assert "mirror_position" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["simulate", "--out", str(blocker / "sim"), "--shape", "12,32,80"]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
     with pytest.raises(CLIError):
         from streamer.cli.simulate_cmd import _parse_shape
 

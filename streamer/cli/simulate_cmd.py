@@ -165,25 +165,29 @@ def write_simulation(mic: Any, out: Path, timepoints: int, *, ground_truth: bool
     """
     import tifffile
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"cannot create the output folder {out}: {err.strerror or err}") from None
     meta = mic.metadata(timepoints)
-    meta["files"] = {"raw": [], "ground_truth": []}
+    meta["files"] = {
+        "raw": [f"raw_t{t:04d}.tif" for t in range(timepoints)],
+        "ground_truth": [f"ground_truth_t{t:04d}.tif" for t in range(timepoints)] if ground_truth else [],
+    }
+    # The metadata goes first: an interrupted run still says what it was and which files to expect.
+    (out / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
     g = mic.geometry
     # ImageJ hyperstack metadata lets Fiji open the raw stacks with the right voxel size.
     raw_res = (1.0 / g.dx_um, 1.0 / g.dx_um)
     for t, stack in enumerate(mic.series(timepoints, with_ground_truth=ground_truth)):
-        raw_name = f"raw_t{t:04d}.tif"
-        tifffile.imwrite(out / raw_name, stack.raw, imagej=True, resolution=raw_res,
+        tifffile.imwrite(out / meta["files"]["raw"][t], stack.raw, imagej=True, resolution=raw_res,
                          metadata={"axes": "ZYX", "spacing": g.dz_um, "unit": "um"})
-        meta["files"]["raw"].append(raw_name)
         if ground_truth:
-            gt_name = f"ground_truth_t{t:04d}.tif"
-            tifffile.imwrite(out / gt_name, stack.ground_truth, compression="zlib",
+            tifffile.imwrite(out / meta["files"]["ground_truth"][t], stack.ground_truth, compression="zlib",
                              metadata={"axes": "ZYX", "frame": "deskewed"})
-            meta["files"]["ground_truth"].append(gt_name)
+        log.info("simulated timepoint %d/%d into %s", t + 1, timepoints, out)
         if progress:
             progress(t)
-    (out / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
     return {"out": str(out), "timepoints": timepoints, "raw_shape": list(meta["raw_shape"])}
 
 
