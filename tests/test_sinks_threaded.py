@@ -128,10 +128,15 @@ def test_non_critical_sink_counts_errors_and_carries_on(tmp_path: Path) -> None:
     assert sink.flush(10)
     folder.mkdir()
     sink.append(vol(2), VolumeIndex(2))
+    sink.skip(VolumeIndex(3), "stack incomplete")  # bookkeeping goes on after an error in a non-critical sink
     stats = sink.close(timeout=10)
     assert stats.written == 2 and stats.errors == 1
     assert "folder no longer exists" in stats.last_error and "t=1 c=0" in stats.last_error
-    assert sorted(p.name for p in folder.iterdir()) == ["run-1_t00002_c0.ome.tif"]
+    assert sorted(p.name for p in folder.iterdir()) == ["run-1_skipped.txt", "run-1_t00002_c0.ome.tif"]
+    listed = (folder / "run-1_skipped.txt").read_text()
+    assert "t=3 c=0\tstack incomplete" in listed
+    assert "t=1 c=0\twrite failed: ome-tiff: folder no longer exists" in listed
+    assert set(stats.skipped) == {VolumeIndex(1), VolumeIndex(3)}
 
 
 FULL_DISK_SCRIPT = textwrap.dedent("""
@@ -155,6 +160,7 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     sink.append(np.full(m.shape, 2, np.uint16), VolumeIndex(1))
     assert told.wait(20), "caller was not told"
     assert isinstance(errors[0], SinkWriteError) and errors[0].index == VolumeIndex(1)
+    assert "write failed" in sink.stats.skipped[VolumeIndex(1)]
     try:
         sink.append(np.ones(m.shape, np.uint16), VolumeIndex(2))
         raise SystemExit("append after failure did not raise")

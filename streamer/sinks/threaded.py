@@ -269,7 +269,7 @@ class ThreadedSink:
         with self._cond:
             pending = dict(self._skips)
         for index, reason in pending.items():
-            if index in self._skips_sent or self._error is not None:
+            if index in self._skips_sent or (self._error is not None and self.critical):
                 continue
             self._skips_sent.add(index)
             try:
@@ -302,6 +302,9 @@ class ThreadedSink:
         with self._cond:
             self._errors += 1
             self._last_error = str(typed)
+            if index is not None and index not in self._skips_sent:
+                # the volume that failed is lost too: it is listed with the others, with the reason
+                self._skips[index] = f"write failed: {typed}"
         if first:
             self._error = typed
         if self.critical:
