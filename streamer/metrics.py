@@ -182,7 +182,7 @@ class Metrics:
         -------
         dict
             ``{"uptime_s", "counters": {name: value}, "gauges": {...}, "stages": {stage: {"count", "p50_ms",
-            "p99_ms", "mean_ms", "max_ms"}}, "throughput": {name: {"items_total", "bytes_total", "items_per_s",
+            "p99_ms", "mean_ms", "max_ms", "total_s"}}, "throughput": {name: {"items_total", "bytes_total", "items_per_s",
             "bytes_per_s"}}}``; labelled series are keyed ``name{label=value}``.
         """
         now = time.monotonic()
@@ -203,6 +203,7 @@ class Metrics:
                 "p99_ms": float(np.percentile(arr, 99)) if arr.size else float("nan"),
                 "mean_ms": total * 1e3 / count if count else float("nan"),
                 "max_ms": float(arr.max()) if arr.size else float("nan"),
+                "total_s": total,
             }
         out_rates: dict[str, dict[str, float]] = {}
         for name, (events, items, nbytes) in sorted(rates.items()):
@@ -305,8 +306,7 @@ class _Collector:
             p99 = GaugeMetricFamily(f"{ns}_stage_p99_seconds", "99th percentile stage latency (rolling window)",
                                     labels=["stage"])
             for stage, s in snap["stages"].items():
-                total = self.m._stages[stage].total_s
-                lat.add_metric([stage], count_value=s["count"], sum_value=total)
+                lat.add_metric([stage], count_value=s["count"], sum_value=s["total_s"])
                 p50.add_metric([stage], s["p50_ms"] / 1e3)
                 p99.add_metric([stage], s["p99_ms"] / 1e3)
             yield lat
