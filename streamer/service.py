@@ -216,8 +216,14 @@ class Service:
         with self._cond:
             self._cond.notify_all()
 
-    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Stop receiving, finish processing what was received, close outputs; returns the final summary."""
+    def stop(self, timeout: float | None = None) -> dict[str, Any]:
+        """Stop receiving, finish processing what was received, close outputs; returns the final summary.
+
+        Waits for the processor to work through its backlog (``timeout`` None: however long that takes; the
+        recording is complete either way, and a restart would resume).
+        """
+        if self.stopped.is_set():
+            return self.final_summary or {}
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -386,7 +392,10 @@ class Service:
                 except ValueError:
                     cmd = None
                 if cmd == "status":
-                    reply = self.status()
+                    try:
+                        reply = self.status()
+                    except Exception as err:  # a status read racing the processor must not kill the control thread
+                        reply = {"ok": False, "error": f"status unavailable this instant ({err}); ask again"}
                 elif cmd == "summary":
                     reply = self.final_summary or (self.processor.summary() if self.processor else {})
                 elif cmd == "stop":
@@ -416,7 +425,7 @@ class Service:
             snap["errors"] = {"by_type": dict(proc.errors), "last": list(proc.last_errors)}
             snap["incomplete_stacks"] = proc.incomplete[-50:]
             drops = {}
-            for acq, out in proc.outputs.items():
+            for acq, out in list(proc.outputs.items()):
                 for sink, _ in out.sinks:
                     drops[f"{acq}/{sink.name}"] = sink.stats.dropped_queue_full
             snap["output_drops"] = drops
