@@ -73,7 +73,7 @@ def test_classical_cli_writes_what_the_function_computes(files):
 def test_rldfn_cli_tiled(files):
     out = files["dir"] / "rldfn.tif"
     r = _rllsm(str(files["a"]), str(files["b"]), str(out), "--model", str(files["model"]), "--psf-a",
-               str(files["pa"]), "--psf-b", str(files["pb"]), "--tile", "16", "--overlap", "8")
+               str(files["pa"]), "--psf-b", str(files["pb"]), "--tile", "16", "--overlap", "8", "--batch", "2")
     assert r.returncode == 0, r.stderr
     from engines.rldfn.checkpoint import load_rldfn
 

@@ -173,3 +173,15 @@ def test_device_out_of_memory_is_a_budget_error(views):
     with pytest.raises(MemoryBudgetError, match="16×40×40 patch did not fit in CPU memory"):
         fuse_rldfn(a, b, model, tile="none")
     assert fuse_rldfn(a, b, model, tile=24, overlap=8).shape == (16, 40, 40)
+
+
+def test_batched_tiles_give_the_same_result(model, views):
+    a, b = (v[:12, :40, :40] for v in views)
+    one = fuse_rldfn(a, b, model, tile=24, overlap=8, batch_size=1)
+    calls = []
+    three = fuse_rldfn(a, b, model, tile=24, overlap=8, batch_size=3, progress=lambda d, n: calls.append((d, n)))
+    assert calls == [(3, 4), (4, 4)]
+    np.testing.assert_allclose(three, one, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MemoryBudgetError, match="of a batch of 3"):
+        fuse_rldfn(a, b, model, tile=24, overlap=8, batch_size=3,
+                   memory_budget_bytes=2 * estimate_patch_bytes((12, 24, 24), 8))

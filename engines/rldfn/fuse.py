@@ -49,6 +49,17 @@ def _normalise(v: np.ndarray, name: str) -> np.ndarray:
     return v / peak
 
 
+def _batches(tiles: list, batch_size: int) -> list[list]:
+    """Consecutive tiles of one size, at most ``batch_size`` per group (edge tiles may differ in size)."""
+    groups: list[list] = []
+    for t in tiles:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0].size == t.size:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
+
+
 def _pad_end(v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     # zeros at the far end, like the reference's own Z padding: the padded voxels are cut off afterwards
     return np.pad(v, [(0, s - n) for s, n in zip(shape, v.shape)])
@@ -64,6 +75,7 @@ def fuse_rldfn(
     memory_budget_bytes: int | None = None,
     normalize: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 1,
 ) -> np.ndarray:
     """Fuse two registered views with RL-DFN.
 
@@ -88,7 +100,10 @@ def fuse_rldfn(
         Divide each view by its maximum first, as the reference does (it does so per patch; we do it per volume
         so that all tiles see the same scale).
     progress
-        Called as ``progress(done, total)`` after each tile.
+        Called as ``progress(done, total)`` after each batch of tiles.
+    batch_size
+        Tiles of one size run together (``(N, 1, Z, Y, X)``): faster on a GPU, N times the memory; the budget
+        check accounts for it. Results do not depend on it (each sample is transformed on its own).
 
     Returns
     -------
@@ -104,6 +119,8 @@ def fuse_rldfn(
         out of memory on a patch.
     """
     check_views(view_a, view_b)
+    if int(batch_size) < 1:
+        raise VolumeShapeError(f"batch_size must be ≥ 1, got {batch_size}")
     if overlap < 0:
         raise VolumeShapeError(f"overlap must be ≥ 0 voxels, got {overlap}")
     overlap = round_up(overlap)
@@ -113,7 +130,7 @@ def fuse_rldfn(
     if tile == "auto":
         if memory_budget_bytes is None:
             raise VolumeShapeError("tile='auto' needs a memory budget (memory_budget_bytes)")
-        tile = tile_for_budget(padded, memory_budget_bytes, overlap, width)
+        tile = tile_for_budget(padded, memory_budget_bytes // int(batch_size), overlap, width)
     if tile == "none":
         check_budget(padded, memory_budget_bytes, width, "the whole volume as one patch")
         tiles = plan_tiles(padded, max(padded), 0)
@@ -122,7 +139,9 @@ def fuse_rldfn(
             raise VolumeShapeError(f"tile size {tile} must be a positive multiple of 4 (the U-Net pools twice)")
         if overlap >= tile:
             raise VolumeShapeError(f"overlap {overlap} must be smaller than the tile size {tile}")
-        check_budget(tuple(min(int(tile), n) for n in padded), memory_budget_bytes, width, "one tile")
+        check_budget(tuple(min(int(tile), n) for n in padded), None if memory_budget_bytes is None
+                     else memory_budget_bytes // int(batch_size), width,
+                     "one tile" if batch_size == 1 else f"one tile (of a batch of {batch_size})")
         tiles = plan_tiles(padded, int(tile), overlap)
     else:
         raise VolumeShapeError(f"tile must be 'none', 'auto' or a positive multiple of 4, got {tile!r}")
@@ -135,13 +154,13 @@ def fuse_rldfn(
 
     acc = np.zeros(padded, np.float32)
     wsum = np.zeros(padded, np.float32)
+    done = 0
     with torch.inference_mode():
-        for i, t in enumerate(tiles):
-            sl = t.slices
-            ta = torch.from_numpy(np.ascontiguousarray(a[sl])).to(dev)
-            tb = torch.from_numpy(np.ascontiguousarray(b[sl])).to(dev)
+        for group in _batches(tiles, batch_size):
+            ta = torch.from_numpy(np.stack([a[t.slices] for t in group])[:, None]).to(dev)
+            tb = torch.from_numpy(np.stack([b[t.slices] for t in group])[:, None]).to(dev)
             try:
-                out = model(ta, tb).float().cpu().numpy()
+                out = model(ta, tb)[:, 0].float().cpu().numpy()
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError "can't allocate memory"
                 if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
@@ -149,16 +168,19 @@ def fuse_rldfn(
                 del ta, tb
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+                size = group[0].size
                 raise MemoryBudgetError(
-                    f"a {'×'.join(map(str, t.size))} patch did not fit in {dev.type.upper()} memory "
-                    f"(estimated ≈{estimate_patch_bytes(t.size, width) / 2**20:.0f} MiB); use a smaller tile "
-                    "(tile=N or tile='auto' with a memory budget)"
+                    f"{len(group)} × a {'×'.join(map(str, size))} patch did not fit in {dev.type.upper()} memory "
+                    f"(estimated ≈{len(group) * estimate_patch_bytes(size, width) / 2**20:.0f} MiB); use a smaller "
+                    "tile (tile=N or tile='auto' with a memory budget) or batch_size=1"
                 ) from None
             out = np.nan_to_num(out, nan=0.0)  # the reference zeroes NaNs as well
-            w = blend_weights(t, padded, overlap) if len(tiles) > 1 else np.ones(t.size, np.float32)
-            acc[sl] += w * out
-            wsum[sl] += w
+            for t, o in zip(group, out):
+                w = blend_weights(t, padded, overlap) if len(tiles) > 1 else np.ones(t.size, np.float32)
+                acc[t.slices] += w * o
+                wsum[t.slices] += w
+            done += len(group)
             if progress is not None:
-                progress(i + 1, len(tiles))
+                progress(done, len(tiles))
     fused = acc / wsum
     return fused[: shape[0], : shape[1], : shape[2]]
