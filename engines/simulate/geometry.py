@@ -173,6 +173,10 @@ def splat(shape: tuple[int, int, int], idx: np.ndarray, weights: np.ndarray) -> 
                 ok = (iz >= 0) & (iz < nz) & (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
                 flats.append((iz[ok] * ny + iy[ok]) * nx + ix[ok])
                 vals.append((w * wz * wy * wx)[ok])
-    # One bincount over all eight corners: a grid-sized accumulator is allocated once, not eight times.
-    out = np.bincount(np.concatenate(flats), weights=np.concatenate(vals), minlength=nz * ny * nx)
-    return out.reshape(shape).astype(np.float32)
+    # Sum per occupied voxel (float64, in input order), then write into a zero grid: emitters touch a small
+    # fraction of the voxels, so a grid-sized float64 accumulator would cost more than the sums themselves.
+    occupied, where = np.unique(np.concatenate(flats), return_inverse=True)
+    sums = np.bincount(where, weights=np.concatenate(vals), minlength=len(occupied))
+    out = np.zeros(nz * ny * nx, dtype=np.float32)
+    out[occupied] = sums
+    return out.reshape(shape)
