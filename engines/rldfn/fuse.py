@@ -97,8 +97,9 @@ def fuse_rldfn(
     memory_budget_bytes
         Upper bound for one patch's estimated peak memory; ``None`` disables the check (required for ``"auto"``).
     normalize
-        Divide each view by its maximum first, as the reference does (it does so per patch; we do it per volume
-        so that all tiles see the same scale).
+        Divide each whole view by its maximum first, as the reference's training data loader does (its
+        reconstruction script divides each patch by the patch's maximum instead; per volume keeps all tiles on
+        one scale and matches what the network was trained on).
     progress
         Called as ``progress(done, total)`` after each batch of tiles.
     batch_size

@@ -30,7 +30,7 @@ class RLDFN(nn.Module):
     -----
     Inputs are not rescaled here. The reference's reconstruction script divides each view patch by its own
     maximum before calling the model; :func:`engines.rldfn.fuse.fuse_rldfn` divides each whole view by its
-    maximum instead, so that tiles agree with each other.
+    maximum instead, as the reference's training does, so that tiles agree with each other.
     """
 
     def __init__(self, net: DualViewFusionNet, psf_a: np.ndarray | torch.Tensor, psf_b: np.ndarray | torch.Tensor) -> None:
