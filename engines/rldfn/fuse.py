@@ -22,6 +22,9 @@ from engines.rldfn.tiling import (
 
 TileSpec = Literal["none", "auto"] | int
 
+# torch.OutOfMemoryError appeared in torch 2.5; the CUDA-specific class is the same object there and exists in 2.4
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 #: Default overlap between tiles (voxels). The U-Net reaches ~±24 voxels and the RL step adds the PSF's
 #: half-width; with 24 voxels of overlap tiled and untiled results agree to ~0.5 % NRMSE (docs/fusion.md).
 DEFAULT_OVERLAP = 24
@@ -162,9 +165,9 @@ def fuse_rldfn(
             tb = torch.from_numpy(np.stack([b[t.slices] for t in group])[:, None]).to(dev)
             try:
                 out = model(ta, tb)[:, 0].float().cpu().numpy()
-            except (torch.OutOfMemoryError, RuntimeError) as err:
+            except (_OOM, RuntimeError) as err:
                 # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError "can't allocate memory"
-                if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+                if not isinstance(err, _OOM) and "allocate" not in str(err):
                     raise
                 del ta, tb
                 if dev.type == "cuda":
