@@ -31,7 +31,7 @@ DEFAULT_OVERLAP = 24
 
 
 def check_views(view_a: np.ndarray, view_b: np.ndarray) -> None:
-    """Raise :class:`VolumeShapeError` unless both views are 3-D, of one shape, and finite."""
+    """Raise :class:`VolumeShapeError` unless both views are 3-D, non-empty and of one shape."""
     for name, v in (("view A", view_a), ("view B", view_b)):
         if np.ndim(v) != 3:
             raise VolumeShapeError(f"{name} must be a 3-D stack (Z, Y, X), got shape {tuple(np.shape(v))}")
