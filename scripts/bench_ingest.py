@@ -120,7 +120,6 @@ def throughput(args: argparse.Namespace) -> None:
 
 
 def latency(args: argparse.Namespace) -> None:
-    from engines.config import OpticsConfig
     from streamer import wire
     from streamer.service import Service, ServiceConfig, wait_for
 

@@ -73,9 +73,41 @@ def _prefix_crc(prefix: bytes, first: memoryview | bytes) -> int:
     return zlib.crc32(first, zlib.crc32(prefix)) & 0xFFFFFFFF
 
 
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation in low-level I/O
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows: callers give each thread its own read descriptor
+    return os.read(fd, n)
+
+
+def _preadinto(fd: int, buf: memoryview, offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    data = _pread(fd, len(buf), offset)
+    buf[: len(data)] = data
+    return len(data)
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    if hasattr(os, "pwrite"):
+        os.pwrite(fd, data, offset)
+    else:
+        os.lseek(fd, offset, os.SEEK_SET)
+        os.write(fd, data)
+
+
 def _write_all(fd: int, bufs: list[memoryview | bytes]) -> int:
     """``writev`` until every byte is out (the kernel may write less than asked, e.g. above 2 GiB)."""
     total = sum(len(b) for b in bufs)
+    if not hasattr(os, "writev"):  # Windows
+        for b in bufs:
+            view = memoryview(b)
+            while len(view):
+                view = view[os.write(fd, view):]
+        return total
     done = 0
     views = [memoryview(b) for b in bufs]
     while views:
@@ -90,7 +122,7 @@ def _write_all(fd: int, bufs: list[memoryview | bytes]) -> int:
 
 
 def _read_exact(fd: int, n: int, offset: int) -> bytes:
-    data = os.pread(fd, n, offset)
+    data = _pread(fd, n, offset)
     if len(data) != n:
         raise RecordingError(f"recording truncated: wanted {n} bytes at offset {offset}, got {len(data)}")
     return data
@@ -101,6 +133,7 @@ class _Files:
 
     path: Path
     _data_fd: int
+    _read_fd: int  # reads never share a file position with appends (matters where pread is missing)
     _entries: list[IndexEntry]
 
     def __len__(self) -> int:
@@ -113,7 +146,7 @@ class _Files:
         """The parts of record ``i`` (header first), as views on one buffer read from disk."""
         e = self._entries[i]
         blob = memoryview(bytearray(e.size))
-        got = os.preadv(self._data_fd, [blob], e.offset)
+        got = _preadinto(self._read_fd, blob, e.offset)
         if got != e.size:
             raise RecordingError(f"{self.path}: record {i} is cut short ({got} of {e.size} bytes)")
         magic, n = _PREFIX.unpack_from(blob, 0)
@@ -131,12 +164,12 @@ class _Files:
     def header(self, i: int) -> bytes:
         """Only the first part of record ``i`` (the wire header), without reading the payload."""
         e = self._entries[i]
-        head = _read_exact(self._data_fd, _PREFIX.size, e.offset)
+        head = _read_exact(self._read_fd, _PREFIX.size, e.offset)
         _, n = _PREFIX.unpack(head)
         if n == 0:
             return b""
-        first_len = _LEN.unpack(_read_exact(self._data_fd, _LEN.size, e.offset + _PREFIX.size))[0]
-        return _read_exact(self._data_fd, first_len, e.offset + _PREFIX.size + n * _LEN.size)
+        first_len = _LEN.unpack(_read_exact(self._read_fd, _LEN.size, e.offset + _PREFIX.size))[0]
+        return _read_exact(self._read_fd, first_len, e.offset + _PREFIX.size + n * _LEN.size)
 
     def __iter__(self) -> Iterator[list[memoryview]]:
         for i in range(len(self._entries)):
@@ -167,7 +200,7 @@ def _load_index(path: Path, data_fd: int, index_fd: int) -> tuple[list[IndexEntr
     Returns the valid entries, the valid data length, and how many torn entries / data bytes lie past them.
     """
     data_size = os.fstat(data_fd).st_size
-    raw = os.pread(index_fd, os.fstat(index_fd).st_size, 0)
+    raw = _pread(index_fd, os.fstat(index_fd).st_size, 0)
     n = len(raw) // ENTRY_SIZE
     entries = [IndexEntry(*_ENTRY.unpack_from(raw, k * ENTRY_SIZE)) for k in range(n)]
     # Records are written in order, so the valid ones form a prefix: walk back from the end to the first good one.
@@ -206,8 +239,9 @@ class RecordingReader(_Files):
         self.path = Path(path)
         _check_format(self.path, create=False)
         try:
-            self._data_fd = os.open(self.path / DATA_NAME, os.O_RDONLY)
-            index_fd = os.open(self.path / INDEX_NAME, os.O_RDONLY)
+            self._data_fd = os.open(self.path / DATA_NAME, os.O_RDONLY | _BINARY)
+            self._read_fd = self._data_fd
+            index_fd = os.open(self.path / INDEX_NAME, os.O_RDONLY | _BINARY)
         except OSError as err:
             raise RecordingError(f"cannot open recording {self.path}: {err.strerror}") from None
         try:
@@ -220,7 +254,7 @@ class RecordingReader(_Files):
     def close(self) -> None:
         if self._data_fd >= 0:
             os.close(self._data_fd)
-            self._data_fd = -1
+            self._data_fd = self._read_fd = -1
 
     def __enter__(self) -> RecordingReader:
         return self
@@ -252,8 +286,9 @@ class RecordingWriter(_Files):
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             _check_format(self.path, create=True)
-            self._data_fd = os.open(self.path / DATA_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-            self._index_fd = os.open(self.path / INDEX_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            self._data_fd = os.open(self.path / DATA_NAME, os.O_RDWR | os.O_CREAT | _BINARY, 0o644)
+            self._index_fd = os.open(self.path / INDEX_NAME, os.O_RDWR | os.O_CREAT | _BINARY, 0o644)
+            self._read_fd = os.open(self.path / DATA_NAME, os.O_RDONLY | _BINARY)
         except RecordingFormatError:
             raise
         except OSError as err:
@@ -292,7 +327,7 @@ class RecordingWriter(_Files):
             try:
                 os.lseek(self._data_fd, self._end, os.SEEK_SET)
                 _write_all(self._data_fd, [prefix, *views])
-                os.pwrite(self._index_fd, _ENTRY.pack(*entry.__dict__.values()), len(self._entries) * ENTRY_SIZE)
+                _pwrite(self._index_fd, _ENTRY.pack(*entry.__dict__.values()), len(self._entries) * ENTRY_SIZE)
             except OSError as err:
                 self._failed = err
                 self._cut_back()
@@ -331,7 +366,8 @@ class RecordingWriter(_Files):
             finally:
                 os.close(self._data_fd)
                 os.close(self._index_fd)
-                self._data_fd = self._index_fd = -1
+                os.close(self._read_fd)
+                self._data_fd = self._index_fd = self._read_fd = -1
 
     def __enter__(self) -> RecordingWriter:
         return self

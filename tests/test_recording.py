@@ -94,3 +94,16 @@ def test_not_a_recording_is_a_clear_error(tmp_path):
     (tmp_path / "x" / "format.json").write_text('{"format": "rllsm-recording", "version": 99}')
     with pytest.raises(RecordingFormatError, match="v99"):
         RecordingReader(tmp_path / "x")
+
+
+def test_portable_path_without_pread_and_writev(tmp_path, monkeypatch):
+    """Windows has no pread/pwrite/preadv/writev: the fallbacks must write and read the same format."""
+    for name in ("pread", "pwrite", "preadv", "writev"):
+        monkeypatch.delattr(os, name, raising=False)
+    msgs = _messages(12, np.random.default_rng(3))
+    with RecordingWriter(tmp_path / "r") as w:
+        for i, m in enumerate(msgs):
+            w.append(m, float(i))
+        assert [bytes(p) for p in w.read(4)] == msgs[4]
+    with RecordingReader(tmp_path / "r") as r:
+        assert [[bytes(p) for p in r.read(i)] for i in range(len(r))] == msgs

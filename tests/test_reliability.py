@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -130,11 +129,14 @@ def test_ten_thousand_fuzzed_messages_rejected_counted_service_survives(tmp_path
 
 
 def _limit_file_size() -> None:  # runs in the child: files may not grow past 300 kB ("disk full" for the recording)
+    import resource
+
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="file-size limits (RLIMIT_FSIZE) are POSIX-only")
 def test_disk_full_stops_cleanly_and_keeps_the_recording(tmp_path):
     cmd = [sys.executable, "-m", "streamer", "serve", "--ingest", "tcp://127.0.0.1:0", "--control",
            "tcp://127.0.0.1:0", "-r", str(tmp_path / "rec"), "--mode", "none"]
