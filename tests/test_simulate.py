@@ -217,6 +217,8 @@ def test_bad_configs_raise_typed_errors_that_name_the_field() -> None:
         make_sim_config(mirror=0.5)
     with pytest.raises(SimulationError, match="mirror_position"):
         make_sim_config(mirror_position=1.5)
+    with pytest.raises(SimulationError, match="smaller field"):
+        make_sim_config(shape=(1000, 1000, 1000))
     with pytest.raises(SimulationError, match="height_range_um"):
         make_sim_config(height_range_um=(3.0, 1.0))
     with pytest.raises(SimulationError, match="highest imaged height"):

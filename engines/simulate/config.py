@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from engines.config import OpticsConfig, describe_validation_error
 
 SIM_CONFIG_VERSION = 1
+MAX_VOXELS = 400_000_000  # raw stack voxels (e.g. 101 × 1990 × 1990)
 
 
 class SimulationError(ValueError):
@@ -115,6 +116,13 @@ class SimConfig(BaseModel):
         lo, hi = self.height_range_um
         if not (0.0 <= lo < hi <= 100.0):
             raise ValueError(f"height_range_um must satisfy 0 ≤ low < high ≤ 100 µm, got ({lo}, {hi})")
+        nz, ny, nx = self.shape
+        if nz * ny * nx > MAX_VOXELS:
+            # The render holds a few float32 copies of the padded stack; past this it would not fit in memory.
+            raise ValueError(
+                f"shape {nz}×{ny}×{nx} = {nz * ny * nx / 1e6:.0f} M voxels is more than the simulator handles "
+                f"({MAX_VOXELS / 1e6:.0f} M); simulate a smaller field"
+            )
         if self.optics.skew_axis.value != "x":
             # The band and mirror geometry are written for the skew axis on columns; a y-skewed camera is the same
             # physics transposed, which callers can do themselves until someone needs it.
