@@ -225,6 +225,8 @@ def test_bad_configs_raise_typed_errors_that_name_the_field() -> None:
         Microscope(make_sim_config(structure="beads", shape=(8, 16, 16)), seed=0)
     with pytest.raises(SimulationError, match="mirror image inside the 8-plane stack"):
         Microscope(make_sim_config(structure="beads", shape=(8, 64, 192), height_range_um=(0.8, 2.0)), seed=0)
+    with pytest.raises(SimulationError, match="unknown structure 'actin'; choose one of filaments"):
+        simulate_training_pair("actin", seed=0, shape=(8, 64, 64))
     with pytest.raises(SimulationError, match="even"):
         simulate_training_pair("puncta", seed=0, shape=(8, 63, 64))
     with pytest.raises(SimulationError, match="negative|≥ 0"):

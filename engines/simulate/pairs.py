@@ -42,8 +42,14 @@ def simulate_training_pair(structure: str | Structure, seed: int, shape: tuple[i
     nz, ny, nx = (int(s) for s in shape)
     if ny % 2 or nx % 2:
         raise SimulationError(f"LLSM rows and columns must be even so that 1.5× is a whole grid, got {ny}×{nx}")
+    try:
+        kind = Structure(structure)
+    except ValueError:
+        raise SimulationError(
+            f"unknown structure {structure!r}; choose one of {', '.join(s.value for s in Structure)}"
+        ) from None
     base = config or SimConfig()
-    cfg = base.model_copy(update={"structure": Structure(structure)})
+    cfg = base.model_copy(update={"structure": kind})
     o = cfg.optics
     dzp, dx = o.deskewed_pixel_z_um, o.pixel_size_um
     # LLS-SIM training stacks are ordinary (non-mirrored) acquisitions and VSI-SR sees them slab by slab, so the
