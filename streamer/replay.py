@@ -102,7 +102,7 @@ def replay_offline(
     recording: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
     mode: PipelineMode | str = PipelineMode.classical, stage_factory: StageFactory | None = None,
     sink_factory: SinkFactory | None = None, device: str | None = None, timeout_s: float = 5.0,
-    max_open: int = 64, process_incomplete: bool = False,
+    max_open: int = 64, process_incomplete: bool = False, weights: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Process a recording in this process, without sockets; returns the end-of-run summary.
 
@@ -111,7 +111,8 @@ def replay_offline(
     """
     metrics = Metrics()
     if stage_factory is None:
-        stage_factory = lambda start: build_stages(mode, start.optics, device=device)  # noqa: E731
+        w = str(weights) if weights is not None else None
+        stage_factory = lambda start: build_stages(mode, start.optics, device=device, weights=w)  # noqa: E731
     if sink_factory is None:
         if out is None:
             raise ReplayError("offline replay needs --out DIR (or a sink factory)")

@@ -56,6 +56,7 @@ class ServiceConfig(BaseModel):
     display: str | None = Field(None, description="Display PUB endpoint (e.g. tcp://127.0.0.1:5556); None: off.")
     mode: PipelineMode = PipelineMode.classical
     device: str | None = Field(None, description="cpu, cuda, cuda:1; default: CUDA if torch sees one.")
+    weights: Path | None = Field(None, description="Network weights folder for mode 'full' (default: demo weights).")
     stack_timeout_s: float = Field(5.0, gt=0, le=3600, description="Flag a stack incomplete after this silence.")
     max_open_stacks: int = Field(64, ge=1, le=100_000)
     cache_messages: int = Field(256, ge=1, le=1_000_000, description="Messages kept in memory for the processor.")
@@ -112,7 +113,8 @@ class Service:
     # --- defaults -------------------------------------------------------------------------------------------------
 
     def _default_stages(self, start: Any) -> list[Stage]:
-        return build_stages(self.config.mode, start.optics, device=self.config.device)
+        weights = str(self.config.weights) if self.config.weights is not None else None
+        return build_stages(self.config.mode, start.optics, device=self.config.device, weights=weights)
 
     def default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
         from streamer.sinks import OmeTiffConfig, OmeZarrConfig, ThreadedSink, open_sink

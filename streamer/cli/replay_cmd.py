@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (with --offline)")
     p.add_argument("--mode", choices=["full", "classical", "deskew", "none"], default="classical")
     p.add_argument("--device", help="cpu, cuda (default: CUDA if present)")
+    p.add_argument("--weights", type=Path, help="network weights folder for --mode full")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S", help="as for `rllsm serve`")
     p.add_argument("--keys", nargs=2, metavar=("CLIENT_SECRET", "SERVER_PUBLIC"), help="CURVE client keys")
     p.set_defaults(func=run)
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             if args.out is None:
                 raise CLIError("--offline needs --out DIR")
             summary = replay_offline(args.recording, args.out, mode=args.mode, device=args.device,
-                                     timeout_s=args.stack_timeout)
+                                     timeout_s=args.stack_timeout, weights=args.weights)
         else:
             keys = tuple(args.keys) if args.keys else None
             summary = replay_to(args.recording, args.connect, speed=parse_speed(args.speed), client_keys=keys)

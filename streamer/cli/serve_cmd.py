@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--display", metavar="ENDPOINT", help="publish volumes + MIPs here, e.g. tcp://127.0.0.1:5556")
     p.add_argument("--mode", choices=["full", "classical", "deskew", "none"], default="classical")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    p.add_argument("--weights", type=Path, help="network weights folder for --mode full (default: demo weights)")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S",
                    help="flag a stack incomplete after S seconds without a plane (default %(default)s)")
     p.add_argument("--process-incomplete", action="store_true", help="also reconstruct incomplete stacks")
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = ServiceConfig(
             ingest=args.ingest, control=args.control, recording=args.recording, output=args.out,
             output_format=args.output_format, display=args.display, mode=args.mode, device=args.device,
+            weights=args.weights,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
         )
