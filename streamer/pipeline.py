@@ -98,6 +98,7 @@ class _InFlight:
     events: list[tuple[str, Any, Any]] = field(default_factory=list)  # (stage, start event, end event) on CUDA
     host_times: dict[str, float] = field(default_factory=dict)
     done_event: Any = None
+    keep: Any = None  # the pinned input, alive until its copy to the device has surely finished
 
 
 class StageWorker:
@@ -189,6 +190,7 @@ class StageWorker:
             dev = host.to(self.device, non_blocking=True)
             ready = t.cuda.Event()
             ready.record()
+        item.keep = host
         with t.cuda.stream(self._s_comp):
             self._s_comp.wait_event(ready)
             dev.record_stream(self._s_comp)
@@ -228,6 +230,10 @@ class StageWorker:
             done.append((item.token, result))
             block = False  # only wait for the oldest one
         return done
+
+    def poll(self) -> list[tuple[Any, np.ndarray]]:
+        """Results that are ready now, without waiting (called when no new stack comes, so none waits long)."""
+        return self._collect(block=False) if self.cuda else []
 
     def drain(self) -> list[tuple[Any, np.ndarray]]:
         """Wait for every stack in flight."""

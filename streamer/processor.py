@@ -173,6 +173,9 @@ class StackProcessor:
     def tick(self, now: float | None = None) -> None:
         """Flag stacks whose planes stopped arriving; collect finished GPU work."""
         self._expire(time.time() if now is None else now)
+        for worker in list(self.workers.values()):
+            for token, volume in worker.poll():
+                self._deliver(token, volume)
 
     def _expire(self, now: float) -> None:
         for st in self.assembler.expire(now):
