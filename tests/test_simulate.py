@@ -373,3 +373,26 @@ def test_beads_have_the_resolution_the_optics_imply(beads_no_mirror) -> None:
         k, y, x = k - 2 + dk, y - 2 + dy, x - 2 + dx
         assert lateral * 0.95 < _fwhm(desk[k, :, x], g.dx_um) < lateral * 1.3
         assert axial * 0.9 < _fwhm(desk[:, y, x], g.dz_deskewed_um) < axial * 1.15
+
+
+@pytest.mark.parametrize(("angle", "virtual_side"), [(30.8, "high"), (-30.8, "high"), (45.0, "low")])
+def test_frame_conversions_are_consistent(angle: float, virtual_side: str) -> None:
+    from engines.deskew import deskewed_width
+    from engines.simulate import Geometry
+
+    cfg = make_sim_config(shape=(40, 30, 120), virtual_side=virtual_side, optics={"skew_angle_deg": angle})
+    g = Geometry.from_config(cfg)
+    rng = np.random.default_rng(0)
+    raw = rng.uniform([0, 0, 0], [40, 30, 120], (200, 3))
+    assert np.allclose(g.mirror_to_raw(g.raw_to_mirror(raw)), raw, atol=1e-9)
+    m = g.raw_to_mirror(raw)
+    assert np.allclose(m[:, 2], g.height_of_raw_column(raw[:, 2]), atol=1e-9)  # a raw column is one height
+    assert np.allclose(g.reflect(g.reflect(m)), m)
+    assert g.nx_deskewed == deskewed_width(120, 40, cfg.optics.pixel_size_um, cfg.optics.stage_step_um, angle)
+    # physical distances are preserved between the mirror and the deskewed frames (a rigid change of frame)
+    d = g.mirror_to_deskewed(m) * np.array([g.dz_deskewed_um, g.dx_um, g.dx_um])
+    assert np.allclose(np.linalg.norm(d[1:] - d[:-1], axis=1), np.linalg.norm(m[1:] - m[:-1], axis=1))
+    # moving along the stage by one step moves one plane on the raw grid, same column
+    p = np.array([[1.0, 1.0, 1.5]])
+    step = g.mirror_to_raw(p + [cfg.optics.stage_step_um, 0, 0]) - g.mirror_to_raw(p)
+    assert np.allclose(step, [[1.0, 0.0, 0.0]], atol=1e-9)
