@@ -59,13 +59,13 @@ class BenchResult:
     def table(self) -> str:
         """Markdown table plus the backend ratios per step."""
         lines = [f"device: {self.device}; threads: {self.threads}; matmul peak measured in this run: "
-                 f"{self.peak_tflops * 1e3:.1f} GFLOP/s ({self.peak_desc})", "",
+                 f"{_rate(self.peak_tflops)} ({self.peak_desc})", "",
                  "| step | backend | median latency | throughput | achieved | of peak |",
                  "|---|---|---|---|---|---|"]
         for r in self.rows:
             tf = r.tflops()
             lines.append(f"| {r.step} | {r.backend} | {r.median_s * 1e3:.1f} ms | {r.throughput:.2f} {r.items}/s | "
-                         + (f"{tf * 1e3:.1f} GFLOP/s | {tf / self.peak_tflops:.0%} |" if tf else "– | – |"))
+                         + (f"{_rate(tf)} | {tf / self.peak_tflops:.0%} |" if tf else "– | – |"))
         lines.append("")
         for step in dict.fromkeys(r.step for r in self.rows):
             rows = [r for r in self.rows if r.step == step]
@@ -75,6 +75,10 @@ class BenchResult:
                                    for r in rows[1:])
                 lines.append(f"- {step}: {ratios}")
         return "\n".join(lines)
+
+
+def _rate(tflops: float) -> str:
+    return f"{tflops:.2f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
 
 
 def _sync(device: torch.device) -> None:
@@ -117,11 +121,17 @@ def matmul_probe(device: torch.device, precision: Precision, n: int | None = Non
 
 
 def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> float:
-    """FLOPs of one forward pass (``torch.utils.flop_counter``; a multiply-add counts 2)."""
+    """FLOPs of one forward pass (``torch.utils.flop_counter``; a multiply-add counts 2).
+
+    Counted on the ``meta`` device — shapes only, no arithmetic — so counting a full-size volume is free.
+    """
+    import copy
+
     from torch.utils.flop_counter import FlopCounterMode
 
+    meta = copy.deepcopy(module).to("meta")
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        module(*inputs)
+        meta(*(torch.empty(tuple(x.shape), dtype=x.dtype, device="meta") for x in inputs))
     return float(counter.get_total_flops())
 
 
@@ -205,7 +215,7 @@ def bench(kind: str, shape: Sequence[int], backends: Sequence[str], precision: P
             _interleaved(pairs + [probe], repeats, warmup, dev)
             rows += [r for r, _ in pairs]
             if end_to_end:
-                rows += _end_to_end(kind, opened, (z, y, x), batch, repeats, dev, flops, gen, probe)
+                rows += _end_to_end(kind, opened, (z, y, x), batch, repeats, dev, flops, gen, probe, module)
         finally:
             for b in opened:
                 b.unload()
@@ -219,7 +229,7 @@ def bench(kind: str, shape: Sequence[int], backends: Sequence[str], precision: P
 
 def _end_to_end(kind: str, opened: list[Backend], zyx: tuple[int, int, int], batch: int, repeats: int,
                 dev: torch.device, net_flops: float, gen: np.random.Generator,
-                probe: tuple[Row, Callable[[], Any]]) -> list[Row]:
+                probe: tuple[Row, Callable[[], Any]], module: torch.nn.Module) -> list[Row]:
     z, y, x = zyx
     if kind == "vsi-sr":
         from engines.config import OpticsConfig
@@ -229,7 +239,17 @@ def _end_to_end(kind: str, opened: list[Backend], zyx: tuple[int, int, int], bat
         vol = gen.random((z, y, x), dtype=np.float32)
         otfs = generate_otfs(OpticsConfig(), (64, 64))
         params = LateralSRParams(batch_size=batch)
-        pairs = [(Row("step2 (whole stack)", b.describe(), "stacks", 1),
+        # One untimed run records the shapes Step 2 feeds the network (rotated planes are larger), so the
+        # end-to-end rows can report the network FLOPs they contain.
+        seen: list[tuple[int, ...]] = []
+
+        def recording(xb: np.ndarray) -> Any:
+            seen.append(tuple(xb.shape))
+            return opened[0](xb)
+
+        lateral_sr(vol, recording, otfs, params, device=dev)
+        step_flops = sum(count_flops(module, torch.empty(s)) for s in seen)
+        pairs = [(Row("step2 (whole stack)", b.describe(), "stacks", 1, flops=step_flops),
                   (lambda b=b: lateral_sr(vol, b, otfs, params, device=dev))) for b in opened]
         _interleaved(pairs + [probe], repeats, 0, dev)
         return [r for r, _ in pairs]
