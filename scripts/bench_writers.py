@@ -114,6 +114,7 @@ WRITERS: dict[str, Callable[[list[np.ndarray], Path], None]] = {
     "zarr-python, unsharded": lambda v, o: w_rllsm_zarr(v, o, "zarr-python", shard=False),
     "tensorstore, sharded": lambda v, o: w_rllsm_zarr(v, o, "tensorstore", shard=True),
     "tensorstore, unsharded": lambda v, o: w_rllsm_zarr(v, o, "tensorstore", shard=False),
+    "direct (z-slab chunks, raw write)": lambda v, o: w_rllsm_zarr(v, o, "direct", shard=False),
     "rllsm default + writer thread": w_rllsm_zarr_threaded,
     "ome-writers": w_ome_writers,
     "acquire-zarr": w_acquire_zarr,

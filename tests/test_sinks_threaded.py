@@ -149,7 +149,8 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     m = VolumeMeta(acquisition_id="run-1", shape=(4, 64, 64), dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1))
     told = threading.Event()
     errors = []
-    sink = ThreadedSink.for_disk(open_sink(OmeZarrConfig(path=out, backend=backend)), queue_size=2,
+    sink = ThreadedSink.for_disk(open_sink(OmeZarrConfig(path=out, backend=backend, shard=backend != "direct")),
+                                 queue_size=2,
                                  on_error=lambda e: (errors.append(e), told.set()))
     assert (sink.on_full, sink.critical) == ("drop", True)
     sink.setup(m)
@@ -175,7 +176,7 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend", ["zarr-python", TS])
+@pytest.mark.parametrize("backend", ["zarr-python", TS, "direct"])
 def test_disk_error_stops_critical_writer_and_tells_caller(tmp_path: Path, backend: str) -> None:
     out = tmp_path / "r.ome.zarr"
     proc = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(out), backend], capture_output=True, text=True,

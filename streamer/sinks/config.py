@@ -40,9 +40,10 @@ class OmeZarrConfig(_Base):
     )
     shard: bool = Field(True, description="Group the chunks of one volume into one shard file (fewer, larger files).")
     compression: ZarrCompression = ZarrCompression.none
-    backend: Literal["auto", "tensorstore", "zarr-python"] = Field(
+    backend: Literal["auto", "tensorstore", "zarr-python", "direct"] = Field(
         "auto", description="Who writes the chunks: tensorstore when installed (faster, see docs/benchmarks/"
-        "writers.md), else zarr-python. Metadata is the same either way.",
+        "writers.md), else zarr-python; 'direct' writes uncompressed z-slab chunks straight from the volume's memory "
+        "(fastest; needs shard=False, no compression, chunks of whole planes). Metadata is the same in all cases.",
     )
     queue_size: int = Field(4, ge=1, le=1024, description="Volumes that may wait for the disk before one is dropped.")
 

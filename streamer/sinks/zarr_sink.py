@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,13 @@ def describe_error(err: BaseException) -> str:
     return text
 
 
+def direct_chunks(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Chunks for the ``direct`` backend: slabs of whole planes, ≤ 16 planes and ≤ 64 MiB of uint16 per chunk."""
+    z, y, x = shape
+    cz = max(1, min(z, 16, (64 << 20) // max(1, 2 * y * x)))
+    return (cz, y, x)
+
+
 def default_chunks(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """Chunks of ≤ 64×256×256: small enough for a viewer to fetch a plane, large enough to write fast."""
     z, y, x = shape
@@ -147,6 +155,7 @@ class OmeZarrSink:
         self._last_t = -1
         self._closed = False
         self._ts: Any = None
+        self._made: set[Path] = set()
         self._range: dict[int, tuple[float, float]] = {}
 
     def setup(self, meta: VolumeMeta) -> None:
@@ -170,8 +179,12 @@ class OmeZarrSink:
                 shutil.rmtree(p)
             z, y, x = meta.shape
             n_t = meta.n_timepoints or 1
-            chunks = self.config.chunk_zyx or default_chunks(meta.shape)
+            direct = self.config.backend == "direct"
+            chunks = self.config.chunk_zyx or (direct_chunks(meta.shape) if direct else default_chunks(meta.shape))
             chunks = tuple(min(c, s) for c, s in zip(chunks, meta.shape))
+            if direct:
+                self._check_direct(meta, chunks)
+            self._chunks = chunks
             group = zarr.open_group(store=str(p), mode="w", zarr_format=3)
             kwargs: dict[str, Any] = dict(
                 name="0", shape=(n_t, len(meta.channels), z, y, x), dtype=np.dtype(meta.dtype),
@@ -185,15 +198,52 @@ class OmeZarrSink:
                 kwargs.update(chunks=(1, 1, *chunks))
             self._array = group.create_array(**kwargs)
             group.attrs.update({"ome": ngff_attributes(meta), "rllsm": self._provenance(meta)})
-            self._ts = self._open_tensorstore(p / "0") if self._use_tensorstore() else None
+            self._ts = None if direct else (self._open_tensorstore(p / "0") if self._use_tensorstore() else None)
         except (OSError, ValueError) as err:
             raise SinkSetupError(f"{self.name}: cannot create {p}: {describe_error(err)}") from err
         self._group = group
         self._meta = meta
         self._n_t = n_t
 
+    def _check_direct(self, meta: VolumeMeta, chunks: tuple[int, ...]) -> None:
+        problems = []
+        if self.config.compression is not ZarrCompression.none:
+            problems.append(f"compression is {self.config.compression.value}")
+        if self.config.shard:
+            problems.append("shard is on")
+        if tuple(chunks[1:]) != tuple(meta.shape[1:]):
+            problems.append(f"chunks {chunks} do not span whole planes {meta.shape[1:]}")
+        if problems:
+            raise SinkSetupError(f"{self.name}: backend 'direct' writes each chunk as the volume's own bytes, which needs "
+                                 f"no compression, no shards and chunks of whole planes; here {', '.join(problems)}")
+
+    def _write_direct(self, volume: np.ndarray, index: VolumeIndex) -> None:
+        # With the bytes codec alone a chunk file *is* the little-endian C-order bytes of the chunk; a z-slab of
+        # whole planes is contiguous in the volume, so each chunk is one write() straight from the caller's memory.
+        vol = np.ascontiguousarray(volume, dtype=volume.dtype.newbyteorder("<"))
+        cz = self._chunks[0]
+        folder = self.path / "0" / "c" / str(index.timepoint) / str(index.channel)
+        for k, z0 in enumerate(range(0, vol.shape[0], cz)):
+            slab = vol[z0:z0 + cz]
+            if slab.shape[0] < cz:  # edge chunks are stored full size, padded with the fill value
+                padded = np.zeros((cz, *vol.shape[1:]), vol.dtype)
+                padded[: slab.shape[0]] = slab
+                slab = padded
+            target = folder / str(k) / "0" / "0"
+            if target.parent not in self._made:  # mkdir is slow on overlay/network filesystems: once per folder
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(target.parent)
+            tmp = target.with_name("0.partial")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(memoryview(slab).cast("B"))
+                os.replace(tmp, target)  # a reader never sees half a chunk
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+
     def _use_tensorstore(self) -> bool:
-        if self.config.backend == "zarr-python":
+        if self.config.backend in ("zarr-python", "direct"):
             return False
         try:
             import tensorstore  # noqa: F401
@@ -216,6 +266,8 @@ class OmeZarrSink:
     @property
     def backend(self) -> str:
         """The library that writes the chunks: ``"tensorstore"`` or ``"zarr-python"``."""
+        if self.config.backend == "direct":
+            return "direct"
         return "tensorstore" if self._ts is not None else "zarr-python"
 
     def _resize(self, n_t: int) -> None:
@@ -252,7 +304,9 @@ class OmeZarrSink:
                 # grow geometrically so an open-ended acquisition rewrites zarr.json O(log T) times, not T times
                 self._n_t = max(index.timepoint + 1, 2 * self._n_t)
                 self._resize(self._n_t)
-            if self._ts is not None:
+            if self.config.backend == "direct":
+                self._write_direct(volume, index)
+            elif self._ts is not None:
                 self._ts[index.timepoint, index.channel].write(volume).result()
             else:
                 self._array[index.timepoint, index.channel] = volume
@@ -262,7 +316,9 @@ class OmeZarrSink:
             self.stats.last_error = msg
             raise SinkWriteError(msg, index=index, cause=err) from err
         self._last_t = max(self._last_t, index.timepoint)
-        lo, hi = float(volume.min()), float(volume.max())
+        # the display window only needs the range roughly: a 1/64 subsample costs 1/64 of two passes over the volume
+        sample = volume[::4, ::4, ::4]
+        lo, hi = float(sample.min()), float(sample.max())
         old = self._range.get(index.channel)
         self._range[index.channel] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
         self.stats.written += 1
