@@ -32,6 +32,10 @@ class LateFrame(AssemblyError):
     """The frame's stack was already emitted (complete, or flagged incomplete after its timeout)."""
 
 
+class StackTooLarge(AssemblyError):
+    """The stack the frame announces would not fit the memory the service may use for one stack."""
+
+
 @dataclass(frozen=True, order=True)
 class StackKey:
     acquisition_id: str
@@ -93,9 +97,12 @@ class StackAssembler:
         Open stacks held at once (memory bound); adding one more flags the oldest incomplete.
     remember_closed
         How many emitted keys are remembered to recognise late frames.
+    max_stack_bytes
+        Largest stack accepted (a frame header announcing more is rejected rather than exhausting memory).
     """
 
-    def __init__(self, timeout_s: float = 5.0, max_open: int = 64, remember_closed: int = 4096) -> None:
+    def __init__(self, timeout_s: float = 5.0, max_open: int = 64, remember_closed: int = 4096,
+                 max_stack_bytes: int = 8 << 30) -> None:
         if timeout_s <= 0 or max_open < 1:
             raise ValueError(f"timeout_s must be > 0 and max_open ≥ 1, got {timeout_s}, {max_open}")
         self.timeout_s = float(timeout_s)
@@ -103,6 +110,7 @@ class StackAssembler:
         self._open: OrderedDict[StackKey, _Open] = OrderedDict()
         self._closed: OrderedDict[StackKey, None] = OrderedDict()
         self._remember = int(remember_closed)
+        self.max_stack_bytes = int(max_stack_bytes)
         self.stats = AssemblerStats()
 
     @property
@@ -152,6 +160,13 @@ class StackAssembler:
         st = self._open.get(key)
         dtype = header.numpy_dtype()
         if st is None:
+            nbytes = header.z_count * header.nbytes()
+            if nbytes > self.max_stack_bytes:
+                self.stats.inconsistent += 1
+                raise StackTooLarge(
+                    f"{label}: {header.z_count} planes of {header.shape[0]}×{header.shape[1]} {header.dtype} = "
+                    f"{nbytes / 1e9:.1f} GB, more than the {self.max_stack_bytes / 1e9:.1f} GB allowed per stack"
+                )
             if len(self._open) >= self.max_open:
                 old_key, old = self._open.popitem(last=False)
                 out.append(self._emit(old_key, old, f"evicted: more than {self.max_open} stacks open at once"))

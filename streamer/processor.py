@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from streamer.assembly import AssembledStack, StackAssembler, StackKey
+from streamer.assembly import AssembledStack, StackAssembler, StackKey, StackTooLarge
 from streamer.pipeline import PipelineError, Stage, StageWorker
 from streamer.sinks.base import Sink, SinkError, SinkStats, VolumeIndex, VolumeMeta
 from streamer.wire import AcquisitionEnd, AcquisitionStart, Frame, Stack, WireError, decode, decode_header
@@ -106,12 +106,12 @@ class StackProcessor:
     def __init__(
         self, stage_factory: StageFactory, sink_factory: SinkFactory, metrics: Any, *, timeout_s: float = 5.0,
         max_open: int = 64, done_log: str | os.PathLike[str] | None = None, device: str | None = None,
-        process_incomplete: bool = False,
+        process_incomplete: bool = False, max_stack_bytes: int = 8 << 30,
     ) -> None:
         self.stage_factory = stage_factory
         self.sink_factory = sink_factory
         self.metrics = metrics
-        self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open)
+        self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes)
         self.device = device
         self.process_incomplete = process_incomplete
         self.starts: dict[str, AcquisitionStart] = {}
@@ -152,6 +152,9 @@ class StackProcessor:
                 ready = self.assembler.end(header.acquisition_id, "acquisition ended before this stack was whole")
         except WireError as err:
             self._reject(err, record)
+            return
+        except MemoryError:  # a plausible-looking stack that still does not fit: reject it, keep serving
+            self._reject(StackTooLarge("not enough memory to assemble this stack"), record)
             return
         for st in ready:
             self._process(st)

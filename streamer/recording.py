@@ -38,7 +38,8 @@ _PREFIX = struct.Struct("<4sI")
 _LEN = struct.Struct("<Q")
 _ENTRY = struct.Struct("<QQdII")
 ENTRY_SIZE = _ENTRY.size  # 32
-MAX_PARTS = 16
+MAX_PARTS = 64  # no wire message has more than 2; extra parts of a malformed one are merged (see append)
+FLAG_PARTS_MERGED = 1
 DATA_NAME, INDEX_NAME, FORMAT_FILE = "messages.dat", "messages.idx", "format.json"
 
 
@@ -318,8 +319,13 @@ class RecordingWriter(_Files):
         if self._failed is not None:
             raise RecordingError(f"recording {self.path} stopped after an earlier error: {self._failed}")
         views = [_buf(p) for p in parts]
-        if not 0 < len(views) <= MAX_PARTS:
-            raise RecordingError(f"a message has {len(views)} parts; a record holds 1..{MAX_PARTS}")
+        if not views:
+            raise RecordingError("an empty message cannot be recorded")
+        if len(views) > MAX_PARTS:
+            # Input must never stop the recording: keep every byte, folding the surplus parts into the last one;
+            # the record is flagged and the message is still rejected (wrong part count) by the decoder.
+            views = views[: MAX_PARTS - 1] + [memoryview(b"".join(views[MAX_PARTS - 1 :]))]
+            flags |= FLAG_PARTS_MERGED
         prefix = _prefix(views)
         size = len(prefix) + sum(len(v) for v in views)
         entry = IndexEntry(self._end, size, float(received_at), _prefix_crc(prefix, views[0]), flags)

@@ -59,6 +59,7 @@ class ServiceConfig(BaseModel):
     weights: Path | None = Field(None, description="Network weights folder for mode 'full' (default: demo weights).")
     stack_timeout_s: float = Field(5.0, gt=0, le=3600, description="Flag a stack incomplete after this silence.")
     max_open_stacks: int = Field(64, ge=1, le=100_000)
+    max_stack_gb: float = Field(8.0, gt=0, le=4096, description="Largest stack accepted; bigger ones are rejected.")
     cache_messages: int = Field(256, ge=1, le=1_000_000, description="Messages kept in memory for the processor.")
     rcvhwm: int = Field(1000, ge=1, le=1_000_000, description="ZMQ receive high-water mark of the ingest socket.")
     fsync_every: int = Field(0, ge=0, description="fsync the recording every N messages (0: never).")
@@ -166,7 +167,7 @@ class Service:
         self.processor = StackProcessor(
             self.stage_factory, self.sink_factory, self.metrics, timeout_s=cfg.stack_timeout_s,
             max_open=cfg.max_open_stacks, done_log=cfg.recording / "done.log", device=cfg.device,
-            process_incomplete=cfg.process_incomplete,
+            process_incomplete=cfg.process_incomplete, max_stack_bytes=int(cfg.max_stack_gb * 1e9),
         )
         self._resume_from = len(self.recording)
         pull = self.ctx.socket(zmq.PULL)

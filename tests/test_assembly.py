@@ -101,3 +101,14 @@ def test_whole_stack_message_passes_through_once():
     assert st.complete and st.data is s
     with pytest.raises(LateFrame):
         asm.add_stack(h, s, now=0.0)
+
+
+def test_a_frame_announcing_a_huge_stack_is_rejected_not_allocated():
+    from streamer.assembly import StackTooLarge
+
+    plane = np.zeros((64, 64), np.uint16)
+    h = wire.pixels_header(plane, acquisition_id="a", seq=0, timepoint=0, z_index=0, z_count=60000)
+    asm = StackAssembler(max_stack_bytes=100 << 20)
+    with pytest.raises(StackTooLarge, match="60000 planes of 64×64 uint16 = 0.5 GB, more than the 0.1 GB allowed"):
+        asm.add_frame(h, plane, now=0.0)
+    assert asm.n_open == 0

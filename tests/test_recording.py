@@ -107,3 +107,16 @@ def test_portable_path_without_pread_and_writev(tmp_path, monkeypatch):
         assert [bytes(p) for p in w.read(4)] == msgs[4]
     with RecordingReader(tmp_path / "r") as r:
         assert [[bytes(p) for p in r.read(i)] for i in range(len(r))] == msgs
+
+
+def test_message_with_too_many_parts_is_kept_merged_and_flagged(tmp_path):
+    from streamer.recording import FLAG_PARTS_MERGED, MAX_PARTS
+
+    parts = [b"h"] + [bytes([i % 251]) * 3 for i in range(MAX_PARTS + 10)]
+    with RecordingWriter(tmp_path / "r") as w:
+        w.append(parts, 0.0)
+    with RecordingReader(tmp_path / "r") as r:
+        got = [bytes(p) for p in r.read(0)]
+        assert len(got) == MAX_PARTS and got[: MAX_PARTS - 1] == parts[: MAX_PARTS - 1]
+        assert got[-1] == b"".join(parts[MAX_PARTS - 1 :])
+        assert r.entry(0).flags == FLAG_PARTS_MERGED

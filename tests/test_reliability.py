@@ -55,7 +55,7 @@ def _json(doc) -> bytes:
 def bad_message(draw) -> tuple[list[bytes], str]:
     """One malformed message and the error type it must be rejected with."""
     kind = draw(st.sampled_from(["bytes", "nonobject", "kind", "version", "field", "extra", "size", "checksum",
-                                 "parts", "end_payload", "plane"]))
+                                 "parts", "end_payload", "plane", "huge"]))
     payload = bytes(32)
     if kind == "bytes":
         return [b"\xff" + draw(st.binary(max_size=64))], "MalformedHeader"
@@ -82,11 +82,14 @@ def bad_message(draw) -> tuple[list[bytes], str]:
         bad[flip] ^= 1 << draw(st.integers(0, 7))
         return [_json({**_FRAME_DOC, "checksum": wire.checksum(payload)}), bytes(bad)], "ChecksumMismatch"
     if kind == "parts":
-        n = draw(st.sampled_from([1, 3, 4]))
+        n = draw(st.sampled_from([1, 3, 4, 100]))  # 100: more parts than a record holds, still just rejected
         return [_json({**_FRAME_DOC, "checksum": None})] + [payload] * (n - 1), "PartCountError"
     if kind == "end_payload":
         end = wire.AcquisitionEnd(acquisition_id="fz", seq=1, n_messages=1)
         return [end.model_dump_json().encode(), draw(st.binary(max_size=8))], "PartCountError"
+    if kind == "huge":  # 4×4 planes, but ≥ 40,000 of them: more than the 1 MB per stack the test service allows
+        return [_json({**_FRAME_DOC, "checksum": None, "z_count": draw(st.integers(40_000, 65_536))}), payload], \
+            "StackTooLarge"
     doc = {**_FRAME_DOC, "checksum": None, "z_count": draw(st.integers(1, 4))}
     doc["z_index"] = draw(st.integers(doc["z_count"], 100))
     return [_json(doc), payload], "InconsistentFrame"
@@ -107,7 +110,7 @@ def test_ten_thousand_fuzzed_messages_rejected_counted_service_survives(tmp_path
     for _, err in messages:
         expected[err] = expected.get(err, 0) + 1
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", recording=tmp_path / "rec",
-                        mode="none", output=tmp_path / "out", output_format="npy")
+                        mode="none", output=tmp_path / "out", output_format="npy", max_stack_gb=0.001)
     with Service(cfg) as svc:
         with pusher(svc.ingest_endpoint) as sock:
             for parts, _ in messages:  # pre-generated, sent in a tight loop
