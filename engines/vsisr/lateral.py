@@ -177,8 +177,9 @@ def _rotator(device: torch.device) -> tuple[Callable[[np.ndarray], Any], Callabl
         try:
             import cupy  # noqa: PLC0415 - optional GPU dependency
 
-            with cupy.cuda.Device(device.index or 0):
-                return cupy.asarray, cupy.asnumpy
+            # CuPy works on its current device (GPU 0 unless the caller selected another); the
+            # rotations are independent of where the network runs, so this is only a placement choice.
+            return cupy.asarray, cupy.asnumpy
         except ImportError:
             pass
     return np.asarray, np.asarray
