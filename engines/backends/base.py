@@ -9,13 +9,13 @@ reports a bad input with the same words.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from engines.backends.errors import InputDtypeError, InputShapeError, InputValueError
+from engines.backends.errors import BackendError, InputDtypeError, InputShapeError, InputValueError
 from engines.backends.manifest import Precision, ShapeRange, TensorInfo
 
 Array = Any  # numpy.ndarray or torch.Tensor; kept loose so importing this module never imports torch
@@ -35,6 +35,8 @@ class ModelSpec:
         Axis letter → every size on that axis must be a multiple of it.
     default_ranges
         Shape ranges used when the user gives none (export) — one :class:`ShapeRange` per input.
+    output_shapes
+        Input shapes → output shapes (``None``: unknown before running).
     """
 
     kind: str
@@ -42,6 +44,8 @@ class ModelSpec:
     outputs: tuple[TensorInfo, ...]
     divisibility: Mapping[str, int] = field(default_factory=dict)
     default_ranges: Mapping[str, ShapeRange] = field(default_factory=dict)
+    #: Input shapes → output shapes; lets GPU backends allocate outputs before the call.
+    output_shapes: Callable[[list[tuple[int, ...]]], list[tuple[int, ...]]] | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -141,6 +145,12 @@ class Backend(ABC):
         device = inputs[0].device if as_torch else None
         native = [self._to_native(x) for x in inputs]
         outputs = self._forward_impl(native)
+        if self.spec.output_shapes is not None:
+            want = self.spec.output_shapes([tuple(x.shape) for x in inputs])
+            got = [tuple(y.shape) for y in outputs]
+            if got != [tuple(w) for w in want]:
+                raise BackendError(f"{self.describe()} returned shapes {got} for inputs "
+                                   f"{[tuple(x.shape) for x in inputs]}; {self.spec.kind} must return {want}")
         return [self._from_native(y, as_torch, device) for y in outputs]
 
     def __call__(self, *inputs: Array) -> Array:

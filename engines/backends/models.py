@@ -105,6 +105,8 @@ VSISR_SPEC = ModelSpec(
     outputs=(TensorInfo(name="components", layout="NCHW", shape=["N", 3, "floor(1.5*H)", "floor(1.5*W)"]),),
     divisibility={},
     default_ranges={"planes": ShapeRange(min=[1, 7, 16, 16], opt=[1, 7, 256, 256], max=[2, 7, 768, 768])},
+    # floor(1.5·size), as torch and ONNX Resize both compute it
+    output_shapes=lambda s: [(s[0][0], 3, int(s[0][2] * 1.5), int(s[0][3] * 1.5))],
 )
 
 register_model(ModelKind(
@@ -147,6 +149,7 @@ RLDFN_SPEC = ModelSpec(
     outputs=(TensorInfo(name="fused", layout="NCDHW", shape=["N", 1, "D", "H", "W"]),),
     # The U-Net pools twice, so every spatial size must survive two halvings.
     divisibility={"D": 4, "H": 4, "W": 4},
+    output_shapes=lambda s: [tuple(s[0])],
     default_ranges={
         name: ShapeRange(min=[1, 1, 8, 32, 32], opt=[1, 1, 32, 128, 128], max=[1, 1, 64, 128, 128])
         for name in ("correction_a", "correction_b")

@@ -149,12 +149,22 @@ class OnnxRuntimeBackend(Backend):
         for name, x in zip(self.spec.input_names, inputs):
             binding.bind_input(name=name, device_type="cuda", device_id=x.device.index or 0,
                                element_type=np.float32, shape=tuple(x.shape), buffer_ptr=x.data_ptr())
-        for name in self.spec.output_names:
-            binding.bind_output(name, "cuda", self.device_id)
-        torch.cuda.current_stream().synchronize()  # ORT runs on its own stream
+        outs: list[Any] = []
+        if self.spec.output_shapes is not None:
+            # Outputs are torch tensors ORT writes into: no copy, no DLPack support needed in the ORT build.
+            for name, shape in zip(self.spec.output_names, self.spec.output_shapes([tuple(x.shape) for x in inputs])):
+                out = torch.empty(shape, dtype=torch.float32, device=inputs[0].device)
+                binding.bind_output(name=name, device_type="cuda", device_id=out.device.index or 0,
+                                    element_type=np.float32, shape=tuple(out.shape), buffer_ptr=out.data_ptr())
+                outs.append(out)
+        else:
+            for name in self.spec.output_names:
+                binding.bind_output(name, "cuda", self.device_id)
+        torch.cuda.current_stream().synchronize()  # ORT runs on its own stream; inputs must be ready
         self.session.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        return [torch.utils.dlpack.from_dlpack(o.to_dlpack()) for o in outs]
+        if outs:
+            return outs
+        return [torch.from_numpy(a) for a in binding.copy_outputs_to_cpu()]
 
     def unload(self) -> None:
         self.session = None
