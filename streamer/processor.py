@@ -273,6 +273,15 @@ class StackProcessor:
     def _deliver(self, st: AssembledStack, volume: np.ndarray) -> None:
         out = self._outputs_for(st.key, volume.shape, volume.dtype.name)
         index = VolumeIndex(st.key.timepoint, st.key.channel)
+        if tuple(volume.shape) != tuple(out.meta.shape) or volume.dtype != np.dtype(out.meta.dtype):
+            # e.g. a sender that changed the frame size mid-acquisition: this stack is refused, the output goes on
+            self.metrics.inc("stage_errors")
+            msg = (f"stack {st.key.label()}: volume is {'×'.join(map(str, volume.shape))} {volume.dtype}, but this "
+                   f"acquisition's output was set up for {'×'.join(map(str, out.meta.shape))} {out.meta.dtype}")
+            self.last_errors.append(msg)
+            log.error("%s", msg)
+            self._skip(st, msg)
+            return
         for sink, critical in out.sinks:
             self._guard(sink, critical, f"append {index.label()}", lambda s=sink: s.append(volume, index))
         self.metrics.inc("volumes_output")

@@ -228,3 +228,19 @@ def test_fused_volumes_reach_a_real_display_client(tmp_path):
     k = m.header.timepoint
     want = (np.load(tmp_path / "out" / "v" / f"t{k:05d}_c0.npy")).max(axis=0)
     np.testing.assert_array_equal(m.array, want)
+
+
+def test_stack_of_another_size_mid_acquisition_is_refused_not_fatal(tmp_path):
+    rng = np.random.default_rng(6)
+    with Service(config(tmp_path), stage_factory=scale_stages) as svc:
+        msgs = [start_msg("r", SHAPE[0], SHAPE[1:])]
+        msgs += stack_frames("r", 0, rng.integers(0, 9, SHAPE, np.uint16), None, 1)
+        msgs += stack_frames("r", 1, rng.integers(0, 9, (SHAPE[0], 8, 8), np.uint16), None, 20)
+        msgs += stack_frames("r", 2, rng.integers(0, 9, SHAPE, np.uint16), None, 40)
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, msgs)
+        assert wait_for(lambda: svc.metrics.counter("volumes_output") == 2, 10)
+        assert wait_for(lambda: svc.metrics.counter("stage_errors") == 1, 10)
+        assert svc.status()["state"] == "running"
+    note = (tmp_path / "out" / "r" / "t00001_c0.skipped.txt").read_text()
+    assert "volume is 6×8×8 float32, but this acquisition's output was set up for 6×16×12 float32" in note
