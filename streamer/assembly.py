@@ -8,7 +8,7 @@ recorded, reported and processed instead of silently vanishing.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +83,7 @@ class AssemblerStats:
     duplicates: int = 0
     late: int = 0
     inconsistent: int = 0
-    incomplete_keys: list[str] = field(default_factory=list)
+    incomplete_keys: deque[str] = field(default_factory=lambda: deque(maxlen=10_000))  # the most recent ones
 
 
 class StackAssembler:

@@ -119,7 +119,7 @@ class StackProcessor:
         self.outputs: dict[str, _Outputs] = {}
         self.errors: Counter[str] = Counter()
         self.last_errors: deque[str] = deque(maxlen=20)
-        self.incomplete: list[dict[str, Any]] = []
+        self.incomplete: deque[dict[str, Any]] = deque(maxlen=100_000)  # bounded: a flood must not exhaust memory
         self.summaries: list[dict[str, Any]] = []
         self.done: set[StackKey] = set()
         self.latencies: deque[float] = deque(maxlen=4096)  # last message received → volume output (s)

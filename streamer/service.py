@@ -426,7 +426,7 @@ class Service:
         }
         if proc is not None:
             snap["errors"] = {"by_type": dict(proc.errors), "last": list(proc.last_errors)}
-            snap["incomplete_stacks"] = proc.incomplete[-50:]
+            snap["incomplete_stacks"] = list(proc.incomplete)[-50:]
             drops = {}
             for acq, out in list(proc.outputs.items()):
                 for sink, _ in out.sinks:

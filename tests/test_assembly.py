@@ -76,7 +76,7 @@ def test_incomplete_stack_flagged_after_timeout_and_kept():
     np.testing.assert_array_equal(st.data[[0, 1, 3]], s[[0, 1, 3]])
     assert not st.data[[2, 4]].any()
     assert st.records == (0, 3)
-    assert asm.stats.incomplete_keys == ["a t=3 c=0"]
+    assert list(asm.stats.incomplete_keys) == ["a t=3 c=0"]
     with pytest.raises(LateFrame):  # a plane after the flag is reported, not silently merged
         asm.add_frame(*fr[2], now=13.0)
 
