@@ -294,6 +294,7 @@ class RecordingWriter(_Files):
             raise
         except OSError as err:
             raise RecordingError(f"cannot open recording {self.path} for writing: {err.strerror}") from None
+        self._lock_exclusive()
         self._entries, self._end, torn_idx, torn_data = _load_index(self.path, self._data_fd, self._index_fd)
         self.recovered_bytes = torn_idx + torn_data
         if self.recovered_bytes:
@@ -306,6 +307,22 @@ class RecordingWriter(_Files):
         self._lock = threading.Lock()
         self._since_sync = 0
         self._failed: BaseException | None = None
+
+    def _lock_exclusive(self) -> None:
+        """One writer per recording: a second service on the same folder would interleave records."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here; one service per folder is up to the user
+            return
+        try:
+            fcntl.flock(self._data_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            for fd in (self._data_fd, self._index_fd, self._read_fd):
+                os.close(fd)
+            self._data_fd = self._index_fd = self._read_fd = -1
+            raise RecordingError(
+                f"recording {self.path} is in use by another running service; stop it first or choose another folder"
+            ) from None
 
     def append(self, parts: Sequence[Any], received_at: float, flags: int = 0) -> int:
         """Write one multipart message; returns its record number once data and index entry are written.

@@ -120,3 +120,14 @@ def test_message_with_too_many_parts_is_kept_merged_and_flagged(tmp_path):
         assert len(got) == MAX_PARTS and got[: MAX_PARTS - 1] == parts[: MAX_PARTS - 1]
         assert got[-1] == b"".join(parts[MAX_PARTS - 1 :])
         assert r.entry(0).flags == FLAG_PARTS_MERGED
+
+
+def test_second_writer_on_the_same_recording_is_refused(tmp_path):
+    from streamer.recording import RecordingError
+
+    with RecordingWriter(tmp_path / "r") as w:
+        w.append([b"x"], 0.0)
+        with pytest.raises(RecordingError, match="in use by another running service"):
+            RecordingWriter(tmp_path / "r")
+    with RecordingWriter(tmp_path / "r") as w2:  # released on close (and by the OS when a process dies)
+        assert len(w2) == 1
