@@ -11,7 +11,9 @@ Volumes that never arrive are listed under ``attributes.rllsm.skipped`` with the
 Why this design (measured in docs/benchmarks/writers.md): zarr-python creates the group, the array and the NGFF 0.5
 document (so we control the metadata and accept volumes that finish out of order, which the in-order streams of
 ome-writers and acquire-zarr do not); the chunk data are written by tensorstore when it is installed (2.5× zarr-python
-on the 2-core container, on par with ome-writers, which uses tensorstore too), else by zarr-python.
+on the 2-core container, on par with ome-writers, which uses tensorstore too), else by zarr-python. The opt-in
+``direct`` backend writes uncompressed slabs of whole planes with one ``write()`` each straight from the volume's
+memory (a Zarr v3 chunk with only the bytes codec is exactly those bytes): >2 GB/s best there.
 """
 
 from __future__ import annotations
