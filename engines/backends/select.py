@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.base import Backend
-from engines.backends.errors import BackendUnavailableError, ModelSourceError
+from engines.backends.errors import BackendUnavailableError, EngineFileError, EngineMismatchError, ModelSourceError
 from engines.backends.manifest import MANIFEST_NAME, Manifest, Precision, read_manifest
 from engines.backends.models import get_model
 
@@ -92,8 +92,12 @@ def find_sources(source: str | Path) -> ModelSources:
     return ModelSources(checkpoint=path)
 
 
-def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig) -> Backend:
-    """Instantiate backend *name* or raise :class:`BackendUnavailableError` with one reason."""
+def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig, strict: bool = False) -> Backend:
+    """Instantiate backend *name* or raise :class:`BackendUnavailableError` with one reason.
+
+    *strict* (an explicit choice without fallback) lets a damaged/stale engine raise its own error, which says how
+    to rebuild; otherwise it is one more reason to try the next backend.
+    """
     model = get_model(kind)
     spec = model.spec
     if src.manifest is not None and src.manifest.model_kind != kind:
@@ -126,7 +130,12 @@ def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig) ->
         from engines.backends.trt_backend import TensorRTBackend
 
         rebuild = _engine_rebuilder(src, cfg) if cfg.rebuild_engine else None
-        return TensorRTBackend(src.engine, spec, device_id=cfg.device_id, rebuild=rebuild)
+        try:
+            return TensorRTBackend(src.engine, spec, device_id=cfg.device_id, rebuild=rebuild)
+        except (EngineFileError, EngineMismatchError) as err:
+            if strict:
+                raise  # asked for TensorRT, no fallback: the message says how to rebuild
+            raise BackendUnavailableError({name: str(err)}) from None
     raise BackendUnavailableError({name: "unknown backend"})
 
 
@@ -190,7 +199,7 @@ def make_backend(model_kind: str, source: str | Path, backend: str | BackendName
     reasons: dict[str, str] = {}
     if choice is not BackendName.AUTO:
         try:
-            return _try_backend(choice.value, model_kind, src, cfg)
+            return _try_backend(choice.value, model_kind, src, cfg, strict=not cfg.allow_fallback)
         except BackendUnavailableError as err:
             reasons.update(err.reasons)
             if not cfg.allow_fallback:
