@@ -21,7 +21,7 @@ import torch
 from engines.backends.base import Backend
 from engines.backends.manifest import Precision, ShapeRange
 from engines.backends.models import get_model
-from engines.backends.select import BackendConfig, make_backend
+from engines.backends.select import BackendConfig, BackendName, make_backend
 from engines.backends.torch_backend import torch_dtype
 
 
@@ -177,6 +177,10 @@ def bench(kind: str, shape: Sequence[int], backends: Sequence[str], precision: P
     from engines.device import pick_device
 
     precision = Precision(precision)
+    known = [b.value for b in BackendName if b is not BackendName.AUTO]
+    unknown = [b for b in backends if b not in known]
+    if unknown or not backends:
+        raise ValueError(f"unknown backend(s) {unknown or '(none given)'}; choose from {', '.join(known)}")
     dev = pick_device(device)
     if threads:
         torch.set_num_threads(threads)

@@ -252,3 +252,26 @@ def test_cli_backend_options_merge_flags_over_config():
     assert backend_config_from_args(p.parse_args([]), base) == base
     with pytest.raises(Exception, match="extra"):
         BackendConfig.model_validate({"backend": "torch", "bogus": 1})
+
+
+def test_bench_measures_every_backend_side_by_side(capsys):
+    """`rllsm bench` on a tiny stack: each backend gets a row per step, the ratio line and the FLOP figures."""
+    from streamer.cli import main
+
+    rc = main(["bench", "--model", "vsi-sr", "--volume", "7x12x12", "--batch", "2", "--repeats", "2",
+               "--warmup", "0", "--threads", "1", "--backends", "torch,onnxruntime"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [line for line in out.splitlines() if line.startswith("| network") or line.startswith("| step2")]
+    assert len(rows) == 4 and sum("onnxruntime" in r for r in rows) == 2
+    assert all("FLOP/s" in r and "%" in r for r in rows)
+    assert "as fast as torch cpu (fp32)" in out and "matmul peak measured in this run" in out
+
+
+def test_bench_bad_arguments_are_user_errors(capsys):
+    from streamer.cli import main
+
+    assert main(["bench", "--volume", "9x32"]) == 2
+    assert "Z×Y×X" in capsys.readouterr().err
+    assert main(["bench", "--volume", "7x12x12", "--backends", "torch,warp-drive", "--no-end-to-end"]) == 2
+    assert "warp-drive" in capsys.readouterr().err
