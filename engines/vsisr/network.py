@@ -46,6 +46,16 @@ class VSISRConfig(BaseModel):
     head_features: int = Field(256, ge=16, le=1024, description="Channels of the conv after upsampling.")
 
 
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    """LeakyReLU(0.2), in place when no autograd graph is being recorded.
+
+    Every call site feeds it a freshly computed conv output, so overwriting is safe; in place it is also
+    ~10× faster on channels-last tensors (the out-of-place kernel writes a differently strided copy).
+    Under autograd (training) it stays out of place so that no saved tensor is modified.
+    """
+    return F.leaky_relu(x, 0.2, inplace=not torch.is_grad_enabled())
+
+
 class ChannelAttention(nn.Module):
     """Squeeze-and-excitation gate: rescales each channel by a weight from the global mean of all channels."""
 
@@ -54,11 +64,14 @@ class ChannelAttention(nn.Module):
         self.squeeze = nn.Conv2d(channels, channels // reduction, 1)
         self.excite = nn.Conv2d(channels // reduction, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel gate in (0, 1), shape (N, C, 1, 1)."""
         # mean over (H, W) rather than adaptive_avg_pool2d: identical numbers, exports as ReduceMean.
         y = x.mean(dim=(2, 3), keepdim=True)
-        y = torch.sigmoid(self.excite(F.relu(self.squeeze(y))))
-        return x * y
+        return torch.sigmoid(self.excite(F.relu(self.squeeze(y))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weights(x)
 
 
 class RCAB(nn.Module):
@@ -71,9 +84,10 @@ class RCAB(nn.Module):
         self.ca = ChannelAttention(channels, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.leaky_relu(self.conv1(x), 0.2)
-        y = F.leaky_relu(self.conv2(y), 0.2)
-        return x + self.ca(y)
+        y = _lrelu(self.conv1(x))
+        y = _lrelu(self.conv2(y))
+        # x + y·gate in one pass over memory instead of two (the trunk is partly memory-bound on CPU)
+        return torch.addcmul(x, y, self.ca.weights(y))
 
 
 class ResidualGroup(nn.Module):
@@ -134,8 +148,8 @@ class VSISR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(self.head(x))
         x = self.upsample(x)
-        x = F.leaky_relu(self.tail1(x), 0.2)
-        return F.leaky_relu(self.tail2(x), 0.2)
+        x = _lrelu(self.tail1(x))
+        return _lrelu(self.tail2(x))
 
     def reference_parameters(self) -> list[nn.Parameter]:
         """Parameters in the order of the published flat checkpoint (``vars.0`` … ``vars.N``).
