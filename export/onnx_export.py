@@ -78,7 +78,7 @@ def _dynamic_shapes(spec: ModelSpec, ranges: Mapping[str, ShapeRange], arg_names
                     k = torch.export.Dim(f"{letter}_div{multiple}", min=max(1, lo // multiple), max=hi // multiple)
                     dims[letter] = multiple * k
                 else:
-                    dims[letter] = torch.export.Dim(letter, min=max(2, lo) if lo > 1 else 1, max=hi)
+                    dims[letter] = torch.export.Dim(letter, min=lo, max=hi)
             axes[i] = dims[letter]
         shapes[arg] = axes
     return shapes
