@@ -249,7 +249,7 @@ def test_engine_without_tensorrt_says_how_to_install(exported, tmp_path, capsys)
 
 
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_engine_export_builds_and_validates(tmp_path, precision):
     from engines.backends.engine_file import read_engine_file
     from engines.backends.select import make_predictor
