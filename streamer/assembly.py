@@ -62,6 +62,9 @@ class AssembledStack:
     records: tuple[int, int] = (-1, -1)
     received_at: float = 0.0  # when the last message of the stack arrived
 
+    def __str__(self) -> str:  # used in error messages: never print the pixels
+        return f"stack {self.key.label()}"
+
 
 @dataclass
 class _Open:

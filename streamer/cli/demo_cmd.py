@@ -120,6 +120,10 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] = (6
     if not finished:
         raise RuntimeError(f"reconstruction did not finish within {timeout_s:g} s")
     acq_summary = next(s for s in svc.processor.summaries if s["acquisition_id"] == acq)
+    n_out = int(acq_summary["counters"].get("volumes_output", 0))
+    if n_out < timepoints:
+        errors = "; ".join(list(svc.processor.last_errors)[-3:]) or "see the log"
+        raise RuntimeError(f"only {n_out} of {timepoints} stacks were reconstructed in mode '{mode}': {errors}")
     import torch
 
     summary = {
