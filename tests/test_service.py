@@ -244,3 +244,18 @@ def test_stack_of_another_size_mid_acquisition_is_refused_not_fatal(tmp_path):
         assert svc.status()["state"] == "running"
     note = (tmp_path / "out" / "r" / "t00001_c0.skipped.txt").read_text()
     assert "volume is 6×8×8 float32, but this acquisition's output was set up for 6×16×12 float32" in note
+
+
+def test_build_stages_modes_and_memory_budget():
+    from engines.config import OpticsConfig
+    from streamer.pipeline import build_stages, memory_budget_gb
+
+    assert build_stages("none", OpticsConfig()) == []
+    (st,) = build_stages("deskew", OpticsConfig(), device="cpu")
+    out = st.fn(np.ones((4, 8, 10), np.uint16))
+    assert st.name == "deskew" and out.shape[0] == 4 and out.shape[2] > 10
+    names = [s.name for s in build_stages("classical", OpticsConfig(), device="cpu")]
+    assert names == ["preprocess", "split_views", "fuse"]
+    with pytest.raises(ValueError):
+        build_stages("turbo", OpticsConfig())
+    assert 0.5 <= memory_budget_gb("cpu") <= 16.0
