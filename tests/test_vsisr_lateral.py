@@ -209,3 +209,18 @@ def test_bf16_close_to_fp32_and_fp16_needs_cuda(tiny_model, otfs):
     assert r > 0.99 and 0 < nrmse < 0.05
     with pytest.raises(LateralSRError, match="CUDA"):
         lateral_sr(vol, tiny_model, otfs, LateralSRParams(precision="fp16"), device="cpu")
+
+
+def test_onnxruntime_session_plugs_in(tiny_model, otfs, tmp_path):
+    """An exported graph run by ONNX Runtime is a drop-in predictor (how engines/backends/ plug in)."""
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "vsisr.onnx"
+    torch.onnx.export(
+        tiny_model, (torch.zeros(1, 7, 16, 16),), str(path), input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, opset_version=17, dynamo=False,
+    )
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    vol = _seeded().seeded_volume((10, 20, 24), 12)
+    a = lateral_sr(vol, tiny_model, otfs, LateralSRParams(batch_size=3), device="cpu")
+    b = lateral_sr(vol, lambda x: sess.run(None, {"x": x})[0], otfs, LateralSRParams(batch_size=3), device="cpu")
+    assert np.abs(a - b).max() < 1e-4
