@@ -224,3 +224,11 @@ def test_onnxruntime_session_plugs_in(tiny_model, otfs, tmp_path):
     a = lateral_sr(vol, tiny_model, otfs, LateralSRParams(batch_size=3), device="cpu")
     b = lateral_sr(vol, lambda x: sess.run(None, {"x": x})[0], otfs, LateralSRParams(batch_size=3), device="cpu")
     assert np.abs(a - b).max() < 1e-4
+
+
+@pytest.mark.parametrize("adjust", [True, False])
+def test_blank_stack_gives_finite_output(tiny_model, otfs, adjust):
+    """A flat stack (shutter closed) must not turn into NaN through the min–max and brightness steps."""
+    out = lateral_sr(np.full((8, 16, 16), 100, np.uint16), tiny_model, otfs,
+                     LateralSRParams(adjust_intensity=adjust), device="cpu")
+    assert out.shape == (2, 24, 24) and np.isfinite(out).all()
