@@ -249,3 +249,17 @@ def test_meta_training_across_processes_keeps_ranks_in_step(dataset: Path, tmp_p
     # each rank adapted different tasks; the all-reduced outer gradient leaves identical weights everywhere
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "out" / "meta_model.pth").is_file()
+
+
+def test_tensorboard_log_is_optional(tmp_path: Path) -> None:
+    import importlib.util
+
+    from engines.training.common import Monitor
+
+    mon = Monitor(2, 0, "t", tmp_path / "log", show=False)
+    mon.scalar("loss", 1.0, 1)
+    mon.close()
+    if importlib.util.find_spec("tensorboard") is None:
+        assert mon.writer is None  # skipped cleanly, training goes on
+    else:
+        assert any((tmp_path / "log").glob("events.out.tfevents.*"))
