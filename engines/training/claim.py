@@ -57,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-batch", type=int, default=20)
     p.add_argument("--ft-lr", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=None, help="use this prepared data root instead of OUT/data")
+    p.add_argument("--meta-dir", default=None, help="meta-training folder (resumed if present) instead of OUT/meta")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    data = out / "data"
+    data = Path(args.data) if args.data else out / "data"
+    meta_dir = Path(args.meta_dir) if args.meta_dir else out / "meta"
     t0 = time.time()
     if not (data / "index.json").is_file():
         prepare_synthetic(data, PrepareConfig(patch=args.patch, patches_per_task=600, finetune_patches=300,
@@ -74,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
                       task_iters=args.task_iters, g_steps=args.g_steps, g_lr_outer=args.g_lr_outer,
                       save_every=25, seed=0)
     t0 = time.time()
-    meta = meta_train(load_tasks(data), mcfg, out / "meta", progress=True)
+    meta = meta_train(load_tasks(data), mcfg, meta_dir, progress=True)
     t_meta = time.time() - t0
-    meta_model = load_checkpoint(out / "meta" / "meta_model_rllsm.pth")
+    meta_model = load_checkpoint(meta_dir / "meta_model_rllsm.pth")
     train, val = load_finetune(data)
     fcfg = FinetuneConfig(iterations=args.ft_iterations, batch_size=args.ft_batch, lr=args.ft_lr, val_every=5)
+    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "claim.json"
     runs = json.loads(results_path.read_text())["runs"] if results_path.is_file() else {}
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {torch.get_num_threads()} thread(s), torch {torch.__version__}",
         "network": net.model_dump(), "meta_config": mcfg.model_dump(mode="json"),
         "finetune_config": fcfg.model_dump(), "dataset": read_index(data)["provenance"],
-        "tasks": sorted(load_tasks(data)), "unseen_structure": "rings",
+        "tasks": sorted(load_tasks(data)), "unseen_structure": read_index(data)["finetune"]["structure"],
         "seconds": {"prepare": t_prep, "meta_train_this_session": t_meta},
         "meta_query_loss_first_last": [meta.post[:10], meta.post[-10:]],
         "summary_psnr_db": summary, "runs": runs,
