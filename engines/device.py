@@ -19,3 +19,19 @@ def pick_device(requested: str | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{name}' requested but torch sees no CUDA GPU (torch {torch.__version__})")
     return dev
+
+
+def default_memory_budget_gb(device: torch.device | str | None = None) -> float:
+    """Memory one reconstruction may use: 80 % of the GPU's free memory, or half the free RAM (at most 16 GB).
+
+    Tiled steps size their tiles from this, so a volume of any size fits whatever else the machine is doing.
+    """
+    dev = torch.device(device) if device is not None else pick_device()
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return max(0.5, 0.8 * free / 2**30)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4.0
+    return float(min(16.0, max(0.5, 0.5 * free / 2**30)))

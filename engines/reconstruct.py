@@ -12,6 +12,7 @@ stages (:func:`stage_chain`) so that it can time each one.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.background import BackgroundParams, PreprocessReport, preprocess
 from engines.config import OpticsConfig
-from engines.device import pick_device
+from engines.device import default_memory_budget_gb, pick_device
 from engines.views import ViewsParams, ViewsReport, split_views
 
 Mode = Literal["full", "classical"]
@@ -112,7 +113,9 @@ class Reconstructor:
         self.params = params or ReconstructParams()
         self.models = models or ReconModels()
         self.device = pick_device(str(device) if device is not None else None)
-        self.views_params = self.params.views or ViewsParams(angle_deg=optics.objective_angle_deg)
+        # The rotation follows the skew direction: a negative skew angle tilts the mirror the other way.
+        angle = math.copysign(optics.objective_angle_deg, optics.skew_angle_deg)
+        self.views_params = self.params.views or ViewsParams(angle_deg=angle)
         mode = self.params.mode
         if mode == "full":
             missing = [n for n, v in (("VSI-SR checkpoint", self.models.vsisr), ("OTFs", self.models.otfs),
@@ -142,6 +145,9 @@ class Reconstructor:
     def split(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, ViewsReport]:
         dz = self.optics.deskewed_pixel_z_um
         dx = views_voxel_um(self.optics, self.params.mode)
+        if self.optics.skew_axis.value == "y":
+            # The view split works with the skew axis last; a y-skewed camera is the same geometry transposed.
+            volume = np.swapaxes(volume, 1, 2)
         return split_views(volume, dx, dz, self.views_params, device=self.device)
 
     def fuse(self, view_a: np.ndarray, view_b: np.ndarray,
@@ -149,7 +155,10 @@ class Reconstructor:
         if self.params.mode == "full":
             from engines.rldfn.fuse import fuse_rldfn
 
-            budget = None if self.params.memory_budget_gb is None else int(self.params.memory_budget_gb * 2**30)
+            gb = self.params.memory_budget_gb
+            if gb is None and self.params.tile == "auto":
+                gb = default_memory_budget_gb(self.device)
+            budget = None if gb is None else int(gb * 2**30)
             return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
                               device=self.device, memory_budget_bytes=budget, progress=progress)
         from engines.rldfn.classical import classical_fuse
@@ -253,12 +262,13 @@ def demo_models(optics: OpticsConfig) -> ReconModels | None:
     return load_models(vsisr_checkpoint=vsisr, rldfn_weights=rldfn, optics=optics)
 
 
-def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None,
-                weights: str | None = None) -> list[tuple[str, Callable[[Any], Any]]]:
+def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
+                memory_budget_gb: float | None = None) -> list[tuple[str, Callable[[Any], Any]]]:
     """Named stages for the streaming service.
 
     ``weights`` is a folder holding ``vsi-sr.pt`` (or ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder
     ``rl-dfn/``) and optionally ``otf/``; in ``full`` mode without it the shipped demo weights are used.
+    ``memory_budget_gb`` bounds RL-DFN's tiles (default: :func:`engines.device.default_memory_budget_gb`).
     """
     if mode not in ("full", "classical"):
         raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected 'full' or 'classical'")
@@ -271,7 +281,7 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None,
             if found is None:
                 raise ReconstructError("mode 'full' needs weights (--weights DIR) and no demo weights are installed")
             models = found
-    rec = Reconstructor(optics, ReconstructParams(mode=mode), models, device=device)
+    rec = Reconstructor(optics, ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb), models, device=device)
     return rec.stages()
 
 

@@ -14,13 +14,11 @@ service and offline replay, so both produce bit-identical outputs from the same 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -86,43 +84,16 @@ def build_stages(
             f"reconstruction mode '{mode}' needs engines.reconstruct, which is not available here ({err}); "
             "use --mode deskew or --mode none"
         ) from None
-    import inspect
-
-    budget = memory_budget_gb(device)
-    if mode is PipelineMode.full and "memory_budget_gb" not in inspect.signature(reconstruct.stage_chain).parameters:
-        # RL-DFN's automatic tiling needs a memory budget that stage_chain does not pass on (yet): build the same
-        # chain from the engine's public pieces with one, so 'full' runs instead of failing on every stack.
-        models = (reconstruct._models_from_folder(Path(weights), optics) if weights is not None
-                  else reconstruct.demo_models(optics))
-        if models is None:
-            raise StagesUnavailable("mode 'full' needs network weights (--weights DIR); no demo weights installed")
-        params = reconstruct.ReconstructParams(mode="full", memory_budget_gb=budget)
-        chain = reconstruct.Reconstructor(optics, params, models, device=device).stages()
-    else:
-        kw = {"memory_budget_gb": budget} if "memory_budget_gb" in inspect.signature(
-            reconstruct.stage_chain).parameters else {}
-        chain = reconstruct.stage_chain(str(mode), optics, device=device, weights=weights, **kw)
+    chain = reconstruct.stage_chain(str(mode), optics, device=device, weights=weights,
+                                    memory_budget_gb=memory_budget_gb(device))
     return [s if isinstance(s, Stage) else Stage(*s) for s in chain]
 
 
 def memory_budget_gb(device: str | None) -> float:
-    """Memory one reconstruction may use: 80 % of the GPU's free memory, or half the free RAM (at most 16 GB)."""
-    try:
-        import torch
+    """Memory one reconstruction may use (see :func:`engines.device.default_memory_budget_gb`)."""
+    from engines.device import default_memory_budget_gb, pick_device
 
-        from engines.device import pick_device
-
-        dev = pick_device(device)
-        if dev.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(dev)
-            return max(0.5, 0.8 * free / 2**30)
-    except Exception:  # no torch/CUDA information: fall through to the host's
-        pass
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4.0
-    return float(min(16.0, max(0.5, 0.5 * free / 2**30)))
+    return default_memory_budget_gb(pick_device(device))
 
 
 # --- the worker ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ Policy, stated once because it is the contract with the acquisition:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections import deque
 from collections.abc import Callable
