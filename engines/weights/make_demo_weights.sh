@@ -17,5 +17,5 @@ $PY -m streamer finetune "$W/vsisr-data" --meta-model "$W/vsisr-meta/meta_model_
     --device cpu --no-progress
 # RL-DFN: self-supervised on dual-view volumes from the built-in dual-view generator (filaments).
 $PY -m streamer train-fusion --synthetic --structure filaments --volumes 2 --size 32,96,96 --patch 24,48,48 \
-    --width 8 --disc-width 8 --lr 1e-3 --steps 200 --save-every 25 --out "$W/rldfn" --device cpu --no-progress
+    --width 8 --disc-width 8 --lr 1e-3 --steps 800 --save-every 25 --out "$W/rldfn" --device cpu --no-progress
 $PY -m engines.weights.pack "$W/vsisr-ft/finetuned.pth" "$W/rldfn/rldfn.pt"
