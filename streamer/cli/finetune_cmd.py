@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", type=int, default=64, help="--from-scratch network width [64]")
     p.add_argument("--groups", type=int, default=4, help="--from-scratch residual groups [4]")
     p.add_argument("--blocks", type=int, default=4, help="--from-scratch RCABs per group [4]")
+    p.add_argument("--head-features", type=int, default=256, help="--from-scratch channels after upsampling [256]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing resume state in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         train, val = load_finetune(Path(args.data))
         if args.from_scratch:
             torch.manual_seed(args.seed)
-            model = VSISR(VSISRConfig(features=args.features, n_groups=args.groups, n_blocks=args.blocks))
+            model = VSISR(VSISRConfig(features=args.features, n_groups=args.groups, n_blocks=args.blocks,
+                                      head_features=args.head_features, reduction=min(16, args.features // 2)))
         else:
             model = load_checkpoint(args.meta_model)
         res = finetune(model, train, val, cfg, Path(args.out), device=device, resume=not args.no_resume,
