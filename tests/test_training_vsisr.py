@@ -263,3 +263,25 @@ def test_tensorboard_log_is_optional(tmp_path: Path) -> None:
         assert mon.writer is None  # skipped cleanly, training goes on
     else:
         assert any((tmp_path / "log").glob("events.out.tfevents.*"))
+
+
+def test_prepare_data_deskews_raw_pairs_to_matching_grids(tmp_path: Path) -> None:
+    from engines.config import OpticsConfig
+    from engines.deskew import skew
+    from engines.training.prepare import preprocess_cell
+
+    optics = OpticsConfig()
+    llsm, gt = make_pair("puncta", 10, 40, 40, np.random.default_rng(3))
+    kw = {"dz_um": optics.stage_step_um, "angle_deg": optics.skew_angle_deg}
+    raw_l = skew(llsm, optics.pixel_size_um, **kw) * 1000 + optics.camera_offset
+    raw_g = skew(gt, optics.pixel_size_um / 1.5, **kw)
+    a, b = preprocess_cell(raw_l, raw_g, optics, deskew=True)
+    assert b.shape == (a.shape[0], a.shape[1] * 3 // 2, a.shape[2] * 3 // 2)
+    # the GT sampled at the LLSM pixel centres correlates best with the LLSM at zero shift along the skew axis
+    from scipy.ndimage import map_coordinates
+
+    z, y, x = np.meshgrid(np.arange(b.shape[0]), 1.5 * np.arange(a.shape[1]) + 0.25,
+                          1.5 * np.arange(a.shape[2]) + 0.25, indexing="ij")
+    score = {sh: np.corrcoef(a.ravel(), map_coordinates(b, [z, y, x + 1.5 * sh], order=1).ravel())[0, 1]
+             for sh in range(-3, 4)}
+    assert max(score, key=score.get) == 0 and score[0] > 0.8

@@ -112,10 +112,31 @@ def preprocess_cell(llsm: np.ndarray, gt: np.ndarray, optics: OpticsConfig | Non
                        optics.skew_angle_deg, skew_axis=axis)
         gt = _deskew(np.clip(gt, 0, None), optics.pixel_size_um / 1.5, optics.stage_step_um,
                      optics.skew_angle_deg, skew_axis=axis)
+        llsm, gt = align_crop(llsm, gt)
     else:
         llsm = np.clip(llsm - offset, 0, None)
     gt = np.clip(gt, 0, None)
     return normalise(llsm), normalise(gt)
+
+
+def align_crop(llsm: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop a deskewed LLSM stack and its deskewed GT to matching extents (GT exactly 1.5× in y and x).
+
+    Deskewing widens each stack by a whole number of its own pixels, so the two widths are rarely in an exact
+    3:2 ratio. Both deskews keep the raw frame's centre at the output centre, so the crops are centred on it;
+    the residual misalignment is at most half a GT pixel.
+    """
+    sl_l, sl_g = [slice(None)], [slice(None)]
+    for wl, wg in zip(llsm.shape[1:], gt.shape[1:]):
+        n = min(wl, int(wg / 1.5)) // 2 * 2
+        if n < 2:
+            raise TrainingDataError(f"deskewed LLSM width {wl} and GT width {wg} leave nothing in common")
+        s_l = (wl - n) // 2
+        s_g = int(round(1.5 * (s_l - wl / 2) + wg / 2))
+        s_g = min(max(s_g, 0), wg - n * 3 // 2)
+        sl_l.append(slice(s_l, s_l + n))
+        sl_g.append(slice(s_g, s_g + n * 3 // 2))
+    return llsm[tuple(sl_l)], gt[tuple(sl_g)]
 
 
 def _crop_pair(llsm: np.ndarray, gt: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
