@@ -121,7 +121,7 @@ def test_finetune_raises_validation_psnr_and_resumes(dataset: Path, tmp_path: Pa
 
 
 def test_finetune_interrupted_run_resumes_identically(dataset: Path, tmp_path: Path) -> None:
-    train, val = load_finetune(dataset)
+    train, _ = load_finetune(dataset)
     cfg = FinetuneConfig(iterations=6, batch_size=4, val_every=3)
     torch.manual_seed(0)
     init = VSISR(TINY).state_dict()

@@ -42,7 +42,7 @@ def load_state(path: Path) -> dict[str, Any] | None:
     try:
         # weights_only=False: the state holds the numpy generator's state dict (plain Python types only).
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - torch.load raises many unrelated types for a damaged file
         raise TrainingError(f"resume state {path} is unreadable ({err}); delete it to start over") from None
 
 

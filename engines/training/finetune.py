@@ -16,7 +16,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.training.common import (
-    Monitor, TrainingError, atomic_save, load_state, restore_rng, rng_state, seed_everything,
+    Monitor,
+    TrainingError,
+    atomic_save,
+    load_state,
+    restore_rng,
+    rng_state,
+    seed_everything,
 )
 from engines.training.data import PatchSet
 from engines.training.losses import VSISRLoss

@@ -32,7 +32,13 @@ from engines.rldfn.checkpoint import save_reference_folder, save_rldfn
 from engines.rldfn.network import DualViewFusionNet
 from engines.rldfn.rl import psf_to_otf, rl_corrections
 from engines.training.common import (
-    Monitor, TrainingError, atomic_save, load_state, restore_rng, rng_state, seed_everything,
+    Monitor,
+    TrainingError,
+    atomic_save,
+    load_state,
+    restore_rng,
+    rng_state,
+    seed_everything,
 )
 from engines.training.losses import tv_loss
 

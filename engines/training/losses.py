@@ -17,8 +17,15 @@ from scipy.ndimage import gaussian_filter
 from torch.nn import functional as F
 
 __all__ = [
-    "apodize_edges", "spectrum_magnitude", "ssim", "VSISRLoss", "foreground_mask", "affine_match",
-    "masked_psnr", "percentile_norm", "tv_loss",
+    "VSISRLoss",
+    "affine_match",
+    "apodize_edges",
+    "foreground_mask",
+    "masked_psnr",
+    "percentile_norm",
+    "spectrum_magnitude",
+    "ssim",
+    "tv_loss",
 ]
 
 
@@ -141,7 +148,7 @@ def masked_psnr(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
     mse = float(np.mean((pred[m] - gt[m]) ** 2))
     if mse == 0:
         return 100.0
-    peak = 1.0 if float(np.max(pred * m)) <= 1.0 else float(np.max(pred * m))
+    peak = max(1.0, float(np.max(pred * m)))
     return 20 * math.log10(peak / math.sqrt(mse))
 
 

@@ -28,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.func import functional_call
 
 from engines.training.common import (
-    Monitor, TrainingError, atomic_save, load_state, restore_rng, rng_state, seed_everything,
+    Monitor,
+    TrainingError,
+    atomic_save,
+    load_state,
+    restore_rng,
+    rng_state,
+    seed_everything,
 )
 from engines.training.data import PatchSet
 from engines.training.discriminator import DiscriminatorConfig, VSIDiscriminator, adversarial_loss
@@ -122,7 +128,7 @@ def _dist() -> tuple[int, int]:
 
 
 def _allreduce_grads(modules: list[torch.nn.Module]) -> None:
-    rank, world = _dist()
+    _, world = _dist()
     if world == 1:
         return
     for m in modules:

@@ -21,7 +21,14 @@ from scipy.ndimage import gaussian_filter
 
 from engines.config import OpticsConfig
 from engines.training.data import (
-    INDEX_VERSION, IN_PLANES, OUT_PLANES, TrainingDataError, iter_patches, to_u16, write_index, write_shard,
+    IN_PLANES,
+    INDEX_VERSION,
+    OUT_PLANES,
+    TrainingDataError,
+    iter_patches,
+    to_u16,
+    write_index,
+    write_shard,
 )
 
 log = logging.getLogger(__name__)
@@ -132,7 +139,7 @@ def align_crop(llsm: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray
         if n < 2:
             raise TrainingDataError(f"deskewed LLSM width {wl} and GT width {wg} leave nothing in common")
         s_l = (wl - n) // 2
-        s_g = int(round(1.5 * (s_l - wl / 2) + wg / 2))
+        s_g = round(1.5 * (s_l - wl / 2) + wg / 2)
         s_g = min(max(s_g, 0), wg - n * 3 // 2)
         sl_l.append(slice(s_l, s_l + n))
         sl_g.append(slice(s_g, s_g + n * 3 // 2))
@@ -278,7 +285,7 @@ def _tif_read(path: Path) -> np.ndarray:
 
     try:
         return tifffile.imread(path)
-    except Exception as err:  # tifffile raises several unrelated types for a corrupt file
+    except Exception as err:  # noqa: BLE001 - tifffile raises several unrelated types for a corrupt file
         raise TrainingDataError(f"cannot read {path}: {err}") from None
 
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             g = gt[z]
             peaks = (g == maximum_filter(g, size=9)) & (g > 0.3 * g.max())
             fine = [(int(y), int(x)) for y, x in zip(*np.nonzero(peaks))]
-            coarse = [(int(round((y - 0.25) / 1.5)), int(round((x - 0.25) / 1.5))) for y, x in fine]
+            coarse = [(round((y - 0.25) / 1.5), round((x - 0.25) / 1.5)) for y, x in fine]
             rows["ground_truth"].append(bead_fwhm(g, fine, px / 1.5, 7))
             rows["output"].append(bead_fwhm(pred[k], fine, px / 1.5, 7))
             rows["input"].append(bead_fwhm(llsm[z], coarse, px, 5))

@@ -54,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
 
     from engines.training.data import TrainingDataError
     from engines.training.prepare import (
-        PrepareConfig, SimulatorSource, SyntheticSource, prepare_folder, prepare_simulator, prepare_synthetic,
+        PrepareConfig,
+        SimulatorSource,
+        SyntheticSource,
+        prepare_folder,
+        prepare_simulator,
+        prepare_synthetic,
     )
     from streamer.cli import CLIError
 

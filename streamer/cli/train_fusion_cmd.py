@@ -53,7 +53,7 @@ def _read(path: str):
 
     try:
         return np.asarray(tifffile.imread(path), np.float32)
-    except Exception as err:  # tifffile raises several unrelated types for a bad file
+    except Exception as err:  # noqa: BLE001 - tifffile raises several unrelated types for a bad file
         raise CLIError(f"cannot read {path}: {err}") from None
 
 
