@@ -2,7 +2,7 @@
 
 Everything compared is measured in one run, interleaved (backend A, B, A, B, …) so that a noisy neighbour slows
 all of them alike; the table reports medians, achieved TFLOP/s (FLOPs counted by ``torch.utils.flop_counter``
-on the torch module) and that figure as a fraction of the device's matmul peak measured in the same run.
+on the torch module) and that figure as a fraction of the device's peak measured in the same run (the faster of a large matmul and a 3×3 convolution).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class BenchResult:
 
     def table(self) -> str:
         """Markdown table plus the backend ratios per step."""
-        lines = [f"device: {self.device}; threads: {self.threads}; matmul peak measured in this run: "
+        lines = [f"device: {self.device}; threads: {self.threads}; peak measured in this run: "
                  f"{_rate(self.peak_tflops)} ({self.peak_desc})", "",
                  "| step | backend | median latency | throughput | achieved | of peak |",
                  "|---|---|---|---|---|---|"]
@@ -117,6 +117,30 @@ def matmul_probe(device: torch.device, precision: Precision, n: int | None = Non
 
     row = Row(f"peak probe ({reps}× {n}×{n} {precision.value} torch.mm)", f"torch {device}", "matmuls", reps,
               flops=2.0 * n**3 * reps)
+    return row, run
+
+
+def conv_probe(device: torch.device, precision: Precision) -> tuple[Row, Callable[[], Any]]:
+    """A 64→64-channel 3×3 convolution, the networks' own dominant operation, timed like :func:`matmul_probe`.
+
+    On CPUs the convolution library (oneDNN) can run 3×3 convolutions at twice the BLAS matmul rate, so a
+    matmul-only peak would let the networks exceed "100 % of peak"; the peak is the faster of the two probes.
+    """
+    dtype = torch_dtype(precision)
+    side = 512 if device.type == "cuda" else 128
+    batch = 8 if device.type == "cuda" else 1
+    x = torch.rand(batch, 64, side, side, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    flops_one = 2.0 * 64 * 64 * 9 * side * side * batch
+    reps = max(1, int(4e9 // flops_one))
+
+    def run() -> None:
+        with torch.inference_mode():
+            for _ in range(reps):
+                conv(x)
+
+    row = Row(f"peak probe ({reps}× 3×3 conv 64→64 on {batch}×{side}×{side} {precision.value})", f"torch {device}",
+              "convs", reps, flops=flops_one * reps)
     return row, run
 
 
@@ -184,7 +208,7 @@ def bench(kind: str, shape: Sequence[int], backends: Sequence[str], precision: P
     dev = pick_device(device)
     if threads:
         torch.set_num_threads(threads)
-    probe = matmul_probe(dev, precision)
+    probes = [matmul_probe(dev, precision), conv_probe(dev, precision)]
     mk = get_model(kind)
     with tempfile.TemporaryDirectory(prefix="rllsm-bench-") as tmp:
         tmpdir = Path(tmp)
@@ -216,15 +240,15 @@ def bench(kind: str, shape: Sequence[int], backends: Sequence[str], precision: P
             net_items = ("planes", batch) if kind == "vsi-sr" else ("patches", 1)
             pairs = [(Row("network", b.describe(), *net_items, flops=flops), (lambda b=b: b(*inputs_dev)))
                      for b in opened]
-            _interleaved(pairs + [probe], repeats, warmup, dev)
+            _interleaved(pairs + probes, repeats, warmup, dev)
             rows += [r for r, _ in pairs]
             if end_to_end:
-                rows += _end_to_end(kind, opened, (z, y, x), batch, repeats, dev, flops, gen, probe, module)
+                rows += _end_to_end(kind, opened, (z, y, x), batch, repeats, dev, flops, gen, probes, module)
         finally:
             for b in opened:
                 b.unload()
-    peak_row = probe[0]
-    # The best probe sample is the peak (the least-disturbed moment); the networks are judged by their median.
+    # The best sample of the faster probe is the peak (the least-disturbed moment); networks are judged by median.
+    peak_row = max((r for r, _ in probes), key=lambda r: (r.flops or 0.0) / min(r.times_s))
     peak = (peak_row.flops or 0.0) / min(peak_row.times_s) / 1e12
     return BenchResult(device=_device_name(dev), threads=torch.get_num_threads(), peak_tflops=peak,
                        peak_desc=f"{peak_row.step}, best of {len(peak_row.times_s)} samples interleaved with the "
@@ -233,7 +257,7 @@ def bench(kind: str, shape: Sequence[int], backends: Sequence[str], precision: P
 
 def _end_to_end(kind: str, opened: list[Backend], zyx: tuple[int, int, int], batch: int, repeats: int,
                 dev: torch.device, net_flops: float, gen: np.random.Generator,
-                probe: tuple[Row, Callable[[], Any]], module: torch.nn.Module) -> list[Row]:
+                probes: list[tuple[Row, Callable[[], Any]]], module: torch.nn.Module) -> list[Row]:
     z, y, x = zyx
     if kind == "vsi-sr":
         from engines.config import OpticsConfig
@@ -255,7 +279,7 @@ def _end_to_end(kind: str, opened: list[Backend], zyx: tuple[int, int, int], bat
         step_flops = sum(count_flops(module, torch.empty(s)) for s in seen)
         pairs = [(Row("step2 (whole stack)", b.describe(), "stacks", 1, flops=step_flops),
                   (lambda b=b: lateral_sr(vol, b, otfs, params, device=dev))) for b in opened]
-        _interleaved(pairs + [probe], repeats, 0, dev)
+        _interleaved(pairs + probes, repeats, 0, dev)
         return [r for r, _ in pairs]
     from engines.rldfn.rl import psf_to_otf, rl_corrections
 
@@ -270,10 +294,10 @@ def _end_to_end(kind: str, opened: list[Backend], zyx: tuple[int, int, int], bat
         return rl_corrections(va, vb, (va + vb) / 2, otf_a, otf_b)
 
     rl_row = Row("rl-step (torch FFT)", f"torch {dev}", "patches", 1)
-    _interleaved([(rl_row, rl), probe], repeats, 1, dev)
+    _interleaved([(rl_row, rl), *probes], repeats, 1, dev)
     pairs = [(Row("patch (rl-step + network)", b.describe(), "patches", 1, flops=net_flops),
               (lambda b=b: b(*rl()))) for b in opened]
-    _interleaved(pairs + [probe], repeats, 1, dev)
+    _interleaved(pairs + probes, repeats, 1, dev)
     return [rl_row] + [r for r, _ in pairs]
 
 

@@ -7,8 +7,8 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark the networks on each backend (per step and end to end)",
-                       description="Measure latency, throughput, achieved FLOP/s and fraction of the measured matmul "
-                                   "peak for VSI-SR (Step 2) or RL-DFN on several backends in one interleaved run.")
+                       description="Measure latency, throughput, achieved FLOP/s and fraction of the device's peak (the faster "
+                                   "of a large matmul and a 3×3 convolution, measured in the same run) for VSI-SR (Step 2) or RL-DFN on several backends in one interleaved run.")
     p.add_argument("--model", choices=["vsi-sr", "rl-dfn"], default="vsi-sr")
     p.add_argument("--volume", default="13x64x64", metavar="ZxYxX",
                    help="VSI-SR: deskewed stack Z×Y×X; RL-DFN: patch Z×Y×X (multiples of 4)")
