@@ -131,3 +131,52 @@ def test_second_writer_on_the_same_recording_is_refused(tmp_path):
             RecordingWriter(tmp_path / "r")
     with RecordingWriter(tmp_path / "r") as w2:  # released on close (and by the OS when a process dies)
         assert len(w2) == 1
+
+
+def test_append_many_matches_one_by_one_even_past_the_writev_buffer_limit(tmp_path):
+    """One batch of 40 messages × 40 parts is > 1024 buffers (the writev limit): it must still land whole."""
+    rng = np.random.default_rng(4)
+    msgs = [[f'{{"i": {i}}}'.encode()] + [rng.bytes(int(rng.integers(0, 300))) for _ in range(39)]
+            for i in range(40)]
+    with RecordingWriter(tmp_path / "r") as w:
+        assert w.append([b"first"], 0.5) == 0
+        assert w.append_many(msgs, [1.0 + i for i in range(40)]) == 1
+        assert w.append([b"last"], 99.0) == 41
+    with RecordingReader(tmp_path / "r") as r:
+        assert len(r) == 42
+        assert [[bytes(p) for p in r.read(i + 1)] for i in range(40)] == msgs
+        assert [r.entry(i + 1).received_at for i in range(40)] == [1.0 + i for i in range(40)]
+        assert [bytes(p) for p in r.read(41)] == [b"last"]
+
+
+_KILLED_WRITER = r"""
+import os, signal, sys
+from streamer.recording import RecordingWriter
+w = RecordingWriter(sys.argv[1], reserve_bytes=8 << 20)
+for i in range(int(sys.argv[2])):
+    w.append([b"h%d" % i, bytes([i % 256]) * 100_000], float(i))
+assert os.fstat(w._data_fd).st_size == w.nbytes  # space reserved ahead never shows in the size
+os.kill(os.getpid(), signal.SIGKILL)  # no close: the reservation is left behind, as after kill -9
+"""
+
+
+def test_space_reserved_ahead_is_invisible_and_released_after_kill(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    path = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path), "30"], cwd=repo, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    size = (path / DATA_NAME).stat().st_size
+    with RecordingWriter(path) as w:
+        assert len(w) == 30 and w.recovered_bytes == 0 and w.nbytes == size
+        w.append([b"more"], 30.0)
+    st = (path / DATA_NAME).stat()
+    if hasattr(st, "st_blocks"):  # reopening freed the blocks reserved past the end (8 MB), closing the new ones
+        assert st.st_blocks * 512 < st.st_size + (1 << 20)
+    with RecordingReader(path) as r:
+        assert [bytes(r.read(i)[0]) for i in range(len(r))] == [b"h%d" % i for i in range(30)] + [b"more"]
+        assert bytes(r.read(29)[1]) == bytes([29]) * 100_000
