@@ -56,10 +56,10 @@ class ReconstructParams(BaseModel):
 class ReconModels:
     """Everything learned or measured that the chain needs besides the data."""
 
-    vsisr: Any = None  # nn.Module or predictor callable (N,7,H,W) → (N,3,1.5H,1.5W)
+    vsisr: Any = None  # nn.Module or predictor callable (N,7,H,W) → (N,3,1.5H,1.5W), e.g. an ONNX Runtime backend
     otfs: Any = None  # engines.vsisr.otf.OTFSet, or a folder to read it from
     lateral: Any = None  # engines.vsisr.lateral.LateralSRParams
-    rldfn: Any = None  # engines.rldfn.network.DualViewFusionNet
+    rldfn: Any = None  # DualViewFusionNet or predictor callable (corr_a, corr_b) → fused, (N,1,D,H,W) tensors
     psf: np.ndarray | None = None  # detection PSF (Z, Y, X) at psf_voxel_um, unrotated
     psf_voxel_um: tuple[float, float, float] | None = None
     psf_a: np.ndarray | None = None  # the views' PSFs on the views' grid, if measured
@@ -208,19 +208,28 @@ def load_models(
     rldfn_weights: str | Path | None = None, psf: str | Path | np.ndarray | None = None,
     psf_voxel_um: tuple[float, float, float] | None = None, psf_a: str | Path | None = None,
     psf_b: str | Path | None = None, optics: OpticsConfig | None = None, lateral: Any = None,
+    backend: Any = None,
 ) -> ReconModels:
     """Read checkpoints, OTFs and PSFs from disk into :class:`ReconModels`.
 
     Without ``otf_dir`` but with a VSI-SR checkpoint, OTFs are generated from the optics (documented approximation
     in :func:`engines.vsisr.otf.generate_otfs`).
+
+    ``backend`` (:class:`engines.backends.BackendConfig`, default: the torch modules) says what runs the two
+    networks; the weights may then also be ``rllsm export`` folders, ``.onnx`` or ``.engine`` files, and a torch
+    checkpoint asked to run on ONNX Runtime is exported once into ``backend.onnx_cache``
+    (:func:`engines.backends.networks.open_network`).
     """
     import tifffile
 
     models = ReconModels(lateral=lateral)
     if vsisr_checkpoint is not None:
-        from engines.vsisr.checkpoint import load_checkpoint
+        if backend is None:
+            from engines.vsisr.checkpoint import load_checkpoint
 
-        models.vsisr = load_checkpoint(vsisr_checkpoint).eval()
+            models.vsisr = load_checkpoint(vsisr_checkpoint).eval()
+        else:
+            models.vsisr = _open("vsi-sr", vsisr_checkpoint, backend)
     if otf_dir is not None:
         from engines.vsisr.otf import load_otfs
 
@@ -231,9 +240,12 @@ def load_models(
 
         models.otfs = generate_otfs(optics or OpticsConfig())
     if rldfn_weights is not None:
-        from engines.rldfn.checkpoint import load_rldfn
+        if backend is None:
+            from engines.rldfn.checkpoint import load_rldfn
 
-        models.rldfn = load_rldfn(rldfn_weights)
+            models.rldfn = load_rldfn(rldfn_weights)
+        else:
+            models.rldfn = _open("rl-dfn", rldfn_weights, backend)
     if psf is not None:
         models.psf = tifffile.imread(psf).astype(np.float32) if not isinstance(psf, np.ndarray) else psf
         models.psf_voxel_um = psf_voxel_um
@@ -247,7 +259,18 @@ def load_models(
     return models
 
 
-def demo_models(optics: OpticsConfig) -> ReconModels | None:
+def _open(kind: str, source: str | Path, backend: Any) -> Any:
+    from engines.backends import BackendError
+    from engines.backends.networks import open_network
+
+    try:
+        return open_network(kind, source, backend)
+    except BackendError as err:
+        # ReconstructError is what the CLI and the service report to the user; keep the backend's reasons.
+        raise ReconstructError(f"{kind} ({source}): {err}") from None
+
+
+def demo_models(optics: OpticsConfig, backend: Any = None) -> ReconModels | None:
     """The shipped demonstration weights (trained on simulated data only), or None when not installed."""
     try:
         from engines.weights import demo_weights_path
@@ -259,25 +282,27 @@ def demo_models(optics: OpticsConfig) -> ReconModels | None:
         return None
     if not (Path(vsisr).exists() and Path(rldfn).exists()):
         return None
-    return load_models(vsisr_checkpoint=vsisr, rldfn_weights=rldfn, optics=optics)
+    return load_models(vsisr_checkpoint=vsisr, rldfn_weights=rldfn, optics=optics, backend=backend)
 
 
 def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
-                memory_budget_gb: float | None = None) -> list[tuple[str, Callable[[Any], Any]]]:
+                memory_budget_gb: float | None = None, backend: Any = None) -> list[tuple[str, Callable[[Any], Any]]]:
     """Named stages for the streaming service.
 
     ``weights`` is a folder holding ``vsi-sr.pt`` (or ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder
     ``rl-dfn/``) and optionally ``otf/``; in ``full`` mode without it the shipped demo weights are used.
     ``memory_budget_gb`` bounds RL-DFN's tiles (default: :func:`engines.device.default_memory_budget_gb`).
+    ``backend`` (:class:`engines.backends.BackendConfig`) runs both networks on torch, ONNX Runtime or TensorRT
+    (see :func:`load_models`); ``None``: the torch modules.
     """
     if mode not in ("full", "classical"):
         raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected 'full' or 'classical'")
     models = ReconModels()
     if mode == "full":
         if weights is not None:
-            models = _models_from_folder(Path(weights), optics)
+            models = _models_from_folder(Path(weights), optics, backend)
         else:
-            found = demo_models(optics)
+            found = demo_models(optics, backend)
             if found is None:
                 raise ReconstructError("mode 'full' needs weights (--weights DIR) and no demo weights are installed")
             models = found
@@ -285,13 +310,13 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
     return rec.stages()
 
 
-def _models_from_folder(root: Path, optics: OpticsConfig) -> ReconModels:
+def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None) -> ReconModels:
     def first(*names: str) -> Path | None:
         return next((root / n for n in names if (root / n).exists()), None)
 
-    vsisr = first("vsi-sr.pt", "vsi-sr.pth", "vsisr.pt", "vsisr.pth")
+    vsisr = first("vsi-sr.pt", "vsi-sr.pth", "vsisr.pt", "vsisr.pth", "vsi-sr")  # vsi-sr/: an `rllsm export` folder
     rldfn = first("rl-dfn.pt", "rl-dfn", "rldfn.pt", "rldfn")
     if vsisr is None or rldfn is None:
         raise ReconstructError(f"{root}: expected vsi-sr.pt (or .pth) and rl-dfn.pt (or an RL-DFN folder rl-dfn/)")
     otf = first("otf", "OTF")
-    return load_models(vsisr_checkpoint=vsisr, otf_dir=otf, rldfn_weights=rldfn, optics=optics)
+    return load_models(vsisr_checkpoint=vsisr, otf_dir=otf, rldfn_weights=rldfn, optics=optics, backend=backend)

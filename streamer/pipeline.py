@@ -53,12 +53,14 @@ class Stage:
 
 
 def build_stages(
-    mode: PipelineMode | str, optics: Any, *, device: str | None = None, weights: str | None = None
+    mode: PipelineMode | str, optics: Any, *, device: str | None = None, weights: str | None = None,
+    backend: Any = None,
 ) -> list[Stage]:
     """Wire the reconstruction steps for ``mode``; the single function to complete when engines land.
 
     ``engines.reconstruct.stage_chain(mode, optics, device=..., weights=...)`` (a list of ``(name, callable)``
     or :class:`Stage`) is used when it exists; otherwise only the ``deskew`` and ``none`` modes are available.
+    ``backend`` (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode.
 
     Raises
     ------
@@ -85,7 +87,7 @@ def build_stages(
             "use --mode deskew or --mode none"
         ) from None
     chain = reconstruct.stage_chain(str(mode), optics, device=device, weights=weights,
-                                    memory_budget_gb=memory_budget_gb(device))
+                                    memory_budget_gb=memory_budget_gb(device), backend=backend)
     return [s if isinstance(s, Stage) else Stage(*s) for s in chain]
 
 

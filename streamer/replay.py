@@ -103,16 +103,19 @@ def replay_offline(
     mode: PipelineMode | str = PipelineMode.classical, stage_factory: StageFactory | None = None,
     sink_factory: SinkFactory | None = None, device: str | None = None, timeout_s: float = 5.0,
     max_open: int = 64, process_incomplete: bool = False, weights: str | os.PathLike[str] | None = None,
+    backend: Any = None,
 ) -> dict[str, Any]:
     """Process a recording in this process, without sockets; returns the end-of-run summary.
 
     With the same stages and backend as the live run, the volumes equal the live ones bit for bit: the processor
-    sees the same messages in the same order with the same recorded arrival times.
+    sees the same messages in the same order with the same recorded arrival times.  ``backend``
+    (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode.
     """
     metrics = Metrics()
     if stage_factory is None:
         w = str(weights) if weights is not None else None
-        stage_factory = lambda start: build_stages(mode, start.optics, device=device, weights=w)  # noqa: E731
+        stage_factory = lambda start: build_stages(mode, start.optics, device=device, weights=w,  # noqa: E731
+                                                   backend=backend)
     if sink_factory is None:
         if out is None:
             raise ReplayError("offline replay needs --out DIR (or a sink factory)")

@@ -29,6 +29,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from streamer.metrics import Metrics
+from engines.backends.select import BackendConfig
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.processor import CriticalOutputError, NpyDirSink, SinkFactory, StackProcessor, StageFactory
 from streamer.recording import RecordingError, RecordingWriter
@@ -62,6 +63,8 @@ class ServiceConfig(BaseModel):
     mode: PipelineMode = PipelineMode.classical
     device: str | None = Field(None, description="cpu, cuda, cuda:1; default: CUDA if torch sees one.")
     weights: Path | None = Field(None, description="Network weights folder for mode 'full' (default: demo weights).")
+    backend: BackendConfig = Field(default_factory=BackendConfig,
+                                   description="What runs the networks in mode 'full' (torch, onnxruntime, tensorrt).")
     stack_timeout_s: float = Field(5.0, gt=0, le=3600, description="Flag a stack incomplete after this silence.")
     max_open_stacks: int = Field(64, ge=1, le=100_000)
     max_stack_gb: float = Field(8.0, gt=0, le=4096, description="Largest stack accepted; bigger ones are rejected.")
@@ -121,7 +124,8 @@ class Service:
 
     def _default_stages(self, start: Any) -> list[Stage]:
         weights = str(self.config.weights) if self.config.weights is not None else None
-        return build_stages(self.config.mode, start.optics, device=self.config.device, weights=weights)
+        return build_stages(self.config.mode, start.optics, device=self.config.device, weights=weights,
+                            backend=self.config.backend)
 
     def default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
         from streamer.sinks import OmeTiffConfig, OmeZarrConfig, ThreadedSink, open_sink

@@ -56,6 +56,9 @@ class BackendConfig(BaseModel):
     threads: int = Field(0, ge=0, le=512, description="CPU threads for ONNX Runtime (0 = all cores).")
     rebuild_engine: bool = Field(False, description="Rebuild a damaged or mismatching TensorRT engine from the "
                                                     "ONNX model beside it instead of stopping.")
+    onnx_cache: str | None = Field(None, description="Folder for ONNX models exported on the fly when an ONNX "
+                                                     "Runtime backend is asked to run a torch checkpoint "
+                                                     "(default: $RLLSM_ONNX_CACHE, else ~/.cache/rllsm/onnx).")
 
 
 class ModelSources(BaseModel):
@@ -92,7 +95,8 @@ def find_sources(source: str | Path) -> ModelSources:
     return ModelSources(checkpoint=path)
 
 
-def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig, strict: bool = False) -> Backend:
+def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig, strict: bool = False,
+                 enforce_ranges: bool = True) -> Backend:
     """Instantiate backend *name* or raise :class:`BackendUnavailableError` with one reason.
 
     *strict* (an explicit choice without fallback) lets a damaged/stale engine raise its own error, which says how
@@ -102,7 +106,7 @@ def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig, st
     spec = model.spec
     if src.manifest is not None and src.manifest.model_kind != kind:
         raise ModelSourceError(f"the exported model is a '{src.manifest.model_kind}', not a '{kind}'")
-    ranges = src.manifest.shape_ranges if src.manifest is not None else None
+    ranges = src.manifest.shape_ranges if src.manifest is not None and enforce_ranges else None
     if name == "torch":
         if src.checkpoint is None:
             raise BackendUnavailableError({name: "needs the torch checkpoint (.pth/.pt or weights folder); "
@@ -173,7 +177,7 @@ def _cuda_available() -> bool:
 
 
 def make_backend(model_kind: str, source: str | Path, backend: str | BackendName | None = None,
-                 config: BackendConfig | None = None) -> Backend:
+                 config: BackendConfig | None = None, enforce_ranges: bool = True) -> Backend:
     """Open the network *model_kind* from *source* on a backend.
 
     Parameters
@@ -187,6 +191,10 @@ def make_backend(model_kind: str, source: str | Path, backend: str | BackendName
         Explicit choice; overrides ``config.backend``.  ``None``/``"auto"`` → config → best available.
     config
         Further options (precision, fallback, device, compile, CUDA graphs, threads).
+    enforce_ranges
+        Refuse inputs outside the manifest's validated shape range (default).  ``False`` for models exported on
+        the fly (:func:`engines.backends.networks.open_network`), whose graph is dynamic and whose validation ran
+        at small shapes only; a TensorRT engine's profile binds regardless.
 
     Raises
     ------
@@ -199,7 +207,8 @@ def make_backend(model_kind: str, source: str | Path, backend: str | BackendName
     reasons: dict[str, str] = {}
     if choice is not BackendName.AUTO:
         try:
-            return _try_backend(choice.value, model_kind, src, cfg, strict=not cfg.allow_fallback)
+            return _try_backend(choice.value, model_kind, src, cfg, strict=not cfg.allow_fallback,
+                                enforce_ranges=enforce_ranges)
         except BackendUnavailableError as err:
             reasons.update(err.reasons)
             if not cfg.allow_fallback:
@@ -212,7 +221,7 @@ def make_backend(model_kind: str, source: str | Path, backend: str | BackendName
         if name in reasons:
             continue
         try:
-            chosen = _try_backend(name, model_kind, src, cfg)
+            chosen = _try_backend(name, model_kind, src, cfg, enforce_ranges=enforce_ranges)
         except BackendUnavailableError as err:
             reasons.update(err.reasons)
             continue

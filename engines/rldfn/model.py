@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -21,7 +23,10 @@ class RLDFN(nn.Module):
     Parameters
     ----------
     net
-        The fusion network (e.g. from :func:`engines.rldfn.checkpoint.load_rldfn`).
+        The fusion network (e.g. from :func:`engines.rldfn.checkpoint.load_rldfn`), or any callable with its
+        signature ``net(correction_a, correction_b) -> fused`` on ``(N, 1, D, H, W)`` float32 tensors — e.g. an
+        ONNX Runtime or TensorRT predictor from :func:`engines.backends.make_predictor`, which takes torch
+        tensors and returns them on the same device.  The Richardson–Lucy step always stays here, in torch FP32.
     psf_a, psf_b
         PSFs of view A and view B, 3-D (Z, Y, X), any size: each patch gets them centred, cropped or
         zero-padded to its own size and normalised to unit sum, as in the reference.
@@ -33,11 +38,15 @@ class RLDFN(nn.Module):
     maximum instead, as the reference's training does, so that tiles agree with each other.
     """
 
-    def __init__(self, net: DualViewFusionNet, psf_a: np.ndarray | torch.Tensor, psf_b: np.ndarray | torch.Tensor) -> None:
+    def __init__(self, net: DualViewFusionNet | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 psf_a: np.ndarray | torch.Tensor, psf_b: np.ndarray | torch.Tensor) -> None:
         super().__init__()
         for name, psf in (("view-A PSF", psf_a), ("view-B PSF", psf_b)):
             if np.ndim(psf) != 3:
                 raise VolumeShapeError(f"{name} must be a 3-D stack (Z, Y, X), got shape {tuple(np.shape(psf))}")
+        if not callable(net):
+            raise TypeError(f"RL-DFN's fusion network must be an nn.Module or a callable, got {type(net).__name__}")
+        # An nn.Module becomes a sub-module (moved by .to()); a predictor stays a plain attribute, on its own device.
         self.net = net
         self.register_buffer("psf_a", torch.as_tensor(np.asarray(psf_a, dtype=np.float32)), persistent=False)
         self.register_buffer("psf_b", torch.as_tensor(np.asarray(psf_b, dtype=np.float32)), persistent=False)

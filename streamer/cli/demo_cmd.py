@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu or cuda (default: CUDA if present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    from streamer.cli.backend_options import add_backend_args
+
+    add_backend_args(p, device=False)  # mode full: what runs the demo networks
     p.set_defaults(func=run)
 
 
@@ -92,8 +95,11 @@ def default_shape(mode: str, device: str | None) -> tuple[int, int, int]:
 
 
 def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | None = None, mode: str = "auto",
-             device: str | None = None, seed: int = 0, timeout_s: float = 600.0) -> dict[str, Any]:
+             device: str | None = None, seed: int = 0, timeout_s: float = 600.0,
+             backend: Any = None) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``out/summary.json``) the summary.
+
+    ``backend`` (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode.
 
     Raises
     ------
@@ -114,7 +120,8 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
     acq = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     rec = out / "recordings" / acq
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", recording=rec, output=out,
-                        output_format="zarr", mode=mode, device=device, stack_timeout_s=60.0)
+                        output_format="zarr", mode=mode, device=device, stack_timeout_s=60.0,
+                        **({"backend": backend} if backend is not None else {}))
     holder: dict[str, Service] = {}
 
     mips = MipPngSink(out / "mips")
@@ -175,8 +182,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--timepoints must be ≥ 1, got {args.timepoints}")
     shape = _parse_shape(args.shape) if args.shape else None
     try:
+        from streamer.cli.backend_options import backend_config_from_args
+
         summary = run_demo(args.out, timepoints=args.timepoints, shape=shape, mode=args.mode,
-                           device=args.device, seed=args.seed, timeout_s=args.timeout)
+                           device=args.device, seed=args.seed, timeout_s=args.timeout,
+                           backend=backend_config_from_args(args))
     except RuntimeError as err:
         raise CLIError(str(err)) from None
     print(f"demo: {summary['timepoints']} stacks reconstructed ({summary['mode']}) in {summary['wall_s']} s")

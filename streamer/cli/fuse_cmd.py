@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["rldfn", "classical"], default="rldfn",
                    help="rldfn: trained network (default); classical: joint RL deconvolution, no weights needed")
     p.add_argument("--model", type=Path, metavar="PATH",
-                   help="RL-DFN weights: a reference checkpoint folder (net_FA.pth, net_FB.pth, net_G.pth) or an "
-                        "rllsm .pt file")
+                   help="RL-DFN weights: a reference checkpoint folder (net_FA.pth, net_FB.pth, net_G.pth), an "
+                        "rllsm .pt file, or (with --backend onnxruntime/tensorrt) an `rllsm export` folder")
     psfs = p.add_argument_group("PSFs (either --psf-a and --psf-b, or --psf to be rotated into both)")
     psfs.add_argument("--psf-a", type=Path, metavar="TIF", help="PSF of view A on the views' grid")
     psfs.add_argument("--psf-b", type=Path, metavar="TIF", help="PSF of view B on the views' grid")
@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classical: joint RL iterations (default 10); RL-DFN always does one RL step")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from streamer.cli.backend_options import add_backend_args
+
+    add_backend_args(p, device=False)  # --backend runs the network; the RL step stays in torch (FFT, FP32)
     p.set_defaults(func=run)
 
 
@@ -124,11 +127,15 @@ def fuse_files(
     device: str | None = None,
     progress: bool = True,
     batch: int = 1,
+    backend: object = None,
 ) -> Path:
     """Read the views (and PSFs given as paths), fuse them, write ``out`` as a float32 TIFF; returns ``out``.
 
+    ``backend`` (:class:`engines.backends.BackendConfig`, default: the torch module) chooses what runs the
+    fusion network (:func:`engines.backends.networks.open_network`).
+
     Raises :class:`streamer.cli.CLIError` for anything the user can fix (missing files, wrong shapes,
-    unknown checkpoint layout, memory budget too small).
+    unknown checkpoint layout, memory budget too small, a backend that cannot run here).
     """
     import tifffile
     import torch
@@ -167,7 +174,16 @@ def fuse_files(
             from engines.rldfn.fuse import DEFAULT_OVERLAP, fuse_rldfn
             from engines.rldfn.model import RLDFN
 
-            net = load_rldfn(model)  # type: ignore[arg-type]
+            if backend is None:
+                net = load_rldfn(model)  # type: ignore[arg-type]
+            else:
+                from engines.backends import BackendError
+                from engines.backends.networks import open_network
+
+                try:
+                    net = open_network("rl-dfn", model, backend)  # type: ignore[arg-type]
+                except BackendError as err:
+                    raise CLIError(f"--model {model}: {err}") from None
             budget = None if memory_budget_mib is None else int(memory_budget_mib * 2**20)
             with torch.inference_mode():
                 fused = fuse_rldfn(a, b, RLDFN(net, pa, pb), tile=tile,  # type: ignore[arg-type]
@@ -195,10 +211,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--iterations must be ≥ 1, got {args.iterations}")
     if args.tile == "auto" and args.memory_budget is None:
         raise CLIError("--tile auto needs --memory-budget MiB")
+    from streamer.cli.backend_options import backend_config_from_args
+
+    backend = backend_config_from_args(args) if args.mode == "rldfn" else None
     psf_a, psf_b = psfs_from_args(args)
     out = fuse_files(args.view_a, args.view_b, args.out, psf_a, psf_b, mode=args.mode, model=args.model,
                      tile=args.tile, overlap=args.overlap, memory_budget_mib=args.memory_budget,
                      iterations=args.iterations, device=args.device, progress=not args.no_progress,
-                     batch=args.batch)
+                     batch=args.batch, backend=backend)
     print(out)
     return 0

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path, metavar="IN", help="deskewed stack, 3-D TIFF (z, y, x)")
     p.add_argument("output", type=Path, metavar="OUT", help="output TIFF")
     p.add_argument("--checkpoint", type=Path, required=True, metavar="PTH",
-                   help="VSI-SR weights: the published .pth (vars.N keys) or an rllsm checkpoint")
+                   help="VSI-SR weights: the published .pth (vars.N keys), an rllsm checkpoint, or (with "
+                        "--backend onnxruntime/tensorrt) an `rllsm export` folder")
     otf = p.add_mutually_exclusive_group(required=True)
     otf.add_argument("--otf-dir", type=Path, metavar="DIR",
                      help="folder with OTF0.tif, OTF1.tif, apo_0.9_1.5.tif (or with 488/ 560/ 642/ sub-folders)")
@@ -44,14 +45,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if present)")
     p.add_argument("--float32", action="store_true", help="write float32 in [0, 1] instead of uint16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from streamer.cli.backend_options import add_backend_args
+
+    add_backend_args(p, device=False, precision=False)
     p.set_defaults(func=run)
 
 
 def lateral_sr_file(
     input_path: Path, output_path: Path, checkpoint: Path, otf_dir: Path | None, params: object,
     device: str | None = None, float32: bool = False, progress: bool = True, optics_config: Path | None = None,
+    backend: object = None,
 ) -> tuple[int, int, int]:
     """Run Step 2 on a TIFF file and write the result; returns the output shape.
+
+    ``backend`` (:class:`engines.backends.BackendConfig`, default: the torch module) chooses what runs the
+    network (:func:`engines.backends.networks.open_network`); the Wiener recombination stays in torch.
 
     Raises :class:`streamer.cli.CLIError` with a readable message for every user error.
     """
@@ -79,13 +87,16 @@ def lateral_sr_file(
         raise
     except Exception as err:
         raise CLIError(f"{input_path}: cannot read as TIFF ({err})") from None
+    from engines.backends import BackendError
+    from engines.backends.networks import open_network
+
     try:
-        model = load_checkpoint(checkpoint)
+        model = load_checkpoint(checkpoint) if backend is None else open_network("vsi-sr", checkpoint, backend)
         if otf_dir is not None:
             otfs = load_otfs(otf_dir, params.wavelength_nm)
         else:
             otfs = generate_otfs(load_optics(optics_config, {"wavelength_nm": params.wavelength_nm}))
-    except (CheckpointError, OTFError, ConfigError) as err:
+    except (CheckpointError, OTFError, ConfigError, BackendError) as err:
         raise CLIError(str(err)) from None
 
     bar = None
@@ -133,9 +144,15 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValidationError as err:
         raise CLIError(describe_validation_error(err, "lateral-sr")) from None
+    from streamer.cli.backend_options import backend_config_from_args
+
+    backend = backend_config_from_args(args)
+    if backend.backend in ("auto", "torch"):
+        # The torch path applies --precision itself (LateralSRParams); the backend's copy would cast the module twice.
+        backend = backend.model_copy(update={"precision": "fp32"})
     shape = lateral_sr_file(
         args.input, args.output, args.checkpoint, args.otf_dir, params, device=args.device,
-        float32=args.float32, progress=not args.no_progress, optics_config=args.config,
+        float32=args.float32, progress=not args.no_progress, optics_config=args.config, backend=backend,
     )
     print(f"wrote {args.output} ({shape[0]}×{shape[1]}×{shape[2]}, {'float32' if args.float32 else 'uint16'})")
     return 0

@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if present)")
     p.add_argument("--float32", action="store_true", help="write float32 instead of uint16 scaled to 0–65535")
     add_optics_args(p)
+    from streamer.cli.backend_options import add_backend_args
+
+    add_backend_args(p, device=False)  # both networks; --checkpoint/--model may then be `rllsm export` folders
     p.set_defaults(func=run)
 
 
@@ -84,12 +87,14 @@ def build_reconstructor(args: argparse.Namespace, optics):
     from engines.reconstruct import ReconModels, Reconstructor, ReconstructParams, demo_models, load_models
     from engines.vsisr.lateral import LateralSRParams
     from streamer.cli import CLIError
+    from streamer.cli.backend_options import backend_config_from_args
 
+    backend = backend_config_from_args(args) if args.mode == "full" else None
     lateral = LateralSRParams(stride=args.stride, wavelength_nm=optics.wavelength_nm)
     models = ReconModels()
     if args.mode == "full":
         if args.checkpoint is None and args.model is None:
-            found = demo_models(optics)
+            found = demo_models(optics, backend)
             if found is None:
                 raise CLIError("mode 'full' needs --checkpoint and --model (no demo weights are installed); "
                                "or use --mode classical")
@@ -99,7 +104,7 @@ def build_reconstructor(args: argparse.Namespace, optics):
             raise CLIError("mode 'full' needs both --checkpoint (VSI-SR) and --model (RL-DFN)")
         else:
             models = load_models(vsisr_checkpoint=args.checkpoint, otf_dir=args.otf_dir, rldfn_weights=args.model,
-                                 optics=optics)
+                                 optics=optics, backend=backend)
     extra = load_models(psf=args.psf, psf_voxel_um=tuple(args.psf_voxel_um) if args.psf_voxel_um else None,
                         psf_a=args.psf_a, psf_b=args.psf_b, optics=optics)
     models.psf, models.psf_voxel_um, models.psf_a, models.psf_b = extra.psf, extra.psf_voxel_um, extra.psf_a, extra.psf_b

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path, help="network weights folder for --mode full")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S", help="as for `rllsm serve`")
     p.add_argument("--keys", nargs=2, metavar=("CLIENT_SECRET", "SERVER_PUBLIC"), help="CURVE client keys")
+    from streamer.cli.backend_options import add_backend_args
+
+    add_backend_args(p, device=False)  # --offline, mode full: what runs the networks
     p.set_defaults(func=run)
 
 
@@ -33,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
         if args.offline:
             if args.out is None:
                 raise CLIError("--offline needs --out DIR")
+            from streamer.cli.backend_options import backend_config_from_args
+
             summary = replay_offline(args.recording, args.out, mode=args.mode, device=args.device,
-                                     timeout_s=args.stack_timeout, weights=args.weights)
+                                     timeout_s=args.stack_timeout, weights=args.weights,
+                                     backend=backend_config_from_args(args))
         else:
             keys = tuple(args.keys) if args.keys else None
             summary = replay_to(args.recording, args.connect, speed=parse_speed(args.speed), client_keys=keys)

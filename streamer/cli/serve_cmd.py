@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-keys", type=Path, metavar="DIR", help="create server/client CURVE keys in DIR and exit")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this loopback port")
     p.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    from streamer.cli.backend_options import add_backend_args
+
+    add_backend_args(p, device=False)  # mode full: what runs VSI-SR and RL-DFN
     p.set_defaults(func=run)
 
 
@@ -76,11 +79,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.recording is None:
         raise CLIError("--recording DIR is required (every received message is recorded there)")
+    from streamer.cli.backend_options import backend_config_from_args
+
+    backend = backend_config_from_args(args)
     try:
         cfg = ServiceConfig(
             ingest=args.ingest, control=args.control, recording=args.recording, output=args.out,
             output_format=args.output_format, display=args.display, mode=args.mode, device=args.device,
-            weights=args.weights,
+            weights=args.weights, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
         )
