@@ -112,3 +112,38 @@ def test_a_frame_announcing_a_huge_stack_is_rejected_not_allocated():
     with pytest.raises(StackTooLarge, match="60000 planes of 64×64 uint16 = 0.5 GB, more than the 0.1 GB allowed"):
         asm.add_frame(h, plane, now=0.0)
     assert asm.n_open == 0
+
+
+def test_stack_buffers_are_reused_only_once_nobody_holds_them():
+    """Reusing emitted stacks' memory must never touch pixels someone still holds (a view, a queued stack)."""
+    rng = np.random.default_rng(5)
+    stacks = [rng.integers(1, 60000, (4, 8, 9), dtype=np.uint16) for _ in range(12)]
+    asm = StackAssembler(timeout_s=10)
+    kept_view = kept_stack = None
+    for t, s in enumerate(stacks):
+        for k, (h, plane) in enumerate(_frames("a", t, s)):
+            for st in asm.add_frame(h, plane, now=float(t), record=k):
+                np.testing.assert_array_equal(st.data, s)
+                if t == 1:
+                    kept_view = st.data[2:, ::2]  # a view only: it must keep the whole buffer out of reuse
+                elif t == 2:
+                    kept_stack = st
+    assert asm.buffers.reused > 0  # the stacks nobody kept were recycled
+    np.testing.assert_array_equal(kept_view, stacks[1][2:, ::2])
+    np.testing.assert_array_equal(kept_stack.data, stacks[2])
+
+
+def test_reused_buffer_leaves_no_stale_pixels_in_missing_planes():
+    rng = np.random.default_rng(6)
+    asm = StackAssembler(timeout_s=1)
+    full = rng.integers(1, 60000, (5, 6, 7), dtype=np.uint16)
+    for k, (h, plane) in enumerate(_frames("a", 0, full)):
+        asm.add_frame(h, plane, now=0.0, record=k)  # emitted and dropped: its buffer goes back to the pool
+    part = rng.integers(1, 60000, (5, 6, 7), dtype=np.uint16)
+    for k, (h, plane) in enumerate(_frames("a", 1, part)):
+        if k in (1, 3):
+            asm.add_frame(h, plane, now=1.0, record=k)
+    (st,) = asm.expire(now=5.0)
+    assert asm.buffers.reused == 1 and not st.complete and st.missing == (0, 2, 4)
+    np.testing.assert_array_equal(st.data[[1, 3]], part[[1, 3]])
+    assert not st.data[[0, 2, 4]].any()  # zeros, not the previous stack's planes
