@@ -8,6 +8,9 @@ loopback TCP to (a) a bare pyzmq PULL loop that only receives, and (b) ``rllsm s
 message to the recording before counting it (with the processor assembling stacks at the same time). Both are timed
 the same way, first to last message received, alternately in one run, and the ratio is printed.
 
+With ``--baseline REF`` (a git commit, e.g. the one before an optimisation) the service of that commit runs too, in
+the same alternation, each service in its own process, so before and after are measured side by side in one run.
+
 ``latency``: classical reconstruction on the CPU; each stack is sent as frames after the previous volume came out,
 so the time from its last frame arriving to its fused volume being handed to the outputs is processing, not queueing.
 """
@@ -93,6 +96,31 @@ def service_ingest(n: int, recording_dir: Path) -> float:
             return rec.entry(n - 1).received_at - rec.entry(0).received_at
 
 
+_IN_TREE = ("import sys; sys.path.insert(0, 'scripts'); from pathlib import Path; import bench_ingest as b; "
+            "print(b.service_ingest(int(sys.argv[1]), Path(sys.argv[2])))")
+
+
+def service_ingest_in(tree: Path, n: int, recording_dir: Path) -> float:
+    """:func:`service_ingest` of the code in ``tree`` (a checkout of any commit), in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _IN_TREE, str(n), str(recording_dir)], cwd=tree, text=True,
+                         capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(tree)}, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"service of {tree} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def checkout(ref: str, dest: Path) -> Path:
+    """The code of commit ``ref`` (streamer/, engines/, scripts/) extracted into ``dest``."""
+    import io
+    import tarfile
+
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "streamer", "engines", "scripts"],
+                         capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(dest, filter="data")
+    return dest
+
+
 def machine() -> str:
     import torch
 
@@ -103,19 +131,37 @@ def machine() -> str:
 
 def throughput(args: argparse.Namespace) -> None:
     n, mb = args.frames, 512 * 512 * 2 / 1e6
-    rows = []
-    for rep in range(args.repeats):  # alternate, so both see the same machine load
-        b = bare_pyzmq(n)
-        s = service_ingest(n, Path(args.recording_dir))
-        rows.append((b, s))
-        print(f"rep {rep}: bare pyzmq {(n - 1) * mb / b / 1e3:.2f} GB/s, service {(n - 1) * mb / s / 1e3:.2f} GB/s")
+
+    def gbps(dt: float) -> float:
+        return (n - 1) * mb / dt / 1e3
+
+    rec_dir = Path(args.recording_dir)
+    with tempfile.TemporaryDirectory(prefix="rllsm-baseline-") as tmp:
+        base = checkout(args.baseline, Path(tmp)) if args.baseline else None
+        rows = []
+        for rep in range(args.repeats):  # alternate, so all see the same machine load
+            b = bare_pyzmq(n)
+            if base is None:
+                s, s0 = service_ingest(n, rec_dir), None
+            else:
+                s0 = service_ingest_in(base, n, rec_dir)
+                s = service_ingest_in(REPO, n, rec_dir)
+            rows.append((b, s, s0))
+            line = f"rep {rep}: bare pyzmq {gbps(b):.2f} GB/s, service {gbps(s):.2f} GB/s"
+            print(line + (f", baseline {args.baseline} {gbps(s0):.2f} GB/s" if s0 else ""), flush=True)
     bare = float(np.median([r[0] for r in rows]))
     svc = float(np.median([r[1] for r in rows]))
     res = {
         "frames": n, "frame": "512x512 uint16", "recording_dir": args.recording_dir,
-        "bare_pyzmq_GBps": round((n - 1) * mb / bare / 1e3, 3), "service_GBps": round((n - 1) * mb / svc / 1e3, 3),
-        "service_over_bare_time": round(svc / bare, 3), "machine": machine(),
+        "bare_pyzmq_GBps": round(gbps(bare), 3), "service_GBps": round(gbps(svc), 3),
+        "service_over_bare_time": round(svc / bare, 3),
     }
+    if args.baseline:
+        s0 = float(np.median([r[2] for r in rows]))
+        res.update({"baseline": args.baseline, "baseline_GBps": round(gbps(s0), 3),
+                    "baseline_over_bare_time": round(s0 / bare, 3)})
+    res["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    res["machine"] = machine()
     print(json.dumps(res, indent=1))
 
 
@@ -166,6 +212,7 @@ def main() -> None:
     t.add_argument("--frames", type=int, default=4000)
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--recording-dir", default=tempfile.gettempdir())
+    t.add_argument("--baseline", metavar="REF", help="also run the service of this git commit, side by side")
     t.set_defaults(func=throughput)
     lt = sub.add_parser("latency")
     lt.add_argument("--shape", default="64,128,128")
