@@ -88,7 +88,7 @@ def _usable(folder: Path, sha: str, kind: str) -> bool:
         return False
     try:
         man = read_manifest(folder)
-    except Exception:  # a damaged entry is simply exported again
+    except Exception:  # noqa: BLE001 - a damaged entry, whatever the error, is simply exported again
         return False
     return (man.checkpoint_sha256 == sha and man.model_kind == kind and man.format == "onnx"
             and man.validation.passed and (folder / man.model_file).is_file())

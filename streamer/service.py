@@ -28,8 +28,8 @@ from typing import Any, Literal
 import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
-from streamer.metrics import Metrics
 from engines.backends.select import BackendConfig
+from streamer.metrics import Metrics
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.processor import CriticalOutputError, NpyDirSink, SinkFactory, StackProcessor, StageFactory
 from streamer.recording import RecordingError, RecordingWriter

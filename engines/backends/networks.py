@@ -82,7 +82,9 @@ def open_network(kind: str, source: str | Path, config: BackendConfig | None = N
                          f"--model {kind} --checkpoint {src.checkpoint} --format engine --out DIR` and give DIR "
                          "instead of the checkpoint"},
             headline=f"backend 'tensorrt' cannot run {kind} from a checkpoint")
-    from export.cache import cached_export  # export/ only when an export is actually needed
+    from export.cache import (
+        cached_export,  # export/ only when an export is actually needed
+    )
     from export.onnx_export import ExportError
     from export.validate import ExportValidationError
 
