@@ -28,12 +28,21 @@ class StackBuffers:
     memory, so views point at them, not past them). Without reference counts (not CPython), nothing is reused.
 
     A reused array holds an older stack's pixels: the assembler zeroes the planes a stack never received.
+
+    Parameters
+    ----------
+    keep
+        Arrays tracked at most (the most recently allocated).
+    max_bytes
+        Their total size at most: memory the pool may keep from the OS once the stacks are no longer used.
+        Bigger stacks are allocated fresh each time.
     """
 
     _enabled = hasattr(sys, "getrefcount") and sys.implementation.name == "cpython"
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, keep: int = 4, max_bytes: int = 1 << 30) -> None:
         self.keep = int(keep)
+        self.max_bytes = int(max_bytes)
         self._held: list[np.ndarray] = []
         self.reused = 0
 
@@ -49,9 +58,9 @@ class StackBuffers:
                     self.reused += 1
                     return arr, False
         arr = np.zeros(shape, dtype=dtype)
-        if self._enabled and self.keep:
+        if self._enabled and self.keep and arr.nbytes <= self.max_bytes:
             self._held.append(arr)
-            if len(self._held) > self.keep:
+            while len(self._held) > self.keep or sum(a.nbytes for a in self._held) > self.max_bytes:
                 self._held.pop(0)  # forgotten, not freed: whoever holds it keeps it
         return arr, True
 

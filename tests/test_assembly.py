@@ -147,3 +147,18 @@ def test_reused_buffer_leaves_no_stale_pixels_in_missing_planes():
     assert asm.buffers.reused == 1 and not st.complete and st.missing == (0, 2, 4)
     np.testing.assert_array_equal(st.data[[1, 3]], part[[1, 3]])
     assert not st.data[[0, 2, 4]].any()  # zeros, not the previous stack's planes
+
+
+def test_stack_buffer_pool_keeps_at_most_its_memory_budget():
+    from streamer.assembly import StackBuffers
+
+    pool = StackBuffers(keep=4, max_bytes=3000)
+    in_use = [pool.take((10, 10, 10), np.dtype("<u2")) for _ in range(5)]  # 2000 bytes each: one fits the budget
+    assert all(fresh for _, fresh in in_use) and pool.reused == 0  # all still referenced: nothing handed out twice
+    assert sum(a.nbytes for a in pool._held) <= 3000
+    big, fresh = pool.take((40, 40, 40), np.dtype("<u2"))  # over the budget: never kept
+    assert fresh and all(a is not big for a in pool._held)
+    last = id(in_use[-1][0])  # its id, not a reference: a reference would keep it from being reused
+    del in_use
+    arr, fresh = pool.take((10, 10, 10), np.dtype("<u2"))
+    assert not fresh and pool.reused == 1 and id(arr) == last  # the one kept, now unreferenced, is handed out again
