@@ -4,7 +4,8 @@
 2. lateral SR with VSI-SR at 0°/60°/120° + Wiener recombination (:mod:`engines.vsisr.lateral`), skipped in the
    ``classical`` mode;
 3. rotation by the objective angle and split at the mirror plane into views A and B (:mod:`engines.views`);
-4. fusion: RL-DFN (``full``) or joint Richardson–Lucy deconvolution (``classical``) (:mod:`engines.rldfn`).
+4. fusion: RL-DFN (``full``) or joint Richardson–Lucy deconvolution (``classical``, and ``sr-rl`` which keeps
+   Step 2's VSI-SR but fuses without a network) (:mod:`engines.rldfn`).
 
 The same chain serves the offline CLI (``rllsm reconstruct``) and the streaming service, which takes it as named
 stages (:func:`stage_chain`) so that it can time each one.
@@ -28,7 +29,8 @@ from engines.config import OpticsConfig
 from engines.device import default_memory_budget_gb, pick_device
 from engines.views import ViewsParams, ViewsReport, split_views
 
-Mode = Literal["full", "classical"]
+Mode = Literal["full", "sr-rl", "classical"]
+MODES: tuple[str, ...] = ("full", "sr-rl", "classical")
 SR_SCALE = 1.5
 PSF_BOX = 31  # computed PSF box (voxels per axis, odd): holds the detection PSF's main lobes at ~60 nm voxels
 
@@ -43,10 +45,11 @@ class ReconstructParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
-    mode: Mode = Field("classical", description="full: VSI-SR + RL-DFN; classical: no network, joint RL fusion.")
+    mode: Mode = Field("classical", description="full: VSI-SR + RL-DFN; sr-rl: VSI-SR + joint Richardson–Lucy "
+                       "fusion; classical: no network, joint Richardson–Lucy fusion.")
     background: BackgroundParams = Field(default_factory=BackgroundParams)
     views: ViewsParams | None = Field(None, description="Step 3; default: the reference's with the objective angle.")
-    iterations: int = Field(10, ge=1, le=500, description="Joint Richardson–Lucy iterations (classical mode).")
+    iterations: int = Field(10, ge=1, le=500, description="Joint Richardson–Lucy iterations (sr-rl, classical).")
     tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
     overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
     memory_budget_gb: float | None = Field(None, gt=0, le=1024, description="RL-DFN memory budget per tile (GB).")
@@ -79,7 +82,12 @@ class ReconResult:
 
 def views_voxel_um(optics: OpticsConfig, mode: Mode) -> float:
     """Isotropic voxel size of the views and of the fused volume (µm)."""
-    return optics.pixel_size_um / SR_SCALE if mode == "full" else optics.pixel_size_um
+    return optics.pixel_size_um / SR_SCALE if uses_lateral_sr(mode) else optics.pixel_size_um
+
+
+def uses_lateral_sr(mode: str) -> bool:
+    """Whether ``mode`` runs Step 2 (VSI-SR)."""
+    return mode in ("full", "sr-rl")
 
 
 def view_psfs(optics: OpticsConfig, mode: Mode, models: ReconModels) -> tuple[np.ndarray, np.ndarray]:
@@ -117,11 +125,13 @@ class Reconstructor:
         angle = math.copysign(optics.objective_angle_deg, optics.skew_angle_deg)
         self.views_params = self.params.views or ViewsParams(angle_deg=angle)
         mode = self.params.mode
-        if mode == "full":
-            missing = [n for n, v in (("VSI-SR checkpoint", self.models.vsisr), ("OTFs", self.models.otfs),
-                                      ("RL-DFN weights", self.models.rldfn)) if v is None]
+        if uses_lateral_sr(mode):
+            needs = [("VSI-SR checkpoint", self.models.vsisr), ("OTFs", self.models.otfs)]
+            if mode == "full":
+                needs.append(("RL-DFN weights", self.models.rldfn))
+            missing = [n for n, v in needs if v is None]
             if missing:
-                raise ReconstructError(f"mode 'full' needs {', '.join(missing)}; give them or use mode 'classical'")
+                raise ReconstructError(f"mode '{mode}' needs {', '.join(missing)}; give them or use mode 'classical'")
         self.psf_a, self.psf_b = view_psfs(optics, mode, self.models)
         self._rldfn = None
         if mode == "full":
@@ -135,7 +145,7 @@ class Reconstructor:
         return preprocess(raw, self.optics, self.params.background, device=self.device)
 
     def lateral(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        if self.params.mode != "full":
+        if not uses_lateral_sr(self.params.mode):
             return volume
         from engines.vsisr.lateral import lateral_sr
 
@@ -181,7 +191,7 @@ class Reconstructor:
         if keep_intermediates:
             kept["preprocessed"] = vol
         sr = timed("lateral_sr", lambda: self.lateral(vol))
-        if keep_intermediates and self.params.mode == "full":
+        if keep_intermediates and uses_lateral_sr(self.params.mode):
             kept["lateral_sr"] = sr
         view_a, view_b, reports["split_views"] = timed("split_views", lambda: self.split(sr))
         if keep_intermediates:
@@ -193,7 +203,7 @@ class Reconstructor:
     def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
         """The chain as named stages for the streaming pipeline (reports are dropped; timings are the runner's)."""
         chain: list[tuple[str, Callable[[Any], Any]]] = [("preprocess", lambda raw: self.preprocess(raw)[0])]
-        if self.params.mode == "full":
+        if uses_lateral_sr(self.params.mode):
             chain.append(("lateral_sr", self.lateral))
         chain.append(("split_views", lambda vol: self.split(vol)[:2]))
         chain.append(("fuse", lambda views: self.fuse(*views)))
@@ -295,28 +305,28 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
     ``backend`` (:class:`engines.backends.BackendConfig`) runs both networks on torch, ONNX Runtime or TensorRT
     (see :func:`load_models`); ``None``: the torch modules.
     """
-    if mode not in ("full", "classical"):
-        raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected 'full' or 'classical'")
+    if mode not in MODES:
+        raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected one of {', '.join(MODES)}")
     models = ReconModels()
-    if mode == "full":
+    if uses_lateral_sr(mode):
         if weights is not None:
-            models = _models_from_folder(Path(weights), optics, backend)
+            models = _models_from_folder(Path(weights), optics, backend, need_rldfn=mode == "full")
         else:
             found = demo_models(optics, backend)
             if found is None:
-                raise ReconstructError("mode 'full' needs weights (--weights DIR) and no demo weights are installed")
+                raise ReconstructError(f"mode '{mode}' needs weights (--weights DIR) and no demo weights are installed")
             models = found
     rec = Reconstructor(optics, ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb), models, device=device)
     return rec.stages()
 
 
-def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None) -> ReconModels:
+def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None, need_rldfn: bool = True) -> ReconModels:
     def first(*names: str) -> Path | None:
         return next((root / n for n in names if (root / n).exists()), None)
 
     vsisr = first("vsi-sr.pt", "vsi-sr.pth", "vsisr.pt", "vsisr.pth", "vsi-sr")  # vsi-sr/: an `rllsm export` folder
     rldfn = first("rl-dfn.pt", "rl-dfn", "rldfn.pt", "rldfn")
-    if vsisr is None or rldfn is None:
+    if vsisr is None or (rldfn is None and need_rldfn):
         raise ReconstructError(f"{root}: expected vsi-sr.pt (or .pth) and rl-dfn.pt (or an RL-DFN folder rl-dfn/)")
     otf = first("otf", "OTF")
     return load_models(vsisr_checkpoint=vsisr, otf_dir=otf, rldfn_weights=rldfn, optics=optics, backend=backend)

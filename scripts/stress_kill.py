@@ -62,7 +62,7 @@ def frames(t: int, rng: random.Random, seq0: int) -> list[list[Any]]:
 
 def start_service(rec: Path, out: Path, log: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     cmd = [sys.executable, "-m", "streamer", "serve", "--ingest", "tcp://127.0.0.1:0", "--control",
-           "tcp://127.0.0.1:0", "-r", str(rec), "--out", str(out), "--format", "npy", "--mode", "none",
+           "tcp://127.0.0.1:0", "--display", "tcp://127.0.0.1:0", "-r", str(rec), "--out", str(out), "--format", "npy", "--mode", "none",
            "--stack-timeout", "30"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -38,6 +38,7 @@ class PipelineMode(StrEnum):
     """Which stage chain the service runs."""
 
     full = "full"  # preprocess → lateral-sr → split-views → fuse (RL-DFN)
+    sr_rl = "sr-rl"  # preprocess → lateral-sr → split-views → classical joint-RL fusion (VSI-SR weights only)
     classical = "classical"  # preprocess → split-views → classical joint-RL fusion (no network weights needed)
     deskew = "deskew"  # deskew only: what exists before the reconstruction is wired in
     none = "none"  # record and assemble only

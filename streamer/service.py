@@ -164,7 +164,8 @@ class Service:
         check_bind(cfg.control, None)
         if cfg.display is not None:  # the display stream is not encrypted either
             check_bind(cfg.display, None)
-        if cfg.mode in (PipelineMode.full, PipelineMode.classical) and self.stage_factory == self.default_stages_fn:
+        reconstructing = cfg.mode in (PipelineMode.full, PipelineMode.sr_rl, PipelineMode.classical)
+        if reconstructing and self.stage_factory == self.default_stages_fn:
             try:
                 import engines.reconstruct  # noqa: F401  (fail at start, not at the first stack)
             except ImportError as err:

@@ -120,6 +120,28 @@ def test_full_mode_runs_with_small_random_networks(beads, tmp_path) -> None:
     assert np.isfinite(res.fused).all()
 
 
+def test_sr_rl_mode_runs_vsisr_then_network_free_fusion(beads) -> None:
+    from engines.vsisr.lateral import LateralSRParams
+    from engines.vsisr.network import VSISR, VSISRConfig
+    from engines.vsisr.otf import generate_otfs
+
+    cfg, stack = beads
+    torch.manual_seed(0)
+    vsisr = VSISR(VSISRConfig(features=16, n_groups=1, n_blocks=1, reduction=4, head_features=16)).eval()
+    with pytest.raises(ReconstructError, match="mode 'sr-rl' needs VSI-SR checkpoint"):
+        Reconstructor(cfg.optics, ReconstructParams(mode="sr-rl"), ReconModels(otfs=generate_otfs(cfg.optics)))
+    models = ReconModels(vsisr=vsisr, otfs=generate_otfs(cfg.optics), lateral=LateralSRParams(batch_size=16))
+    rec = Reconstructor(cfg.optics, ReconstructParams(mode="sr-rl", iterations=3), models, device="cpu")
+    res = rec(stack.raw[:20], keep_intermediates=True)
+    pre = res.intermediates["preprocessed"]
+    assert res.intermediates["lateral_sr"].shape == (pre.shape[0] - 6, int(pre.shape[1] * 1.5), int(pre.shape[2] * 1.5))
+    assert res.voxel_um == pytest.approx(cfg.optics.pixel_size_um / 1.5)
+    assert [name for name, _ in rec.stages()] == ["preprocess", "lateral_sr", "split_views", "fuse"]
+    expected = classical_fuse(res.intermediates["view_a"], res.intermediates["view_b"], rec.psf_a, rec.psf_b, 3,
+                              device="cpu")
+    np.testing.assert_allclose(res.fused, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_reconstruct_command_writes_volume_summary_and_intermediates(tmp_path) -> None:
     sim = tmp_path / "sim"
     subprocess.run([sys.executable, "-m", "streamer", "simulate", "--out", str(sim), "--timepoints", "1",

@@ -142,7 +142,7 @@ def _limit_file_size() -> None:  # runs in the child: files may not grow past 30
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="file-size limits (RLIMIT_FSIZE) are POSIX-only")
 def test_disk_full_stops_cleanly_and_keeps_the_recording(tmp_path):
     cmd = [sys.executable, "-m", "streamer", "serve", "--ingest", "tcp://127.0.0.1:0", "--control",
-           "tcp://127.0.0.1:0", "-r", str(tmp_path / "rec"), "--mode", "none"]
+           "tcp://127.0.0.1:0", "--display", "tcp://127.0.0.1:0", "-r", str(tmp_path / "rec"), "--mode", "none"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_limit_file_size, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:

@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", default=None, metavar="Z,Y,X",
                    help="raw stack size (default 64,128,128; 48,96,96 for the full networks without a GPU, so that "
                         "the demo stays within a few minutes on two CPU cores)")
-    p.add_argument("--mode", choices=["auto", "full", "classical", "deskew"], default="auto",
-                   help="auto: full if demo weights are installed, else classical")
+    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical", "deskew"], default="auto",
+                   help="auto: sr-rl (demo VSI-SR + joint Richardson–Lucy fusion) if the demo weights are installed, "
+                   "else classical; full also runs the demo RL-DFN, which is not yet good enough to be the default "
+                   "(MODEL_CARD.md)")
     p.add_argument("--device", help="cpu or cuda (default: CUDA if present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
@@ -75,13 +77,17 @@ class MipPngSink:
 
 
 def choose_mode(requested: str, optics: Any) -> str:
-    """``auto`` → ``full`` when the demo weights are installed, else ``classical``."""
+    """``auto`` → ``sr-rl`` when the demo weights are installed, else ``classical``.
+
+    Not ``full``: the shipped demo RL-DFN loses most structures on simulated stacks (MODEL_CARD.md, "RL-DFN demo
+    quality"), so the demo shows the demo VSI-SR with the network-free fusion; ``--mode full`` shows RL-DFN.
+    """
     if requested != "auto":
         return requested
     try:
         from engines.reconstruct import demo_models
 
-        return "full" if demo_models(optics) is not None else "classical"
+        return "sr-rl" if demo_models(optics) is not None else "classical"
     except ImportError:
         return "deskew"
 
@@ -91,7 +97,7 @@ def default_shape(mode: str, device: str | None) -> tuple[int, int, int]:
     import torch
 
     on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    return (48, 96, 96) if mode == "full" and not on_gpu else (64, 128, 128)
+    return (48, 96, 96) if mode in ("full", "sr-rl") and not on_gpu else (64, 128, 128)
 
 
 def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | None = None, mode: str = "auto",

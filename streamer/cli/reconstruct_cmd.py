@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, metavar="IN", help="raw stack (3-D TIFF) or a folder of them")
     p.add_argument("output", type=Path, metavar="OUT", help="output TIFF (for one input) or folder")
-    p.add_argument("--mode", choices=["full", "classical"], default="full",
-                   help="full: VSI-SR + RL-DFN (default); classical: joint Richardson–Lucy fusion, no network")
+    p.add_argument("--mode", choices=["full", "sr-rl", "classical"], default="full",
+                   help="full: VSI-SR + RL-DFN (default); sr-rl: VSI-SR + joint Richardson–Lucy fusion (no RL-DFN "
+                   "weights needed); classical: joint Richardson–Lucy fusion, no network")
     p.add_argument("--checkpoint", type=Path, metavar="PTH", help="VSI-SR checkpoint (reference .pth or ours)")
     p.add_argument("--otf-dir", type=Path, metavar="DIR",
                    help="OTF folder in the reference layout (<wavelength>/OTF0.tif, OTF1.tif, apo_*.tif); "
@@ -84,31 +85,35 @@ def run(args: argparse.Namespace) -> int:
 
 def build_reconstructor(args: argparse.Namespace, optics):
     """Resolve mode, weights (explicit, else demo) and PSFs into an :class:`engines.reconstruct.Reconstructor`."""
-    from engines.reconstruct import ReconModels, Reconstructor, ReconstructParams, demo_models, load_models
+    from engines.reconstruct import (ReconModels, Reconstructor, ReconstructParams, demo_models, load_models,
+                                     uses_lateral_sr)
     from engines.vsisr.lateral import LateralSRParams
     from streamer.cli import CLIError
     from streamer.cli.backend_options import backend_config_from_args
 
-    backend = backend_config_from_args(args) if args.mode == "full" else None
+    networks = uses_lateral_sr(args.mode)
+    backend = backend_config_from_args(args) if networks else None
     lateral = LateralSRParams(stride=args.stride, wavelength_nm=optics.wavelength_nm)
     models = ReconModels()
-    if args.mode == "full":
+    need_rldfn = args.mode == "full"
+    if networks:
         if args.checkpoint is None and args.model is None:
             found = demo_models(optics, backend)
             if found is None:
-                raise CLIError("mode 'full' needs --checkpoint and --model (no demo weights are installed); "
-                               "or use --mode classical")
+                raise CLIError(f"mode '{args.mode}' needs --checkpoint{' and --model' if need_rldfn else ''} "
+                               "(no demo weights are installed); or use --mode classical")
             log.warning("using the shipped DEMO weights, trained on simulated data only: not for real specimens")
             models = found
-        elif args.checkpoint is None or args.model is None:
-            raise CLIError("mode 'full' needs both --checkpoint (VSI-SR) and --model (RL-DFN)")
+        elif args.checkpoint is None or (need_rldfn and args.model is None):
+            raise CLIError("mode 'full' needs both --checkpoint (VSI-SR) and --model (RL-DFN)" if need_rldfn
+                           else "mode 'sr-rl' needs --checkpoint (VSI-SR)")
         else:
-            models = load_models(vsisr_checkpoint=args.checkpoint, otf_dir=args.otf_dir, rldfn_weights=args.model,
-                                 optics=optics, backend=backend)
+            models = load_models(vsisr_checkpoint=args.checkpoint, otf_dir=args.otf_dir,
+                                 rldfn_weights=args.model if need_rldfn else None, optics=optics, backend=backend)
     extra = load_models(psf=args.psf, psf_voxel_um=tuple(args.psf_voxel_um) if args.psf_voxel_um else None,
                         psf_a=args.psf_a, psf_b=args.psf_b, optics=optics)
     models.psf, models.psf_voxel_um, models.psf_a, models.psf_b = extra.psf, extra.psf_voxel_um, extra.psf_a, extra.psf_b
-    if args.mode == "full" and args.otf_dir is not None and models.otfs is None:
+    if networks and args.otf_dir is not None and models.otfs is None:
         models.otfs = load_models(otf_dir=args.otf_dir, optics=optics).otfs
     models.lateral = lateral
     params = ReconstructParams(mode=args.mode, iterations=args.iterations, tile=_tile(args.tile), overlap=args.overlap)

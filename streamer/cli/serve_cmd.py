@@ -42,8 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recording", "-r", type=Path, help="recording folder (every message is appended here first)")
     p.add_argument("--out", "-o", type=Path, help="folder for the fused volumes")
     p.add_argument("--format", dest="output_format", choices=["zarr", "tiff", "npy"], default="zarr")
-    p.add_argument("--display", metavar="ENDPOINT", help="publish volumes + MIPs here, e.g. tcp://127.0.0.1:5556")
-    p.add_argument("--mode", choices=["full", "classical", "deskew", "none"], default="classical")
+    p.add_argument("--display", metavar="ENDPOINT", default="tcp://127.0.0.1:5556",
+                   help="PUB endpoint of the live display stream: volumes + MIPs, latest wins (default %(default)s; "
+                   "'none' turns it off)")
+    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--weights", type=Path, help="network weights folder for --mode full (default: demo weights)")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S",
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = ServiceConfig(
             ingest=args.ingest, control=args.control, recording=args.recording, output=args.out,
-            output_format=args.output_format, display=args.display, mode=args.mode, device=args.device,
+            output_format=args.output_format, display=None if args.display == "none" else args.display,
+            mode=args.mode, device=args.device,
             weights=args.weights, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
