@@ -147,6 +147,21 @@ def _reserver() -> Any:
 
 
 _FALLOC_FL_KEEP_SIZE = 1
+_MEMORY_FS = (0x01021994, 0x858458F6)  # tmpfs, ramfs (linux/magic.h)
+
+
+def _in_memory_fs(fd: int) -> bool:
+    """True if ``fd`` lives on tmpfs/ramfs, where reserving allocates and zeroes memory up front (measured: no gain,
+    ~10 % slower appends on /dev/shm), so it is not done there."""
+    try:
+        import ctypes
+
+        buf = ctypes.create_string_buffer(256)  # struct statfs; f_type (a C long) comes first on Linux
+        if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
+            return False
+        return struct.unpack_from("l", buf.raw)[0] in _MEMORY_FS
+    except (OSError, AttributeError):
+        return False
 
 
 def _read_exact(fd: int, n: int, offset: int) -> bytes:
@@ -304,7 +319,7 @@ class RecordingWriter(_Files):
     reserve_bytes
         Disk space reserved ahead of the appends in chunks of this size (Linux ``fallocate`` with
         ``FALLOC_FL_KEEP_SIZE``: the file's size stays what was written, so recovery is unchanged; 0: off). A file
-        system that cannot reserve just turns it off. The unused part is released on close and on reopen.
+        system that cannot reserve just turns it off; on tmpfs/ramfs it is off (no gain there). The unused part is released on close and on reopen.
 
     Attributes
     ----------
@@ -330,6 +345,8 @@ class RecordingWriter(_Files):
         except OSError as err:
             raise RecordingError(f"cannot open recording {self.path} for writing: {err.strerror}") from None
         self._lock_exclusive()
+        if self._reserve_fn is not None and _in_memory_fs(self._data_fd):
+            self._reserve_fn = None
         self._entries, self._end, torn_idx, torn_data = _load_index(self.path, self._data_fd, self._index_fd)
         self.recovered_bytes = torn_idx + torn_data
         if self.recovered_bytes:
