@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,8 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
         return [*holder["svc"].default_sinks(meta), (mips, False)]
 
     svc = holder["svc"] = Service(cfg, sink_factory=sinks).start()
-    log.warning("demo: service on %s, mode %s; streaming %d simulated stacks of %s", svc.ingest_endpoint, mode,
-                timepoints, "×".join(map(str, shape)))
+    print(f"demo: service on {svc.ingest_endpoint}, mode {mode}; streaming {timepoints} simulated stacks of "
+          f"{'×'.join(map(str, shape))}", file=sys.stderr, flush=True)
     try:
         sent = stream_simulation(mic, svc.ingest_endpoint, timepoints, per_frame=True, acquisition_id=acq)
         finished = wait_for(
