@@ -315,7 +315,8 @@ class RecordingWriter(_Files):
         Folder of the recording (created if missing).
     fsync_every
         ``fsync`` data and index every this many records (0: never; the page cache survives a killed process, not
-        a power cut).
+        a power cut). Checked after each append call, so a batch from :meth:`append_many` is synced whole (the
+        service's batches hold at most 16 small messages or one frame of ≥ 256 KB).
     reserve_bytes
         Disk space reserved ahead of the appends in chunks of this size (Linux ``fallocate`` with
         ``FALLOC_FL_KEEP_SIZE``: the file's size stays what was written, so recovery is unchanged; 0: off). A file
