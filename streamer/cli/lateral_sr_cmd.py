@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamer.cli.geometry_io import read_stack
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -71,22 +73,7 @@ def lateral_sr_file(
     from engines.vsisr.otf import OTFError, generate_otfs, load_otfs
     from streamer.cli import CLIError
 
-    if not input_path.is_file():
-        raise CLIError(f"input stack not found: {input_path}")
-    try:
-        with tifffile.TiffFile(input_path) as tif:
-            series = tif.series[0]
-            shape = tuple(series.shape)
-            if len(shape) != 3:
-                raise CLIError(
-                    f"{input_path}: stack has shape {shape} ({len(shape)}-D); lateral-sr needs one 3-D (z, y, x) "
-                    "stack — split channels/time points first"
-                )
-            volume = series.asarray()
-    except CLIError:
-        raise
-    except Exception as err:
-        raise CLIError(f"{input_path}: cannot read as TIFF ({err})") from None
+    volume = read_stack(input_path, "input stack")
     from engines.backends import BackendError
     from engines.backends.networks import open_network
 
