@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-import torch
 from scipy.signal import fftconvolve
 
 from engines.rldfn.classical import classical_fuse
@@ -15,13 +14,7 @@ from engines.rldfn.psf import clean_psf, dual_view_psfs, rotate_psf
 ANGLE = 30.8  # the reference system's objective angle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # the test machine is shared: two intra-op threads fighting other jobs run FFTs and convs ~7× slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fwhm(profile: np.ndarray) -> float:

@@ -21,13 +21,7 @@ sys.path.insert(0, str(FIXTURES))
 from seeded_weights import seed_module, seeded_state_dict  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # the test machine is shared: two intra-op threads fighting other jobs run FFTs and convs ~7× slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _seeded_net(seed: int, **kw) -> DualViewFusionNet:
