@@ -29,11 +29,11 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.select import BackendConfig
-from streamer.metrics import Metrics
+from streamer.metrics import Metrics, MetricsError
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.processor import CriticalOutputError, NpyDirSink, SinkFactory, StackProcessor, StageFactory
 from streamer.recording import RecordingError, RecordingWriter
-from streamer.security import CurveServer, check_bind, secure_server_socket
+from streamer.security import CurveServer, SecurityError, check_bind, secure_server_socket
 
 log = logging.getLogger(__name__)
 SERVICE_CONFIG_VERSION = 1
@@ -173,6 +173,7 @@ class Service:
         try:
             self.recording = RecordingWriter(cfg.recording, fsync_every=cfg.fsync_every)
         except RecordingError as err:
+            self._close_resources()
             raise ServiceError(str(err)) from None
         self.metrics.set_gauge("recording_recovered_bytes", self.recording.recovered_bytes)
         self.processor = StackProcessor(
@@ -191,10 +192,10 @@ class Service:
                 self._curve = secure_server_socket(self.ctx, pull, cfg.keys)
             pull.bind(cfg.ingest)
             rep.bind(cfg.control)
-        except zmq.ZMQError as err:
-            pull.close(0)
-            rep.close(0)
-            self._close_resources()
+        except (zmq.ZMQError, SecurityError) as err:
+            self._abort_start(pull, rep)
+            if isinstance(err, SecurityError):
+                raise
             raise ServiceError(f"cannot listen on {cfg.ingest} / {cfg.control}: {err}") from None
         if cfg.display is not None:
             from streamer.display import DisplayConfig, DisplayError, DisplayPublisher
@@ -203,15 +204,17 @@ class Service:
                 self._display_pub = DisplayPublisher(DisplayConfig(endpoint=cfg.display), context=self.ctx,
                                                      metrics=self.metrics)
             except DisplayError as err:
-                pull.close(0)
-                rep.close(0)
-                self._close_resources()
+                self._abort_start(pull, rep)
                 raise ServiceError(str(err)) from None
             self.display_endpoint = self._display_pub.endpoint
         self.ingest_endpoint = pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.control_endpoint = rep.getsockopt(zmq.LAST_ENDPOINT).decode()
         if cfg.metrics_port is not None:
-            self.metrics.serve_http(cfg.metrics_port)
+            try:
+                self.metrics.serve_http(cfg.metrics_port)
+            except MetricsError:
+                self._abort_start(pull, rep)
+                raise
         for name, target, arg in (("ingest", self._ingest, pull), ("processor", self._process_loop, None),
                                   ("control", self._control, rep)):
             t = threading.Thread(target=target, args=(arg,) if arg is not None else (), name=f"rllsm-{name}",
@@ -221,6 +224,15 @@ class Service:
         log.info("serving: ingest %s, control %s, recording %s (%d records already there)",
                  self.ingest_endpoint, self.control_endpoint, cfg.recording, self._resume_from)
         return self
+
+    def _abort_start(self, pull: zmq.Socket, rep: zmq.Socket) -> None:
+        """A start that failed after the recording was opened: release everything it took, so that the caller (or a
+        test) can start again on the same recording and ports."""
+        pull.close(0)
+        rep.close(0)
+        if self.processor is not None:  # no thread ran: only its done.log handle is open
+            self.processor.close_outputs_after_error()
+        self._close_resources()
 
     def _fail(self, err: BaseException) -> None:
         if self.error is None:
@@ -415,7 +427,7 @@ class Service:
                 try:
                     req = json.loads(sock.recv())
                     cmd = req.get("cmd") if isinstance(req, dict) else None
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON, or absurdly nested: answered, never fatal
                     cmd = None
                 if cmd == "status":
                     try:

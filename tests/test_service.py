@@ -259,3 +259,17 @@ def test_build_stages_modes_and_memory_budget():
     with pytest.raises(ValueError):
         build_stages("turbo", OpticsConfig())
     assert 0.5 <= memory_budget_gb("cpu") <= 16.0
+
+
+def test_failed_start_releases_the_recording_and_the_ports(tmp_path):
+    # A start that fails after opening the recording (here: a missing key folder) must let go of it: the lock on
+    # the recording, the done.log handle and the sockets, so that a corrected start on the same folder works.
+    from streamer.security import SecurityError
+
+    bad = Service(config(tmp_path, keys=tmp_path / "no-such-keys"), stage_factory=scale_stages)
+    with pytest.raises(SecurityError, match="no server key"):
+        bad.start()
+    assert bad.recording is not None and bad.recording._data_fd == -1
+    assert bad.processor is not None and bad.processor._done_fh is None
+    with Service(config(tmp_path), stage_factory=scale_stages) as svc:
+        assert svc.status()["state"] == "running"
