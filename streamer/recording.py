@@ -281,16 +281,21 @@ class RecordingReader(_Files):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         _check_format(self.path, create=False)
+        self._data_fd = self._read_fd = -1
         try:
             self._data_fd = os.open(self.path / DATA_NAME, os.O_RDONLY | _BINARY)
             self._read_fd = self._data_fd
             index_fd = os.open(self.path / INDEX_NAME, os.O_RDONLY | _BINARY)
         except OSError as err:
+            self.close()
             raise RecordingError(f"cannot open recording {self.path}: {err.strerror}") from None
         try:
             self._entries, _, self.torn_entry_bytes, self.torn_data_bytes = _load_index(
                 self.path, self._data_fd, index_fd
             )
+        except BaseException:
+            self.close()
+            raise
         finally:
             os.close(index_fd)
 

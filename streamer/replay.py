@@ -123,11 +123,16 @@ def replay_offline(
         sink_factory = lambda meta: [(NpyDirSink(out_dir), True)]  # noqa: E731
     proc = StackProcessor(stage_factory, sink_factory, metrics, timeout_s=timeout_s, max_open=max_open,
                           device=device, process_incomplete=process_incomplete)
-    with RecordingReader(recording) as rec:
-        if rec.torn_data_bytes or rec.torn_entry_bytes:
-            log.warning("%s ends with a torn record (interrupted run); replaying the %d whole ones", recording,
-                        len(rec))
-        for i in range(len(rec)):
-            proc.handle(rec.read(i), record=i, received_at=rec.entry(i).received_at)
-    proc.finish("end of recording")
+    try:
+        with RecordingReader(recording) as rec:
+            if rec.torn_data_bytes or rec.torn_entry_bytes:
+                log.warning("%s ends with a torn record (interrupted run); replaying the %d whole ones", recording,
+                            len(rec))
+            for i in range(len(rec)):
+                proc.handle(rec.read(i), record=i, received_at=rec.entry(i).received_at)
+        proc.finish("end of recording")
+    except BaseException:
+        # a failed output (or Ctrl-C) must still close the writers, so what was written stays readable
+        proc.close_outputs_after_error()
+        raise
     return proc.summary()

@@ -128,10 +128,11 @@ def secure_server_socket(
         raise SecurityError(f"no server key at {secret}; create keys with `rllsm serve --gen-keys {d}`")
     if not allowed.is_dir() or not any(allowed.glob("*.key")):
         raise SecurityError(f"no allowed client keys in {allowed}; copy each client's public .key file there")
+    # the key is read before the authenticator thread starts, so an unreadable key leaves no thread behind
+    pub, sec = zmq.auth.load_certificate(secret)
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=str(allowed))
-    pub, sec = zmq.auth.load_certificate(secret)
     sock.curve_secretkey = sec
     sock.curve_publickey = pub
     sock.curve_server = True

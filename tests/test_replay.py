@@ -17,7 +17,7 @@ OPTICS = OpticsConfig()
 def _live(tmp_path, name, mode="deskew", **kw):
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", recording=tmp_path / f"{name}-rec",
                         output=tmp_path / f"{name}-out", output_format="npy", mode=mode, device="cpu",
-                        stack_timeout_s=0.5, **kw)
+                        stack_timeout_s=1.0, **kw)
     return Service(cfg)
 
 
@@ -40,7 +40,7 @@ def test_replay_offline_and_over_socket_are_bit_identical_to_live(tmp_path):
     with _live(tmp_path, "live") as svc:
         with pusher(svc.ingest_endpoint) as sock:
             send_all(sock, msgs)
-            assert wait_for(lambda: svc.metrics.counter("stacks_incomplete") == 1, 20)  # after the 0.5 s timeout
+            assert wait_for(lambda: svc.metrics.counter("stacks_incomplete") == 1, 20)  # after the 1 s timeout
             send_all(sock, [end_msg("acq", len(msgs), len(msgs))])
             assert wait_for(lambda: svc.metrics.counter("volumes_output") == 3, 20)
     live = _files(tmp_path / "live-out")
@@ -49,7 +49,7 @@ def test_replay_offline_and_over_socket_are_bit_identical_to_live(tmp_path):
     assert np.load(tmp_path / "live-out" / "acq" / "t00000_c0.npy").shape[2] > SHAPE[2]
 
     summary = replay_offline(tmp_path / "live-rec", tmp_path / "offline-out", mode="deskew", device="cpu",
-                             timeout_s=0.5)
+                             timeout_s=1.0)
     assert _files(tmp_path / "offline-out") == live
     assert summary["counters"]["volumes_output"] == 3
 
@@ -85,3 +85,36 @@ def test_offline_replay_cli(tmp_path):
     assert main(["replay", str(tmp_path / "rec"), "--offline", "--out", str(tmp_path / "o"), "--mode", "none"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "o" / "a" / "t00000_c0.npy"), s)
     assert main(["replay", str(tmp_path / "nope"), "--offline", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_offline_replay_closes_its_outputs_when_one_fails(tmp_path):
+    from streamer.processor import CriticalOutputError
+    from streamer.sinks.base import SinkStats, SinkWriteError
+
+    class FailingSink:
+        name, closed = "failing", False
+
+        def __init__(self):
+            self.stats = SinkStats()
+
+        def setup(self, meta):
+            pass
+
+        def append(self, volume, index):
+            raise SinkWriteError("disk went away")
+
+        def skip(self, index, reason):
+            pass
+
+        def close(self):
+            FailingSink.closed = True
+
+    rng = np.random.default_rng(3)
+    with _live(tmp_path, "live", mode="none") as svc:
+        msgs = _acquisition(rng)[:1 + SHAPE[0]]  # the start and one whole stack
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, msgs)
+        assert wait_for(lambda: svc.metrics.counter("messages_received") == len(msgs), 20)
+    with pytest.raises(CriticalOutputError, match="disk went away"):
+        replay_offline(tmp_path / "live-rec", mode="none", sink_factory=lambda meta: [(FailingSink(), True)])
+    assert FailingSink.closed
