@@ -59,7 +59,7 @@ def test_out_of_order_frames_reconstructed_recorded_and_reported(tmp_path):
 def test_incomplete_stack_is_flagged_reported_and_kept(tmp_path):
     rng = np.random.default_rng(1)
     s = rng.integers(0, 100, SHAPE, dtype=np.uint16)
-    with Service(config(tmp_path, stack_timeout_s=0.3), stage_factory=scale_stages) as svc:
+    with Service(config(tmp_path, stack_timeout_s=1.0), stage_factory=scale_stages) as svc:
         with pusher(svc.ingest_endpoint) as sock:
             send_all(sock, [start_msg("r", SHAPE[0], SHAPE[1:])])
             send_all(sock, stack_frames("r", 0, s, None, 1))  # a whole stack first: outputs exist
@@ -67,7 +67,7 @@ def test_incomplete_stack_is_flagged_reported_and_kept(tmp_path):
             assert wait_for(lambda: svc.metrics.counter("stacks_incomplete") == 1, 10)
             st = request(svc.control_endpoint, "status")
     (inc,) = st["incomplete_stacks"]
-    assert inc["stack"] == "r t=1 c=0" and inc["missing_planes"] == [2, 3, 5] and "no plane for 0.3 s" in inc["reason"]
+    assert inc["stack"] == "r t=1 c=0" and inc["missing_planes"] == [2, 3, 5] and "no plane for 1 s" in inc["reason"]
     assert "missing planes 2-3,5" in (tmp_path / "out" / "r" / "t00001_c0.skipped.txt").read_text()
     assert svc.final_summary["incomplete_stacks"][0]["stack"] == "r t=1 c=0"
 
