@@ -10,6 +10,7 @@ from engines.backends.engine_file import (
     MAGIC,
     engine_cache_key,
     read_engine_file,
+    read_engine_for,
     read_engine_header,
     write_engine_file,
 )
@@ -91,6 +92,20 @@ def test_damaged_header_json(engine):
     path.write_bytes(raw[:len(MAGIC) + 2] + len(body).to_bytes(4, "little") + body + raw[start + header_len:])
     with pytest.raises(EngineFileError, match="damaged engine header"):
         read_engine_header(path)
+
+
+def test_engine_from_another_onnx_or_machine_is_refused(engine):
+    path, plan = engine
+    here = (KEY_ARGS["tensorrt_version"], KEY_ARGS["compute_capability"])
+    assert read_engine_for(path, *here)[2] == plan
+    assert read_engine_for(path, *here, ONNX_SHA)[2] == plan
+    # left over from an export of other weights: intact, but built from another ONNX model
+    with pytest.raises(EngineMismatchError, match="ONNX abababababab"):
+        read_engine_for(path, *here, "cd" * 32)
+    with pytest.raises(EngineMismatchError, match="TensorRT 10.13.0"):
+        read_engine_for(path, "10.14.0", "9.0")
+    with pytest.raises(EngineMismatchError, match="compute capability 9.0"):
+        read_engine_for(path, "10.13.0", "8.9")
 
 
 def test_missing_engine(tmp_path):

@@ -153,3 +153,33 @@ def read_engine_file(path: Path, expected_key: str | None = None) -> tuple[Engin
                                   f"which does not match this machine/request (cache key {info.cache_key[:12]}… ≠ "
                                   f"{expected_key[:12]}…); {how}")
     return info, header.get("manifest"), plan
+
+
+def read_engine_for(path: Path, tensorrt_version: str, compute_capability: str,
+                    onnx_sha256: str | None = None) -> tuple[EngineInfo, dict[str, Any] | None, bytes]:
+    """Read an engine file and check it was built here, from the expected ONNX model.
+
+    The expected cache key takes precision and profile from the engine's own header (either is a valid build
+    choice), but TensorRT version and GPU from this machine and, when given, *onnx_sha256* from the manifest
+    beside the engine: an engine left over from an earlier export of other weights would otherwise deserialise
+    fine and silently run the old network.
+
+    Parameters
+    ----------
+    path
+        The engine file.
+    tensorrt_version, compute_capability
+        Of this machine (``tensorrt.__version__``, ``"major.minor"``).
+    onnx_sha256
+        Hash of the ONNX model the engine must have been built from; None trusts the header.
+
+    Raises
+    ------
+    EngineFileError, EngineMismatchError
+        As :func:`read_engine_file`.
+    """
+    header, _ = read_engine_header(path)
+    info = EngineInfo.model_validate(header["engine"])
+    key = engine_cache_key(onnx_sha256 or info.onnx_sha256, tensorrt_version, compute_capability, info.precision,
+                           info.profile)
+    return read_engine_file(path, key)

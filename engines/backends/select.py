@@ -81,7 +81,10 @@ def find_sources(source: str | Path) -> ModelSources:
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         man = read_manifest(path)
         onnx = path / (man.onnx_file or man.model_file) if man.format == "engine" else path / man.model_file
-        engines = sorted(path.glob("*.engine"))
+        # Prefer the engine of the manifest's precision: an earlier export at another precision may have left
+        # its engine here too (it is refused anyway, being built from another ONNX, but should not be picked).
+        own = path / f"{man.model_kind}.{man.precision.value}.engine"
+        engines = [own] if own.is_file() else sorted(path.glob("*.engine"))
         return ModelSources(onnx=onnx if onnx.is_file() else None, engine=engines[0] if engines else None,
                             manifest=man)
     if path.suffix == ".onnx":
@@ -135,7 +138,8 @@ def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig, st
 
         rebuild = _engine_rebuilder(src, cfg) if cfg.rebuild_engine else None
         try:
-            return TensorRTBackend(src.engine, spec, device_id=cfg.device_id, rebuild=rebuild)
+            return TensorRTBackend(src.engine, spec, device_id=cfg.device_id, rebuild=rebuild,
+                                   onnx_sha256=src.manifest.onnx_sha256 if src.manifest is not None else None)
         except (EngineFileError, EngineMismatchError) as err:
             if strict:
                 raise  # asked for TensorRT, no fallback: the message says how to rebuild

@@ -8,17 +8,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engines.backends.base import Array, Backend, ModelSpec
-from engines.backends.engine_file import engine_cache_key, read_engine_file, read_engine_header
+from engines.backends.engine_file import read_engine_for
 from engines.backends.errors import BackendError, EngineFileError, EngineMismatchError
-from engines.backends.manifest import EngineInfo
 from engines.backends.trt_build import cuda_compute_capability, import_tensorrt
-
-
-def expected_key_here(info: EngineInfo, device_id: int = 0) -> str:
-    """Cache key an engine with *info* would have if it had been built on this machine's TensorRT and GPU."""
-    trt = import_tensorrt()
-    return engine_cache_key(info.onnx_sha256, trt.__version__, cuda_compute_capability(device_id),
-                            info.precision, info.profile)
 
 
 class TensorRTBackend(Backend):
@@ -36,30 +28,29 @@ class TensorRTBackend(Backend):
         Called with the reason when the file is damaged or was built for another TensorRT/GPU; must rebuild the
         engine at *engine_path* (e.g. from the ONNX beside it).  Without it such a file raises a typed error
         that says how to rebuild — the plan is never handed to TensorRT unchecked.
+    onnx_sha256
+        Hash of the ONNX model the engine must have been built from (the manifest's); an engine built from
+        another ONNX (left over from an earlier export) is then refused or rebuilt like a damaged one.
     """
 
     name: ClassVar[str] = "tensorrt"
     native: ClassVar[str] = "torch"
 
     def __init__(self, engine_path: str | Path, spec: ModelSpec, check_finite: bool = True, device_id: int = 0,
-                 rebuild: Callable[[str], None] | None = None) -> None:
+                 rebuild: Callable[[str], None] | None = None, onnx_sha256: str | None = None) -> None:
         trt = import_tensorrt()
         import torch
 
         self.engine_path = Path(engine_path)
         self.device = torch.device("cuda", device_id)
-        cuda_compute_capability(device_id)  # raises "needs a CUDA GPU" before any file is touched
+        here = (trt.__version__, cuda_compute_capability(device_id))  # "needs a CUDA GPU" before any file is read
         try:
-            header, _ = read_engine_header(self.engine_path)
-            info = EngineInfo.model_validate(header["engine"])
-            info, self.manifest, plan = read_engine_file(self.engine_path, expected_key_here(info, device_id))
+            info, self.manifest, plan = read_engine_for(self.engine_path, *here, onnx_sha256)
         except (EngineFileError, EngineMismatchError) as err:
             if rebuild is None:
                 raise
             rebuild(str(err))
-            header, _ = read_engine_header(self.engine_path)
-            info = EngineInfo.model_validate(header["engine"])
-            info, self.manifest, plan = read_engine_file(self.engine_path, expected_key_here(info, device_id))
+            info, self.manifest, plan = read_engine_for(self.engine_path, *here, onnx_sha256)
         super().__init__(spec, info.profile, info.precision, check_finite)
         self.info = info
         self._logger = trt.Logger(trt.Logger.WARNING)
