@@ -99,8 +99,9 @@ class StreamSender:
 
     def _send(self, parts: list[Any], what: str, nbytes: int = 0) -> bool:
         with self._lock:
-            if self._sock.closed:
+            if self._sock.closed:  # a frame after close() is a drop like any other: counted and said
                 self.dropped += 1
+                self._note_drop(f"{what} (sender closed)")
                 return False
             try:
                 self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)

@@ -86,3 +86,13 @@ def test_non_contiguous_frames_are_sent_correctly() -> None:
     finally:
         pull.close(0)
     np.testing.assert_array_equal(arr, view)
+
+
+def test_frames_after_close_are_counted_drops() -> None:
+    from streamer.metrics import Metrics
+
+    m = Metrics()
+    s = StreamSender(SenderConfig(endpoint=f"tcp://127.0.0.1:{free_port()}"), metrics=m)
+    s.close(0)
+    assert s.send_frame(np.zeros((8, 8), np.uint16), timepoint=0, z_index=0, z_count=1) is False
+    assert s.dropped == 1 and m.counter("sender_messages_dropped") == 1
