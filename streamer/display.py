@@ -311,7 +311,9 @@ class DisplayClient:
             if len(buf) != header.nbytes():
                 raise DisplayError(f"{header.kind} t={header.timepoint}: header says {header.shape} {header.dtype}"
                                    f" = {header.nbytes()} bytes, payload has {len(buf)}")
-        except (ValueError, ValidationError, DisplayError) as err:
+            array = np.frombuffer(buf, dtype=header.dtype).reshape(header.shape)
+        except (ValueError, TypeError, ValidationError, DisplayError) as err:
+            # TypeError: a dtype numpy does not know; ValueError: also one it cannot read from bytes (object)
             self.invalid += 1
             log.warning("ignoring a malformed display message: %s", err)
             return None
@@ -320,7 +322,7 @@ class DisplayClient:
             self.dropped += header.seq - last - 1
         self._last_seq[header.kind] = header.seq
         self.received += 1
-        return DisplayMessage(header, np.frombuffer(buf, dtype=header.dtype).reshape(header.shape))
+        return DisplayMessage(header, array)
 
     def recv(self, timeout: float | None = None) -> DisplayMessage | None:
         """The next message in order, or None after ``timeout`` seconds (None waits forever)."""
