@@ -290,9 +290,6 @@ class StackProcessor:
         self._handed(out, st.key, True)
 
     def _skip(self, st: AssembledStack, reason: str) -> None:
-        if st.key.acquisition_id not in self.outputs and self.starts.get(st.key.acquisition_id) is None:
-            self._mark_done(st.key, False)
-            return
         # the geometry of the fused volume is not known before the first one; a skip before it needs no output
         out = self.outputs.get(st.key.acquisition_id)
         if out is None:

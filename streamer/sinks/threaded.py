@@ -175,7 +175,9 @@ class ThreadedSink:
         with self._cond:
             if len(self._q) >= self.queue_size:
                 if self.on_full == "block":
-                    self._cond.wait_for(lambda: len(self._q) < self.queue_size or self._error is not None)
+                    # only a critical sink stops on an error; a non-critical one keeps writing, so it keeps its bound
+                    self._cond.wait_for(lambda: len(self._q) < self.queue_size
+                                        or (self._error is not None and self.critical))
                     self._raise_if_failed()
                 elif self.on_full == "drop":
                     dropped = index
