@@ -59,7 +59,7 @@ def build_and_validate_engine(folder: Path, manifest: Manifest, golden: Mapping[
     report = ValidationReport(
         reference=manifest.validation.reference, max_abs_error_limit=FP32_MAX_ABS if fp32 else None,
         min_psnr_db=None if fp32 else REDUCED_MIN_PSNR_DB, cases=cases, resize_check=manifest.validation.resize_check,
-        passed=all(c.passed for c in cases))
+        passed=bool(cases) and all(c.passed for c in cases))
     if not report.passed:
         engine_path.unlink(missing_ok=True)
         bad = "; ".join(f"{c.label}: max abs {c.max_abs_error:.3g}, PSNR {c.psnr_db} dB" for c in cases if not c.passed)

@@ -135,7 +135,9 @@ def psnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 def compare(label: str, shapes: Mapping[str, list[int]], runtime: str, reference: list[np.ndarray],
             test: list[np.ndarray], precision: Precision) -> ValidationCase:
     """One :class:`ValidationCase`: max abs error (and PSNR) of *test* against *reference* outputs."""
-    if [r.shape for r in reference] != [t.shape for t in test]:
+    # A wrong shape, or NaN/inf out of the exported model (e.g. FP16 overflow), fails the case outright: NaN
+    # figures would fail the case's own schema and crash instead of reporting which case went wrong.
+    if [r.shape for r in reference] != [t.shape for t in test] or not all(np.isfinite(t).all() for t in test):
         return ValidationCase(label=label, shapes=dict(shapes), runtime=runtime, max_abs_error=math.inf,
                               psnr_db=None, passed=False)
     err = max(float(np.max(np.abs(r.astype(np.float64) - t))) for r, t in zip(reference, test))
@@ -179,7 +181,15 @@ def load_golden(path: Path) -> dict[str, dict[str, np.ndarray]]:
 def validate_against_golden(spec: ModelSpec, golden: Mapping[str, Mapping[str, np.ndarray]],
                             run: Callable[[list[np.ndarray]], list[Any]], runtime: str,
                             precision: Precision) -> list[ValidationCase]:
-    """Run *run* (the exported model) on every golden input and compare with the golden outputs."""
+    """Run *run* (the exported model) on every golden input and compare with the golden outputs.
+
+    Raises
+    ------
+    ExportValidationError
+        *golden* holds no case: with nothing compared, "all cases passed" would be vacuously true.
+    """
+    if not golden:
+        raise ExportValidationError(f"no golden cases to validate the exported {spec.kind} against")
     cases = []
     for label, arrs in golden.items():
         xs = [arrs[n] for n in spec.input_names]

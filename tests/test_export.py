@@ -194,6 +194,21 @@ def test_psnr_and_golden_shapes_properties():
     assert all(s % 4 == 0 for s in (d, h, w)) and h != w
 
 
+def test_non_finite_output_fails_its_case_and_empty_golden_is_refused():
+    from export.validate import compare, validate_against_golden
+
+    ref = [np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)]
+    for bad in (np.nan, np.inf):
+        out = ref[0].copy()
+        out[3, 3] = bad
+        for precision in Precision:
+            case = compare("odd", {"x": [8, 8]}, "test", ref, [out], precision)
+            assert not case.passed and case.max_abs_error == float("inf")
+    assert compare("odd", {"x": [8, 8]}, "test", ref, [ref[0].copy()], Precision.FP32).passed
+    with pytest.raises(ExportValidationError, match="no golden cases"):
+        validate_against_golden(get_model("vsi-sr").spec, {}, lambda xs: xs, "test", Precision.FP32)
+
+
 def test_constant_resize_check_rejects_size_computed_resize(tmp_path):
     class SizeResize(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
