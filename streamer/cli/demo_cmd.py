@@ -182,6 +182,7 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.simulate.config import SimulationError
     from streamer.cli import CLIError
     from streamer.cli.simulate_cmd import _parse_shape
 
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         summary = run_demo(args.out, timepoints=args.timepoints, shape=shape, mode=args.mode,
                            device=args.device, seed=args.seed, timeout_s=args.timeout,
                            backend=backend_config_from_args(args))
-    except RuntimeError as err:
+    except (RuntimeError, SimulationError) as err:
         raise CLIError(str(err)) from None
     print(f"demo: {summary['timepoints']} stacks reconstructed ({summary['mode']}) in {summary['wall_s']} s")
     for name, st in summary["per_stage_ms"].items():

@@ -66,6 +66,9 @@ def _tile(value: str) -> str | int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from engines.config import describe_validation_error
     from streamer.cli import CLIError
 
     optics = optics_from_args(args)
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     many = args.input.is_dir() or len(inputs) > 1
     try:
         rec = build_reconstructor(args, optics)
+    except ValidationError as err:  # a ValueError too, but pydantic's own text spans several lines
+        raise CLIError(describe_validation_error(err, "reconstruct")) from None
     except (ValueError, FileNotFoundError) as err:  # every engine error is a ValueError subclass
         raise CLIError(str(err)) from None
     for path in inputs:
