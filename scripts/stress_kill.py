@@ -64,8 +64,9 @@ def start_service(rec: Path, out: Path, log: Path) -> tuple[subprocess.Popen, di
     cmd = [sys.executable, "-m", "streamer", "serve", "--ingest", "tcp://127.0.0.1:0", "--control",
            "tcp://127.0.0.1:0", "--display", "tcp://127.0.0.1:0", "-r", str(rec), "--out", str(out), "--format", "npy", "--mode", "none",
            "--stack-timeout", "30"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the service prints its endpoints once bound
     if not line:
@@ -148,6 +149,7 @@ def run_once(seed: int, workdir: Path, n_stacks: int = 60, n_after: int = 3) -> 
         th.join(10)
         if proc.poll() is None:
             proc.kill()
+        proc.stdout.close()
     have, n_records = recorded_stacks(rec)
     # a message the service reported as received was in the recording before it was counted
     assert n_records >= seen[0], f"seed {seed}: status said {seen[0]} received, recording holds {n_records}"
@@ -185,6 +187,7 @@ def run_once(seed: int, workdir: Path, n_stacks: int = 60, n_after: int = 3) -> 
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stdout.close()
     assert ok, f"seed {seed}: not every recorded stack was output after restart (see {log})"
     assert rc == 0, f"seed {seed}: restarted service exited with {rc} (see {log})"
     for t in sorted(expect_npy):
