@@ -90,5 +90,8 @@ def _usable(folder: Path, sha: str, kind: str) -> bool:
         man = read_manifest(folder)
     except Exception:  # noqa: BLE001 - a damaged entry, whatever the error, is simply exported again
         return False
+    model = folder / man.model_file
+    # The ONNX file must still be the one that was validated: a damaged or replaced file is exported again
+    # rather than handed to ONNX Runtime (hashing a few MB is cheap next to a session start).
     return (man.checkpoint_sha256 == sha and man.model_kind == kind and man.format == "onnx"
-            and man.validation.passed and (folder / man.model_file).is_file())
+            and man.validation.passed and model.is_file() and sha256_of(model) == man.onnx_sha256)

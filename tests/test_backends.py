@@ -188,6 +188,29 @@ def test_step2_through_onnxruntime_matches_torch(models):
     assert np.abs(got - want).max() <= 1e-4
 
 
+def test_onnx_cache_reuses_its_entry_and_reexports_a_damaged_one(tmp_path):
+    from engines.rldfn.checkpoint import save_rldfn
+    from engines.rldfn.network import DualViewFusionNet
+    from export.cache import cached_export
+
+    torch.manual_seed(0)
+    save_rldfn(DualViewFusionNet(width=2), tmp_path / "rl-dfn.pt")
+    folder = cached_export("rl-dfn", tmp_path / "rl-dfn.pt", tmp_path / "cache")
+    onnx_file = folder / "rl-dfn.onnx"
+    first = onnx_file.stat().st_mtime_ns
+    assert cached_export("rl-dfn", tmp_path / "rl-dfn.pt", tmp_path / "cache") == folder
+    assert onnx_file.stat().st_mtime_ns == first, "an unchanged entry is reused, not exported again"
+    good = onnx_file.read_bytes()
+    onnx_file.write_bytes(good[: len(good) // 2])  # damaged after it was validated
+    assert cached_export("rl-dfn", tmp_path / "rl-dfn.pt", tmp_path / "cache") == folder
+    from engines.backends.manifest import read_manifest
+    from engines.backends.models import sha256_of
+
+    assert sha256_of(onnx_file) == read_manifest(folder).onnx_sha256, "replaced by a fresh, validated export"
+    with make_backend("rl-dfn", folder, "onnxruntime") as b:
+        assert b(*[np.ones((1, 1, 8, 16, 16), np.float32)] * 2).shape == (1, 1, 8, 16, 16)
+
+
 # -- choosing a backend --------------------------------------------------------------------------------------
 def test_auto_picks_by_what_the_source_is(models):
     ckpt, folder = models["vsi-sr"]
