@@ -44,6 +44,9 @@ def test_training_lowers_cycle_loss_and_resumes(dual: tuple, tmp_path: Path) -> 
     assert load_rldfn(tmp_path / "f" / "reference").width == 4
     more = train_fusion([(a, b)], psf_a, psf_b, CFG.model_copy(update={"steps": 11}), tmp_path / "f")
     assert len(more.cycle) == 11 and more.cycle[:10] == res.cycle
+    # any other change would mix two recipes in one model: refused
+    with pytest.raises(TrainingError, match="different configuration"):
+        train_fusion([(a, b)], psf_a, psf_b, CFG.model_copy(update={"steps": 12, "lr": 5e-4}), tmp_path / "f")
 
 
 def test_rejects_volume_smaller_than_patch(dual: tuple) -> None:

@@ -10,7 +10,13 @@ import pytest
 import tifffile
 import torch
 
-from engines.training.data import TrainingDataError, load_finetune, load_tasks, read_index
+from engines.training.common import TrainingError
+from engines.training.data import (
+    TrainingDataError,
+    load_finetune,
+    load_tasks,
+    read_index,
+)
 from engines.training.discriminator import DiscriminatorConfig, VSIDiscriminator
 from engines.training.finetune import FinetuneConfig, finetune
 from engines.training.losses import VSISRLoss, foreground_mask, masked_psnr
@@ -116,7 +122,7 @@ def test_finetune_raises_validation_psnr_and_resumes(dataset: Path, tmp_path: Pa
     ref = torch.load(tmp_path / "ft" / "finetuned_reference.pth", weights_only=True)
     assert [tuple(v.shape) for v in ref.values()] == [tuple(p.shape) for p in model.reference_parameters()]
     # a resume with other hyper-parameters is refused rather than silently mixing two recipes
-    with pytest.raises(Exception, match="different configuration"):
+    with pytest.raises(TrainingError, match="different configuration"):
         finetune(VSISR(TINY), train, val, cfg.model_copy(update={"lr": 0.1}), tmp_path / "ft")
 
 
@@ -176,7 +182,7 @@ def test_meta_training_improves_adapted_loss_and_resumes(dataset: Path, tmp_path
     # extending the run resumes at step 8 instead of starting over
     longer = meta_train(tasks, cfg.model_copy(update={"steps": 10}), tmp_path / "meta")
     assert len(longer.post) == 10 and longer.post[:8] == res.post
-    with pytest.raises(Exception, match="different configuration"):
+    with pytest.raises(TrainingError, match="different configuration"):
         meta_train(tasks, cfg.model_copy(update={"g_lr_inner": 0.5}), tmp_path / "meta")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,32 @@ def load_state(path: Path) -> dict[str, Any] | None:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch.load raises many unrelated types for a damaged file
         raise TrainingError(f"resume state {path} is unreadable ({err}); delete it to start over") from None
+
+
+def load_resume_state(path: Path | None, config: BaseModel, length_field: str) -> dict[str, Any] | None:
+    """The resume state at *path* when there is one, after checking it was written with *config*.
+
+    Only *length_field* (the number of steps or iterations) may differ, so a finished run can be extended;
+    any other change would silently mix two recipes in one model.
+
+    Raises
+    ------
+    TrainingError
+        The state is unreadable or was written with another configuration.
+    """
+    st = load_state(path) if path is not None else None
+    if st is None:
+        return None
+    length = {length_field: getattr(config, length_field)}
+    try:
+        # Validating the stored dict makes a state written as Python (tuples) or JSON (lists) compare alike.
+        same = type(config).model_validate({**st["config"], **length}) == config
+    except (ValidationError, KeyError, TypeError):
+        same = False
+    if not same:
+        raise TrainingError(f"{path} was written with a different configuration; use a new output folder or "
+                            "delete the state file to start over")
+    return st
 
 
 class Monitor:

@@ -19,7 +19,7 @@ from engines.training.common import (
     Monitor,
     TrainingError,
     atomic_save,
-    load_state,
+    load_resume_state,
     restore_rng,
     rng_state,
     seed_everything,
@@ -109,11 +109,7 @@ def finetune(model: VSISR, train: PatchSet, val_cells: list[tuple[str, np.ndarra
     result = FinetuneResult(model=model)
     step = 0
     state_path = out_dir / STATE_NAME if out_dir is not None else None
-    if resume and state_path is not None and (st := load_state(state_path)) is not None:
-        # Only the length may change between runs: extending a finished run continues it.
-        if {**st["config"], "iterations": 0} != {**cfg.model_dump(), "iterations": 0}:
-            raise TrainingError(f"{state_path} was written with a different configuration; use a new output "
-                                "folder or delete the state file to start over")
+    if resume and (st := load_resume_state(state_path, cfg, "iterations")) is not None:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])

@@ -35,7 +35,7 @@ from engines.training.common import (
     Monitor,
     TrainingError,
     atomic_save,
-    load_state,
+    load_resume_state,
     restore_rng,
     rng_state,
     seed_everything,
@@ -189,10 +189,7 @@ def train_fusion(views: list[tuple[np.ndarray, np.ndarray]], psf_a: np.ndarray, 
     result = FusionResult(net=net)
     step = 0
     state_path = out_dir / STATE_NAME if out_dir is not None else None
-    if resume and state_path is not None and (st := load_state(state_path)) is not None:
-        if {**st["config"], "steps": 0} != {**cfg.model_dump(mode="json"), "steps": 0}:
-            raise TrainingError(f"{state_path} was written with a different configuration; use a new output "
-                                "folder or delete the state file to start over")
+    if resume and (st := load_resume_state(state_path, cfg, "steps")) is not None:
         net.load_state_dict(st["net"]), d_a.load_state_dict(st["d_a"]), d_b.load_state_dict(st["d_b"])
         g_opt.load_state_dict(st["g_opt"]), d_opt.load_state_dict(st["d_opt"])
         restore_rng(rng, st["rng"])
@@ -232,6 +229,8 @@ def train_fusion(views: list[tuple[np.ndarray, np.ndarray]], psf_a: np.ndarray, 
                      + gan(d_a(oblique_section(fused, 90.0, rng)), True)
                      + gan(d_b(oblique_section(fused, 90.0, rng)), True))
             g_loss = cfg.cycle_weight * cycle + cfg.gan_weight * g_gan + cfg.tv_weight * tv_loss(fused)
+            if not torch.isfinite(g_loss):  # before any step, so the weights in memory stay usable
+                raise TrainingError(f"fusion loss became {g_loss.item()} at step {step + 1}; lower the learning rate")
             g_opt.zero_grad(set_to_none=True)
             g_loss.backward()
             g_opt.step()
@@ -246,8 +245,6 @@ def train_fusion(views: list[tuple[np.ndarray, np.ndarray]], psf_a: np.ndarray, 
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
-            if not torch.isfinite(g_loss):
-                raise TrainingError(f"fusion loss became {g_loss.item()} at step {step + 1}; lower the learning rate")
             step += 1
             result.cycle.append(float(cycle.detach()))
             result.gan_g.append(float(g_gan.detach()))

@@ -31,13 +31,17 @@ from engines.training.common import (
     Monitor,
     TrainingError,
     atomic_save,
-    load_state,
+    load_resume_state,
     restore_rng,
     rng_state,
     seed_everything,
 )
 from engines.training.data import PatchSet
-from engines.training.discriminator import DiscriminatorConfig, VSIDiscriminator, adversarial_loss
+from engines.training.discriminator import (
+    DiscriminatorConfig,
+    VSIDiscriminator,
+    adversarial_loss,
+)
 from engines.training.losses import VSISRLoss
 from engines.vsisr.checkpoint import reference_state_dict, save_checkpoint
 from engines.vsisr.network import VSISR, VSISRConfig
@@ -248,11 +252,7 @@ def meta_train(tasks: Mapping[str, PatchSet], cfg: MetaConfig | None = None, out
     result = MetaResult(generator=gen, discriminator=disc)
     step = 0
     state_path = out_dir / STATE_NAME if out_dir is not None else None
-    if resume and state_path is not None and (st := load_state(state_path)) is not None:
-        # Only the length may change between runs: extending a finished run continues it.
-        if {**st["config"], "steps": 0} != {**cfg.model_dump(mode="json"), "steps": 0}:
-            raise TrainingError(f"{state_path} was written with a different configuration; use a new output "
-                                "folder or delete the state file to start over")
+    if resume and (st := load_resume_state(state_path, cfg, "steps")) is not None:
         gen.load_state_dict(st["generator"])
         disc.load_state_dict(st["discriminator"])
         g_opt.load_state_dict(st["g_opt"])
