@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("rllsm-demo"), help="output folder (default %(default)s)")
     p.add_argument("--timepoints", type=int, default=3, help="stacks to stream (default %(default)s)")
     p.add_argument("--shape", default=None, metavar="Z,Y,X",
-                   help="raw stack size (default 64,128,128; 48,96,96 for the full networks without a GPU, so that "
+                   help="raw stack size (default 64,128,128; 48,96,96 for the networks (full, sr-rl) without a GPU, so that "
                         "the demo stays within a few minutes on two CPU cores)")
     p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical", "deskew"], default="auto",
                    help="auto: sr-rl (demo VSI-SR + joint Richardson–Lucy fusion) if the demo weights are installed, "

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="voxel size of --psf (default: the views' voxel)")
     p.add_argument("--psf-a", type=Path, metavar="TIF", help="measured view-A PSF on the views' grid")
     p.add_argument("--psf-b", type=Path, metavar="TIF", help="measured view-B PSF on the views' grid")
-    p.add_argument("--iterations", type=int, default=10, metavar="K", help="joint RL iterations (classical)")
+    p.add_argument("--iterations", type=int, default=10, metavar="K", help="joint RL iterations (sr-rl, classical; default 10)")
     p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
     p.add_argument("--stride", type=int, choices=[1, 3], default=1, help="VSI-SR window stride (3: faster)")

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--offline", action="store_true", help="process in this process, without sockets")
     p.add_argument("--speed", default="original", help="original, max, or a factor such as 2 (default: original)")
     p.add_argument("--out", type=Path, help="output folder (with --offline)")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical")
+    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical",
+                   help="with --offline: what to do with each stack (default %(default)s, as `rllsm serve`)")
     p.add_argument("--device", help="cpu, cuda (default: CUDA if present)")
     p.add_argument("--weights", type=Path, help="network weights folder for --mode full")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S", help="as for `rllsm serve`")

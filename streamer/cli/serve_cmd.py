@@ -41,11 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="status/control REP endpoint (%(default)s)")
     p.add_argument("--recording", "-r", type=Path, help="recording folder (every message is appended here first)")
     p.add_argument("--out", "-o", type=Path, help="folder for the fused volumes")
-    p.add_argument("--format", dest="output_format", choices=["zarr", "tiff", "npy"], default="zarr")
+    p.add_argument("--format", dest="output_format", choices=["zarr", "tiff", "npy"], default="zarr",
+                   help="OME-Zarr, OME-TIFF or .npy files (default %(default)s)")
     p.add_argument("--display", metavar="ENDPOINT", default="tcp://127.0.0.1:5556",
                    help="PUB endpoint of the live display stream: volumes + MIPs, latest wins (default %(default)s; "
                    "'none' turns it off)")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical")
+    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical",
+                   help="what to do with each stack (default %(default)s; docs/streaming.md)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--weights", type=Path, help="network weights folder for --mode full (default: demo weights)")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S",
