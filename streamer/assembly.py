@@ -81,6 +81,10 @@ class LateFrame(AssemblyError):
     """The frame's stack was already emitted (complete, or flagged incomplete after its timeout)."""
 
 
+class StackOutOfRange(AssemblyError):
+    """The stack's channel or timepoint lies outside what its acquisition announced in ``acquisition_start``."""
+
+
 class StackTooLarge(AssemblyError):
     """The stack the frame announces would not fit the memory the service may use for one stack."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from streamer.assembly import AssembledStack, StackAssembler, StackKey, StackTooLarge
+from streamer.assembly import AssembledStack, StackAssembler, StackKey, StackOutOfRange, StackTooLarge
 from streamer.pipeline import PipelineError, Stage, StageWorker
 from streamer.sinks.base import Sink, SinkError, SinkStats, VolumeIndex, VolumeMeta
 from streamer.wire import AcquisitionEnd, AcquisitionStart, Frame, Stack, WireError, decode, decode_header
@@ -212,7 +212,27 @@ class StackProcessor:
 
     # --- processing -------------------------------------------------------------------------------------------
 
+    def _out_of_range(self, key: StackKey) -> str | None:
+        """Why a stack lies outside what its acquisition announced (the OME writers cannot place it), or None."""
+        start = self.starts.get(key.acquisition_id)
+        if start is None:
+            return None
+        n_c = len(start.channels)
+        if key.channel >= n_c:
+            return f"{key.label()}: channel {key.channel}, but the acquisition announced {n_c} channel{'s' * (n_c > 1)}"
+        n_t = start.n_timepoints
+        if n_t is not None and key.timepoint >= n_t:
+            return (f"{key.label()}: timepoint {key.timepoint}, but the acquisition announced {n_t} "
+                    f"timepoint{'s' * (n_t > 1)}")
+        return None
+
     def _process(self, st: AssembledStack) -> None:
+        why = self._out_of_range(st.key)
+        if why is not None:
+            # rejected before any output sees it: a critical writer refusing it would stop the whole service
+            self._reject(StackOutOfRange(why), st.records[1])
+            self._mark_done(st.key, False)
+            return
         if st.complete:
             self.metrics.inc("stacks_complete")
         else:

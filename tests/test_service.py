@@ -273,3 +273,25 @@ def test_failed_start_releases_the_recording_and_the_ports(tmp_path):
     assert bad.processor is not None and bad.processor._done_fh is None
     with Service(config(tmp_path), stage_factory=scale_stages) as svc:
         assert svc.status()["state"] == "running"
+
+
+@pytest.mark.parametrize("output_format", ["tiff", "npy"])
+def test_stack_outside_the_announced_channels_or_timepoints_is_rejected_not_fatal(tmp_path, output_format):
+    # The OME writers refuse a channel or timepoint the acquisition did not announce; such a stack from a confused
+    # sender must be rejected and counted, not stop the service through its critical disk output.
+    rng = np.random.default_rng(8)
+    with Service(config(tmp_path, output_format=output_format), stage_factory=scale_stages) as svc:
+        msgs = [start_msg("r", SHAPE[0], SHAPE[1:], n_timepoints=2)]
+        msgs += stack_frames("r", 0, rng.integers(0, 9, SHAPE, np.uint16), None, 1)
+        msgs += stack_frames("r", 0, rng.integers(0, 9, SHAPE, np.uint16), None, 10, channel=3)
+        msgs += stack_frames("r", 5, rng.integers(0, 9, SHAPE, np.uint16), None, 20)
+        msgs += stack_frames("r", 1, rng.integers(0, 9, SHAPE, np.uint16), None, 30)
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, msgs)
+        assert wait_for(lambda: svc.metrics.counter("volumes_output") == 2, 10)
+        assert wait_for(lambda: svc.status()["errors"]["by_type"].get("StackOutOfRange") == 2, 10)
+        status = svc.status()
+        assert status["state"] == "running"
+    assert any("r t=0 c=3: channel 3, but the acquisition announced 1 channel" in e for e in status["errors"]["last"])
+    assert any("r t=5 c=0: timepoint 5, but the acquisition announced 2 timepoints" in e
+               for e in status["errors"]["last"])
