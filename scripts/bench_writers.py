@@ -15,11 +15,16 @@ import argparse
 import platform
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+# run as `python scripts/bench_writers.py` from a checkout: our sinks come from this tree, not an installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def synthetic_volumes(shape: tuple[int, int, int], n: int, seed: int = 0) -> list[np.ndarray]:
@@ -30,40 +35,40 @@ def synthetic_volumes(shape: tuple[int, int, int], n: int, seed: int = 0) -> lis
     return [rng.poisson(base).astype(np.uint16) for _ in range(n)]
 
 
-def w_rllsm_zarr(vols: list[np.ndarray], out: Path, backend: str = "zarr-python", shard: bool = True) -> None:
-    from streamer.sinks import OmeZarrConfig, VolumeIndex, VolumeMeta
-    from streamer.sinks.zarr_sink import OmeZarrSink
+def _write_through(sink: Any, vols: list[np.ndarray], n_timepoints: int | None = None) -> None:
+    """Set up one of our sinks for the benchmark volumes, append them all in order, close it."""
+    from streamer.sinks import VolumeIndex, VolumeMeta
 
-    sink = OmeZarrSink(OmeZarrConfig(path=out, overwrite=True, backend=backend, shard=shard))
     sink.setup(VolumeMeta(acquisition_id="bench", shape=vols[0].shape, dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1),
-                          n_timepoints=len(vols)))
+                          n_timepoints=n_timepoints))
     for t, v in enumerate(vols):
         sink.append(v, VolumeIndex(t))
     sink.close()
+
+
+def w_rllsm_zarr(vols: list[np.ndarray], out: Path, backend: str = "zarr-python", shard: bool = True) -> None:
+    from streamer.sinks import OmeZarrConfig
+    from streamer.sinks.zarr_sink import OmeZarrSink
+
+    sink = OmeZarrSink(OmeZarrConfig(path=out, overwrite=True, backend=backend, shard=shard))
+    _write_through(sink, vols, n_timepoints=len(vols))
 
 
 def w_rllsm_zarr_threaded(vols: list[np.ndarray], out: Path) -> None:
     """Our sink with its default settings behind the writer thread, as the service runs it (close waits for all)."""
-    from streamer.sinks import OmeZarrConfig, ThreadedSink, VolumeIndex, VolumeMeta
+    from streamer.sinks import OmeZarrConfig, ThreadedSink
     from streamer.sinks.zarr_sink import OmeZarrSink
 
     sink = ThreadedSink(OmeZarrSink(OmeZarrConfig(path=out, overwrite=True)), queue_size=len(vols), on_full="block")
-    sink.setup(VolumeMeta(acquisition_id="bench", shape=vols[0].shape, dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1),
-                          n_timepoints=len(vols)))
-    for t, v in enumerate(vols):
-        sink.append(v, VolumeIndex(t))
-    sink.close()
+    _write_through(sink, vols, n_timepoints=len(vols))
 
 
 def w_rllsm_tiff(vols: list[np.ndarray], out: Path) -> None:
-    from streamer.sinks import OmeTiffConfig, VolumeIndex, VolumeMeta
+    from streamer.sinks import OmeTiffConfig
     from streamer.sinks.tiff_sink import OmeTiffSink
 
     sink = OmeTiffSink(OmeTiffConfig(directory=out, overwrite=True))
-    sink.setup(VolumeMeta(acquisition_id="bench", shape=vols[0].shape, dtype="uint16", voxel_size_um=(0.2, 0.1, 0.1)))
-    for t, v in enumerate(vols):
-        sink.append(v, VolumeIndex(t))
-    sink.close()
+    _write_through(sink, vols)
 
 
 def w_ome_writers(vols: list[np.ndarray], out: Path) -> None:
