@@ -104,7 +104,9 @@ def resolve_ranges(kind: str, min_shape: list[int] | None = None, opt_shape: lis
 
 
 def rebuild_command(kind: str, checkpoint: Path, out_dir: Path, fmt: str, precision: Precision,
-                    ranges: Mapping[str, ShapeRange], seed: int, opset: int | None) -> str:
+                    ranges: Mapping[str, ShapeRange], seed: int, opset: int | None, n_profiles: int = 1,
+                    workspace_gib: float = 4.0) -> str:
+    """The ``rllsm export`` command line that reproduces this export (engine options included)."""
     r = next(iter(ranges.values()))
     args = ["rllsm", "export", "--model", kind, "--checkpoint", str(checkpoint), "--format", fmt,
             "--out", str(out_dir), "--precision", Precision(precision).value,
@@ -112,6 +114,8 @@ def rebuild_command(kind: str, checkpoint: Path, out_dir: Path, fmt: str, precis
             "--max-shape", "x".join(map(str, r.max)), "--seed", str(seed)]
     if opset:
         args += ["--opset", str(opset)]
+    if fmt == "engine":  # an engine's profiles (one per CUDA stream) and build workspace are part of what it is
+        args += ["--streams", str(n_profiles), "--workspace-gib", f"{workspace_gib:g}"]
     return shlex.join(args)
 
 
@@ -220,7 +224,8 @@ def export_model(kind: str, checkpoint: str | Path, out_dir: str | Path,
             checkpoint_name=checkpoint.name, opset=used_opset, precision=precision, inputs=list(spec.inputs),
             outputs=list(spec.outputs), shape_ranges=ranges, divisibility=dict(spec.divisibility),
             normalisation=mk.normalisation, validation=report, versions=software_versions(),
-            rebuild_command=rebuild_command(kind, checkpoint, out_dir, fmt, precision, ranges, seed, opset),
+            rebuild_command=rebuild_command(kind, checkpoint, out_dir, fmt, precision, ranges, seed, opset,
+                                            n_profiles, workspace_gib),
             created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
         manifest.write(stage)

@@ -80,6 +80,17 @@ def test_export_writes_validated_model_and_manifest(exported, kind):
     assert args.max_shape == RANGES[kind][2]
 
 
+def test_engine_rebuild_command_keeps_streams_and_workspace(tmp_path):
+    from export.api import rebuild_command, resolve_ranges
+
+    ranges = resolve_ranges("vsi-sr", [1, 7, 16, 16], [1, 7, 32, 32], [2, 7, 64, 64])
+    cmd = rebuild_command("vsi-sr", tmp_path / "v.pt", tmp_path / "e", "engine", Precision.FP16, ranges, 3, None,
+                          n_profiles=2, workspace_gib=1.5)
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    assert (args.format, args.precision, args.streams, args.workspace_gib, args.seed) == ("engine", "fp16", 2, 1.5, 3)
+    assert (args.min_shape, args.opt_shape, args.max_shape) == ("1x7x16x16", "1x7x32x32", "2x7x64x64")
+
+
 @pytest.mark.parametrize("kind", ["vsi-sr", "rl-dfn"])
 def test_onnx_graph_named_dynamic_and_self_contained(exported, kind):
     _, folder = exported[kind]
