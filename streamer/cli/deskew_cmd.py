@@ -36,20 +36,14 @@ def deskew_file(input_path: Path, output_path: Path, dx: float, dz: float, angle
                 interp: str = "cubic", pad: float = 0.0, dtype: str = "float32",
                 device: str | None = None) -> tuple[int, int, int]:
     """Deskew a TIFF file into another; returns the output shape. User errors raise :class:`CLIError`."""
-    from streamer.cli import CLIError
-    from streamer.cli.geometry_io import read_stack, write_stack
+    from streamer.cli.geometry_io import engine_errors, read_stack, write_stack
 
     raw = read_stack(input_path, "raw stack")
     from engines.deskew import DeskewError, deskew  # after reading: a bad file fails before torch loads
-    try:
+
+    with engine_errors(input_path, DeskewError):
         out = deskew(raw, dx, dz, angle, skew_axis=skew_axis, interp=interp, pad=pad,  # type: ignore[arg-type]
                      device=device)
-    except DeskewError as err:
-        raise CLIError(f"{input_path}: {err}") from None
-    except RuntimeError as err:
-        if "CUDA" in str(err):
-            raise CLIError(str(err)) from None
-        raise
     write_stack(output_path, out, dtype)
     return tuple(out.shape)  # type: ignore[return-value]
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import types
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,37 @@ def write_stack(path: Path, data: np.ndarray, dtype: str) -> None:
 def write_report(path: Path, report: BaseModel) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+
+
+def progress_printer(command: str, quiet: bool = False) -> Callable[[str], None]:
+    """A ``say(msg)`` that prints ``command: msg`` to stderr (stdout stays for results), or nothing when *quiet*."""
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"{command}: {msg}", file=sys.stderr, flush=True)
+
+    return say
+
+
+@contextlib.contextmanager
+def engine_errors(input_path: Path, *errors: type[Exception],
+                  device_words: tuple[str, ...] = ("CUDA",)) -> Iterator[None]:
+    """Report an engine's typed *errors* as a :class:`CLIError` naming *input_path*.
+
+    A ``RuntimeError`` mentioning one of *device_words* ("CUDA" unavailable, out of memory on the device) is the
+    user's choice of ``--device`` failing, so it is reported too; any other ``RuntimeError`` is a bug and keeps
+    its traceback.
+    """
+    from streamer.cli import CLIError
+
+    try:
+        yield
+    except errors as err:
+        raise CLIError(f"{input_path}: {err}") from None
+    except RuntimeError as err:
+        if any(word in str(err) for word in device_words):
+            raise CLIError(str(err)) from None
+        raise
 
 
 def _unwrap(ann: Any) -> Any:

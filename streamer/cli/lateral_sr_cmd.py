@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.cli.geometry_io import read_stack
+from streamer.cli.geometry_io import engine_errors, read_stack
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,13 +98,8 @@ def lateral_sr_file(
             bar.refresh()
 
     try:
-        out = lateral_sr(volume, model, otfs, params, device=device, progress=callback)
-    except LateralSRError as err:
-        raise CLIError(f"{input_path}: {err}") from None
-    except RuntimeError as err:
-        if "CUDA" in str(err) or "device" in str(err):
-            raise CLIError(str(err)) from None
-        raise
+        with engine_errors(input_path, LateralSRError, device_words=("CUDA", "device")):
+            out = lateral_sr(volume, model, otfs, params, device=device, progress=callback)
     finally:
         if bar is not None:
             bar.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from streamer.cli.options import add_optics_args, optics_from_args
@@ -41,26 +40,17 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from engines.background import PRESETS, BackgroundError, BackgroundParams, preprocess  # torch loads lazily
-    from streamer.cli import CLIError
-    from streamer.cli.geometry_io import model_from_args, read_stack, write_report, write_stack
+    from streamer.cli.geometry_io import (engine_errors, model_from_args, progress_printer, read_stack,
+                                          write_report, write_stack)
 
     optics = optics_from_args(args)
     params = model_from_args(args, BackgroundParams, dict(PRESETS[args.preset]), source="preprocess")
 
-    def say(msg: str) -> None:
-        if not args.no_progress:
-            print(f"preprocess: {msg}", file=sys.stderr, flush=True)
-
+    say = progress_printer("preprocess", args.no_progress)
     raw = read_stack(args.input, "raw stack")
     say(f"read {args.input} {raw.shape} {raw.dtype}; fitting the band and deskewing")
-    try:
+    with engine_errors(args.input, BackgroundError):
         vol, report = preprocess(raw, optics, params, device=args.device)
-    except BackgroundError as err:
-        raise CLIError(f"{args.input}: {err}") from None
-    except RuntimeError as err:
-        if "CUDA" in str(err):
-            raise CLIError(str(err)) from None
-        raise
     if report.band is not None:
         b = report.band
         say(f"band at {b.position_px:.1f} px, tilt {b.tilt_deg:.2f}°, drift {b.drift_px_per_plane:.3f} px/plane "

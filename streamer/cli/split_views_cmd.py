@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from streamer.cli.options import add_optics_args, optics_from_args
@@ -49,8 +48,8 @@ def _scaled(view):  # noqa: ANN001, ANN202 - numpy in, numpy out
 
 def run(args: argparse.Namespace) -> int:
     from engines.views import ViewsError, ViewsParams, split_views
-    from streamer.cli import CLIError
-    from streamer.cli.geometry_io import model_from_args, read_stack, write_report, write_stack
+    from streamer.cli.geometry_io import (engine_errors, model_from_args, progress_printer, read_stack,
+                                          write_report, write_stack)
 
     optics = optics_from_args(args)
     default_angle = math.copysign(optics.objective_angle_deg, optics.skew_angle_deg)
@@ -58,20 +57,11 @@ def run(args: argparse.Namespace) -> int:
     dx = args.dx if args.dx is not None else optics.pixel_size_um
     dz = args.dz if args.dz is not None else optics.deskewed_pixel_z_um
 
-    def say(msg: str) -> None:
-        if not args.no_progress:
-            print(f"split-views: {msg}", file=sys.stderr, flush=True)
-
+    say = progress_printer("split-views", args.no_progress)
     vol = read_stack(args.input, "deskewed volume")
     say(f"read {args.input} {vol.shape}; rotating by {params.angle_deg}° and searching the mirror")
-    try:
+    with engine_errors(args.input, ViewsError):
         view_a, view_b, report = split_views(vol, dx, dz, params, skew_axis=optics.skew_axis.value, device=args.device)
-    except ViewsError as err:
-        raise CLIError(f"{args.input}: {err}") from None
-    except RuntimeError as err:
-        if "CUDA" in str(err):
-            raise CLIError(str(err)) from None
-        raise
     say(f"x tilt {report.angle_x_deg:.2f}°, y {report.angle_y_deg:.2f}°, mirror at slice "
         f"{report.split_index:.1f} of {report.rotated_shape[0]}, depth {report.depth}")
     out = args.output_dir
