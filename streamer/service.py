@@ -105,6 +105,7 @@ class Service:
         self.error: BaseException | None = None
         self.stopped = threading.Event()
         self._stop = threading.Event()
+        self._ingest_done = threading.Event()  # the ingest thread has recorded and published its last message
         self._cond = threading.Condition()
         self._cache: deque[tuple[int, list[Any], float]] = deque()
         self._cursor = 0  # next record the processor handles
@@ -350,6 +351,9 @@ class Service:
             self._fail(err)
         finally:
             sock.close(0)
+            self._ingest_done.set()
+            with self._cond:
+                self._cond.notify_all()
 
     def _next(self) -> tuple[list[Any], float] | None:
         """The record at the cursor: from the cache if it is there, else from the recording."""
@@ -384,15 +388,18 @@ class Service:
                     if proc.skip_if_done(rec.header(self._cursor)):
                         self._cursor += 1
                         continue
+                # Read before _next(): once ingest is done, every record it will ever publish is visible to _next(),
+                # so a stop never leaves the last batch recorded but unprocessed.
+                received_all = self._stop.is_set() and self._ingest_done.is_set()
                 item = self._next()
                 if item is None:
-                    if self._stop.is_set():
+                    if received_all:
                         break
                     now = self._clock()
                     if self._cursor >= self._published:  # re-checked after reading the clock: see _clock
                         proc.tick(now)
                     with self._cond:
-                        if self._cursor >= self._published and not self._stop.is_set():
+                        if self._cursor >= self._published and not self._ingest_done.is_set():
                             self._cond.wait(0.05)
                     continue
                 parts, t = item

@@ -295,3 +295,32 @@ def test_stack_outside_the_announced_channels_or_timepoints_is_rejected_not_fata
     assert any("r t=0 c=3: channel 3, but the acquisition announced 1 channel" in e for e in status["errors"]["last"])
     assert any("r t=5 c=0: timepoint 5, but the acquisition announced 2 timepoints" in e
                for e in status["errors"]["last"])
+
+
+def test_stop_while_a_batch_is_being_recorded_still_processes_it(tmp_path):
+    # The processor may only finish once the ingest thread has published its last batch; before, a stop that came
+    # while a batch was being written left it recorded but never processed in this run.
+    import threading
+
+    rng = np.random.default_rng(9)
+    svc = Service(config(tmp_path), stage_factory=scale_stages).start()
+    rec = svc.recording
+    write, entered, release = rec.append_many, threading.Event(), threading.Event()
+
+    def slow_append_many(*args, **kw):  # the real write, then a disk that takes its time to return
+        first = write(*args, **kw)
+        entered.set()
+        release.wait(20)
+        return first
+
+    rec.append_many = slow_append_many
+    msgs = [start_msg("r", SHAPE[0], SHAPE[1:])] + stack_frames("r", 0, rng.integers(0, 9, SHAPE, np.uint16), None, 1)
+    with pusher(svc.ingest_endpoint) as sock:
+        send_all(sock, msgs)
+    assert entered.wait(20)
+    svc._stop.set()  # a stop request arrives while the batch is being written
+    processor = svc._threads[1]
+    assert not wait_for(lambda: not processor.is_alive(), 1.0)  # it waits for the batch instead of finishing
+    release.set()
+    summary = svc.stop(20)
+    assert summary["counters"]["messages_processed"] == len(rec) == svc.metrics.counter("messages_received")
