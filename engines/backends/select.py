@@ -159,14 +159,19 @@ def _engine_rebuilder(src: ModelSources, cfg: BackendConfig) -> Any:
         try:
             old = EngineInfo.model_validate(read_engine_header(src.engine)[0]["engine"])
             profile, precision = old.profile, old.precision
-        except Exception:  # damaged header: fall back to the ONNX manifest's validated ranges
+        except Exception:  # noqa: BLE001 - damaged header: fall back to the ONNX manifest's validated ranges
             if src.manifest is None:
                 raise BackendUnavailableError({"tensorrt": f"{reason}; no manifest to rebuild from"}) from None
-            profile, precision = src.manifest.shape_ranges, src.manifest.precision
+            profile = src.manifest.shape_ranges
+        if src.manifest is not None:
+            # The build is strongly typed: precision is the ONNX graph's (its manifest's), whatever an engine left
+            # over from an export at another precision says.
+            precision = src.manifest.precision
         log.warning("rebuilding TensorRT engine %s: %s", src.engine, reason)
+        # The export's timing cache (export/engine.py writes it beside the engine) spares most of the auto-tuning.
         build_engine_file(src.onnx, src.engine, profile, precision, sha256_of(src.onnx),
                           manifest=src.manifest.model_dump(mode="json") if src.manifest else None,
-                          timing_cache=src.engine.with_suffix(".timing-cache"), device_id=cfg.device_id)
+                          timing_cache=src.engine.parent / "timing.cache", device_id=cfg.device_id)
 
     return rebuild
 
