@@ -227,11 +227,13 @@ class StackAssembler:
                     f"{label}: {header.z_count} planes of {header.shape[0]}×{header.shape[1]} {header.dtype} = "
                     f"{nbytes / 1e9:.1f} GB, more than the {self.max_stack_bytes / 1e9:.1f} GB allowed per stack"
                 )
+            # native byte order so downstream never sees a swapped array. Allocated before evicting: if this raises
+            # MemoryError, no evicted stack is lost with the exception (its array is handed on either way, so the
+            # order does not change the peak memory).
+            data, zeroed = self.buffers.take((header.z_count, *header.shape), dtype.newbyteorder("="))
             if len(self._open) >= self.max_open:
                 old_key, old = self._open.popitem(last=False)
                 out.append(self._emit(old_key, old, f"evicted: more than {self.max_open} stacks open at once"))
-            # native byte order so downstream never sees a swapped array
-            data, zeroed = self.buffers.take((header.z_count, *header.shape), dtype.newbyteorder("="))
             st = _Open(data, np.zeros(header.z_count, bool), 0, dtype, record, record, now, header.z_count,
                        tuple(header.shape), zeroed)
             self._open[key] = st

@@ -93,6 +93,22 @@ def test_end_and_eviction_flag_open_stacks():
     assert asm.n_open == 0
 
 
+def test_no_memory_for_a_new_stack_loses_no_open_one():
+    # The new stack's buffer is taken before the oldest open stack is evicted: a MemoryError then leaves the open
+    # stacks as they were, instead of emitting one into an exception that nobody receives.
+    s = np.ones((4, 2, 2), np.uint8)
+    asm = StackAssembler(max_open=1)
+    asm.add_frame(*_frames("a", 0, s)[0], now=0.0)
+
+    def no_memory(shape, dtype):
+        raise MemoryError
+
+    asm.buffers.take = no_memory
+    with pytest.raises(MemoryError):
+        asm.add_frame(*_frames("a", 1, s)[0], now=0.0)
+    assert asm.open_keys() == [StackKey("a", 0, 0)] and asm.stats.incomplete == 0
+
+
 def test_whole_stack_message_passes_through_once():
     s = np.ones((2, 3, 3), np.float32)
     h = wire.pixels_header(s, acquisition_id="a", seq=0, timepoint=0)
