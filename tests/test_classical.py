@@ -138,6 +138,8 @@ def test_bad_inputs():
         classical_fuse(v, v, v[0], v)
     with pytest.raises(VolumeShapeError, match="no positive value"):
         classical_fuse(v, v, np.zeros((3, 3, 3)), v)
+    with pytest.raises(VolumeShapeError, match="NaN or infinite"):
+        classical_fuse(v, v, v, np.where(np.eye(8, dtype=bool)[None], np.nan, v))
     with pytest.raises(VolumeShapeError, match="no signal above its background"):
         clean_psf(np.full((9, 9, 9), 100.0))
 

@@ -34,7 +34,11 @@ def centred_otf(psf: np.ndarray, shape: Sequence[int], device: torch.device) -> 
     The centre is voxel ``n // 2`` of each PSF axis (the centre voxel of an odd-sized PSF); a PSF larger than
     ``shape`` is cropped around it. The PSF is scaled to unit sum so that deconvolution preserves flux.
     """
-    p = np.clip(np.asarray(psf, np.float32), 0, None)
+    p = np.asarray(psf, np.float32)
+    if not np.isfinite(p).all():
+        # one NaN/Inf voxel would turn every voxel of the fused volume into NaN without any other sign
+        raise VolumeShapeError(f"PSF of shape {p.shape} holds NaN or infinite values; is it the right file?")
+    p = np.clip(p, 0, None)
     crop = []
     for n, s in zip(p.shape, shape):
         lo = max(n // 2 - s // 2, 0)
