@@ -360,7 +360,8 @@ class StackProcessor:
             "sender_messages": end.n_messages if end else None,
             "counters": snap["counters"],
             "stages": snap["stages"],
-            "incomplete_stacks": [i for i in self.incomplete if acq is None or i["stack"].startswith(acq + " ")],
+            # list() copies in one step: the control thread may ask while the processor appends
+            "incomplete_stacks": [i for i in list(self.incomplete) if acq is None or i["stack"].startswith(acq + " ")],
             "rejected_by_error": dict(self.errors),
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
             if lat.size else {},

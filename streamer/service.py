@@ -436,13 +436,14 @@ class Service:
                     cmd = req.get("cmd") if isinstance(req, dict) else None
                 except (ValueError, RecursionError):  # not JSON, or absurdly nested: answered, never fatal
                     cmd = None
-                if cmd == "status":
+                if cmd in ("status", "summary"):
                     try:
-                        reply = self.status()
-                    except Exception as err:  # a status read racing the processor must not kill the control thread
-                        reply = {"ok": False, "error": f"status unavailable this instant ({err}); ask again"}
-                elif cmd == "summary":
-                    reply = self.final_summary or (self.processor.summary() if self.processor else {})
+                        if cmd == "status":
+                            reply = self.status()
+                        else:
+                            reply = self.final_summary or (self.processor.summary() if self.processor else {})
+                    except Exception as err:  # a read racing the processor must not kill the control thread
+                        reply = {"ok": False, "error": f"{cmd} unavailable this instant ({err}); ask again"}
                 elif cmd == "stop":
                     reply = {"ok": True, "stopping": True}
                     self._stop.set()
@@ -464,7 +465,7 @@ class Service:
         snap["queues"] = {
             "recorded": n, "processed": self._cursor, "backlog": n - self._cursor, "cache": cache,
             "open_stacks": proc.assembler.n_open if proc else 0,
-            "gpu_in_flight": sum(w.in_flight for w in proc.workers.values()) if proc else 0,
+            "gpu_in_flight": sum(w.in_flight for w in list(proc.workers.values())) if proc else 0,
         }
         if proc is not None:
             snap["errors"] = {"by_type": dict(proc.errors), "last": list(proc.last_errors)}
