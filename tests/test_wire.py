@@ -166,9 +166,12 @@ def test_pixels_header_rejects_unsendable_arrays() -> None:
 @given(st.lists(st.binary(max_size=300), min_size=0, max_size=4))
 def test_fuzzed_bytes_never_crash_the_decoder(parts) -> None:
     try:
-        wire.decode(parts)
+        header, array = wire.decode(parts)
     except WireError:
-        pass
+        return
+    # whatever got through is consistent: a payload only with a pixel message, and exactly the bytes it announced
+    assert (array is None) == (len(parts) == 1)
+    assert array is None or array.nbytes == header.nbytes() == len(parts[1])
 
 
 @settings(max_examples=300, deadline=None)
@@ -180,9 +183,10 @@ def test_fuzzed_bytes_never_crash_the_decoder(parts) -> None:
        st.binary(max_size=64))
 def test_fuzzed_headers_are_rejected_with_wire_errors_only(doc, payload) -> None:
     try:
-        wire.decode([json.dumps(doc).encode(), payload])
+        header, array = wire.decode([json.dumps(doc).encode(), payload])
     except WireError:
-        pass
+        return
+    assert array is not None and array.nbytes == header.nbytes() == len(payload)
 
 
 def test_committed_json_schema_matches_models() -> None:
