@@ -41,6 +41,7 @@ def backend_config_from_args(args: argparse.Namespace, base: BackendConfig | Non
     """Merge the flags over *base* (e.g. the ``backend`` section of a config file): flag → config → default."""
     from pydantic import ValidationError
 
+    from engines.config import describe_validation_error
     from streamer.cli import CLIError
 
     data = (base or BackendConfig()).model_dump()
@@ -55,4 +56,4 @@ def backend_config_from_args(args: argparse.Namespace, base: BackendConfig | Non
     try:
         return BackendConfig.model_validate(data)
     except ValidationError as err:
-        raise CLIError(f"invalid backend options: {err}") from None
+        raise CLIError(describe_validation_error(err, "backend options")) from None

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated structures used as meta tasks (default: all but the fine-tuning one)")
     p.add_argument("--finetune-structure", default=None,
                    help="structure whose cells form the fine-tuning set (default: none for folders, 'rings' "
-                        "for --synthetic); 'none' to skip")
+                        "for --synthetic, 'puncta' for --simulator); 'none' to skip")
     p.add_argument("--deskew", action="store_true", help="deskew raw sample-scan stacks (uses the optics)")
     p.add_argument("--average-planes", type=int, default=1, metavar="N",
                    help="average N consecutive frames into one plane (3 for raw 3-phase lattice-SIM frames)")
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from engines.config import describe_validation_error
     from engines.training.data import TrainingDataError
     from engines.training.prepare import (
         PrepareConfig,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                                    deskew=args.deskew, average_planes=args.average_planes,
                                    finetune_structure=ft or None, meta_structures=structures, progress=say)
     except ValidationError as err:
-        raise CLIError(f"invalid setting: {err}") from None
+        raise CLIError(describe_validation_error(err, "prepare-data settings")) from None
     except (TrainingDataError, ValueError) as err:
         raise CLIError(str(err)) from None
     summary = {"out": args.out, "tasks": {k: v["count"] for k, v in index["tasks"].items()}}

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from pydantic import ValidationError
 
+    from engines.config import describe_validation_error
     from engines.device import pick_device
     from engines.training.common import TrainingError
     from engines.training.fusion import FusionTrainConfig, train_fusion
@@ -93,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
             psf_a, psf_b = _read(args.psf_a), _read(args.psf_b)
         res = train_fusion(views, psf_a, psf_b, cfg, Path(args.out), device=pick_device(args.device),
                            resume=not args.no_resume, progress=not args.no_progress)
-    except (ValidationError, ValueError) as err:
+    except ValidationError as err:  # before ValueError, of which it is a subclass with a multi-line text
+        raise CLIError(describe_validation_error(err, "train-fusion settings")) from None
+    except ValueError as err:
         raise CLIError(str(err)) from None
     except (TrainingError, RuntimeError) as err:
         raise CLIError(str(err)) from None

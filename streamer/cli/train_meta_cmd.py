@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from pydantic import ValidationError
 
+    from engines.config import describe_validation_error
     from engines.device import pick_device
     from engines.training.common import TrainingError
     from engines.training.data import TrainingDataError, load_tasks
@@ -70,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
         tasks = load_tasks(Path(args.data))
         res = meta_train(tasks, cfg, Path(args.out), device=device, resume=not args.no_resume,
                          progress=not args.no_progress)
-    except (ValidationError, ValueError) as err:
+    except ValidationError as err:  # before ValueError, of which it is a subclass with a multi-line text
+        raise CLIError(describe_validation_error(err, "train-meta settings")) from None
+    except ValueError as err:
         raise CLIError(str(err)) from None
     except (TrainingDataError, TrainingError, RuntimeError) as err:
         raise CLIError(str(err)) from None
