@@ -193,6 +193,40 @@ def test_bf16_onnx_refused_without_engine_and_nothing_written(tmp_path):
     assert man.opset == 18 and (tmp_path / "out" / "manifest.json").is_file()
 
 
+def test_export_that_disagrees_with_torch_is_refused_and_nothing_written(tmp_path):
+    """A graph that computes something else than eager torch (here: +0.01 only while exporting) must fail
+    validation with its figures, and leave no manifest behind."""
+    from engines.backends.base import ModelSpec
+    from engines.backends.manifest import Normalisation, ShapeRange, TensorInfo
+    from engines.backends.models import ModelKind, register_model
+    from export.api import export_model
+
+    class Drifting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + (0.01 if torch.onnx.is_in_onnx_export() else 0.0)
+
+    def load(path):
+        net = Drifting().eval()
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return net
+
+    spec = ModelSpec(kind="tiny-drift", inputs=(TensorInfo(name="x", layout="NCHW", shape=["N", 2, "H", "W"]),),
+                     outputs=(TensorInfo(name="y", layout="NCHW", shape=["N", 3, "H", "W"]),),
+                     default_ranges={"x": ShapeRange(min=[1, 2, 4, 4], opt=[1, 2, 8, 8], max=[2, 2, 16, 16])})
+    register_model(ModelKind(spec=spec, load=load, build_random=lambda seed: Drifting().eval(),
+                             save=lambda m, p: torch.save(m.state_dict(), p),
+                             normalisation=Normalisation(input="test", output="test")))
+    torch.save(Drifting().state_dict(), tmp_path / "d.pt")
+    with pytest.raises(ExportValidationError, match="failed validation against torch FP32") as err:
+        export_model("tiny-drift", tmp_path / "d.pt", tmp_path / "out")
+    assert "max abs error 0.01" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [], "nothing may be left behind"
+
+
 def test_psnr_and_golden_shapes_properties():
     ref = np.linspace(0, 1, 1000, dtype=np.float32)
     assert psnr_db(ref, ref) == float("inf")
