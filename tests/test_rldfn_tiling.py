@@ -136,9 +136,11 @@ def test_memory_budget(model, views):
         fuse_rldfn(*views, model, tile="auto", overlap=24, memory_budget_bytes=10_000)
     edge = tile_for_budget(padded, estimate_patch_bytes((28, 48, 48), 8), 8, 8)
     assert edge == 48
-    out = fuse_rldfn(views[0][:16, :40, :40], views[1][:16, :40, :40], model, tile="auto", overlap=8,
-                     memory_budget_bytes=estimate_patch_bytes((16, 24, 24), 8))
+    a, b = views[0][:16, :40, :40], views[1][:16, :40, :40]
+    out = fuse_rldfn(a, b, model, tile="auto", overlap=8, memory_budget_bytes=estimate_patch_bytes((16, 24, 24), 8))
     assert out.shape == (16, 40, 40) and np.isfinite(out).all()
+    # "auto" is the largest tile that fits: 24 here (the whole 40² volume does not), and nothing else changes
+    np.testing.assert_array_equal(out, fuse_rldfn(a, b, model, tile=24, overlap=8))
 
 
 @pytest.mark.gpu
