@@ -291,6 +291,14 @@ class StackProcessor:
             log.warning("output '%s' %s failed (non-critical, skipped): %s", sink.name, what, err)
 
     def _deliver(self, st: AssembledStack, volume: np.ndarray) -> None:
+        if volume.ndim != 3:  # the outputs cannot even be described by it: a stage error, not a service failure
+            self.metrics.inc("stage_errors")
+            msg = (f"stack {st.key.label()}: the reconstruction returned a {volume.ndim}D array "
+                   f"{'×'.join(map(str, volume.shape))}, not a (z, y, x) volume")
+            self.last_errors.append(msg)
+            log.error("%s", msg)
+            self._skip(st, msg)
+            return
         out = self._outputs_for(st.key, volume.shape, volume.dtype.name)
         index = VolumeIndex(st.key.timepoint, st.key.channel)
         if tuple(volume.shape) != tuple(out.meta.shape) or volume.dtype != np.dtype(out.meta.dtype):

@@ -324,3 +324,25 @@ def test_stop_while_a_batch_is_being_recorded_still_processes_it(tmp_path):
     release.set()
     summary = svc.stop(20)
     assert summary["counters"]["messages_processed"] == len(rec) == svc.metrics.counter("messages_received")
+
+
+def test_stage_returning_no_volume_is_a_stage_error_not_fatal(tmp_path):
+    # A chain that returns a 2D array for some stacks cannot describe an output; each such stack is skipped and
+    # counted, the service goes on (it used to stop on the SinkSetupError from describing the output).
+    def stages(start):
+        return [Stage("sometimes_2d", lambda a: a[0] if a[0, 0, 0] == 7 else a.astype(np.float32))]
+
+    rng = np.random.default_rng(10)
+    bad = rng.integers(0, 5, SHAPE, np.uint16)
+    bad[0, 0, 0] = 7
+    with Service(config(tmp_path), stage_factory=stages) as svc:
+        msgs = [start_msg("r", SHAPE[0], SHAPE[1:])] + stack_frames("r", 0, bad, None, 1)
+        msgs += stack_frames("r", 1, rng.integers(0, 5, SHAPE, np.uint16), None, 10)
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, msgs)
+        assert wait_for(lambda: svc.metrics.counter("volumes_output") == 1, 10)
+        assert svc.metrics.counter("stage_errors") == 1
+        assert svc.status()["state"] == "running"
+    assert svc.final_summary["stopped_by_error"] is None
+    assert any("r t=0 c=0: the reconstruction returned a 2D array 16×12, not a (z, y, x) volume" in e
+               for e in svc.processor.last_errors)
