@@ -25,6 +25,7 @@ import torch
 from engines.backends.base import check_shape
 from engines.backends.errors import InputShapeError
 from engines.backends.manifest import (
+    MANIFEST_NAME,
     Manifest,
     Precision,
     ShapeRange,
@@ -239,11 +240,15 @@ def export_model(kind: str, checkpoint: str | Path, out_dir: str | Path,
                 manifest.write(stage)
         if not manifest.validation.passed:  # pragma: no cover - every failing path above raises first
             raise ExportValidationError(f"{kind} export did not pass validation")
-        for item in stage.iterdir():
-            target = out_dir / item.name
-            if target.exists() and not overwrite:
-                raise ExportError(f"{target} exists (pass overwrite=True / remove it)")
-            item.replace(target)
+        # All-or-nothing as far as a reader can tell: refuse before moving anything, retire the old manifest
+        # first and move the new one last, so manifest.json never describes a half-replaced model.
+        items = sorted(stage.iterdir(), key=lambda p: p.name == MANIFEST_NAME)
+        clash = [out_dir / i.name for i in items if (out_dir / i.name).exists()]
+        if clash and not overwrite:
+            raise ExportError(f"{', '.join(map(str, clash))} exist(s) (pass overwrite=True / remove them)")
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        for item in items:
+            item.replace(out_dir / item.name)
         return manifest
     finally:
         shutil.rmtree(stage, ignore_errors=True)

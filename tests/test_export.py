@@ -19,6 +19,7 @@ from engines.backends.errors import InputShapeError
 from engines.backends.manifest import Precision, read_manifest
 from engines.backends.models import get_model, sha256_of
 from export.api import GOLDEN_NAME
+from export.onnx_export import ExportError
 from export.validate import (
     FP32_MAX_ABS,
     ExportValidationError,
@@ -191,6 +192,12 @@ def test_bf16_onnx_refused_without_engine_and_nothing_written(tmp_path):
     # the same tiny model exports fine in FP32, at opset 18, with a manifest
     man = export_model(kind, tmp_path / "t.pt", tmp_path / "out", precision="fp32")
     assert man.opset == 18 and (tmp_path / "out" / "manifest.json").is_file()
+    # without overwrite a second export refuses before moving any file, even one that would not clash
+    (tmp_path / "out" / GOLDEN_NAME).unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    with pytest.raises(ExportError, match="exist"):
+        export_model(kind, tmp_path / "t.pt", tmp_path / "out", precision="fp32", seed=1, overwrite=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
 
 
 def test_export_that_disagrees_with_torch_is_refused_and_nothing_written(tmp_path):
