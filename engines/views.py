@@ -227,6 +227,10 @@ def split_views(
             raise ViewsError(f"voxel size {name} must be a positive number of µm, got {val!r}")
     dev = pick_device(str(device) if device is not None else None)
     arr = np.asarray(arr, dtype=np.float32)  # once, not in every resampling pass
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        # else the mirror search sees no signal and reports a misleading "no room for two views"
+        raise ViewsError(f"volume {arr.shape} holds {bad} NaN or infinite voxels; cannot find the mirror plane")
     spacing = (float(dz_um), float(dx_um), float(dx_um))
     r0 = rot_y(params.angle_deg)
     full = rotated_shape(arr.shape, spacing, r0, dx_um)

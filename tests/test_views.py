@@ -149,6 +149,10 @@ def test_bad_input_is_a_typed_error():
         split_views(np.zeros((5, 5)), DX, DZ)
     with pytest.raises(ViewsError, match="voxel size dz"):
         split_views(np.zeros((5, 5, 5)), DX, 0.0)
+    nan = np.ones((20, 20, 20), np.float32)
+    nan[3, 4, 5] = np.nan
+    with pytest.raises(ViewsError, match="1 NaN or infinite voxels"):
+        split_views(nan, DX, DZ)
     with pytest.raises(ValidationError):
         ViewsParams(x_range_deg=(1.0, -1.0))
     with pytest.raises(ValidationError):
