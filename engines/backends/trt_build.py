@@ -143,10 +143,15 @@ def build_engine_file(onnx_path: Path, engine_path: Path, profile: Mapping[str, 
                       onnx_sha256: str, manifest: Mapping[str, Any] | None = None, timing_cache: Path | None = None,
                       workspace_gib: float = 4.0, n_profiles: int = 1, device_id: int = 0) -> EngineInfo:
     """Build an engine and write it in our checked container (header + plan); return its :class:`EngineInfo`."""
+    import torch
+
     from engines.backends.engine_file import write_engine_file
 
-    plan, info = build_engine_plan(onnx_path, profile, precision, onnx_sha256, timing_cache=timing_cache,
-                                   workspace_gib=workspace_gib, n_profiles=n_profiles, device_id=device_id)
+    # TensorRT builds for the current CUDA device; without this a device_id > 0 engine would be tuned on GPU 0
+    # while its header names device_id's compute capability.
+    with torch.cuda.device(device_id):
+        plan, info = build_engine_plan(onnx_path, profile, precision, onnx_sha256, timing_cache=timing_cache,
+                                       workspace_gib=workspace_gib, n_profiles=n_profiles, device_id=device_id)
     doc = dict(manifest) if manifest is not None else None
     if doc is not None:
         doc["engine"] = info.model_dump(mode="json")
