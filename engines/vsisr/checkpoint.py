@@ -14,7 +14,6 @@ Two layouts are understood:
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -204,10 +203,3 @@ def save_checkpoint(
     else:
         raise CheckpointError(f"unknown checkpoint layout {layout!r}; use 'rllsm' or 'reference'")
     torch.save(obj, path)
-
-
-def roundtrip_bytes(model: VSISR, layout: Literal["rllsm", "reference"] = "rllsm") -> bytes:
-    """Serialise to bytes (for handing weights to a process without touching disk)."""
-    buf = io.BytesIO()
-    save_checkpoint(model, buf, layout)
-    return buf.getvalue()
