@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from export.api import parse_shape
     from export.bench import bench
 
+    for flag, value, low in (("--repeats", args.repeats, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise CLIError(f"{flag} must be ≥ {low}, got {value}")
     try:
         shape = parse_shape(args.volume)
         if len(shape) != 3:

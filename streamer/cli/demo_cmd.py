@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.timepoints < 1:
         raise CLIError(f"--timepoints must be ≥ 1, got {args.timepoints}")
+    if not args.timeout > 0:
+        raise CLIError(f"--timeout must be > 0 seconds, got {args.timeout}")
     shape = _parse_shape(args.shape) if args.shape else None
     try:
         from streamer.cli.backend_options import backend_config_from_args

@@ -137,13 +137,13 @@ def fuse_files(
     Raises :class:`streamer.cli.CLIError` for anything the user can fix (missing files, wrong shapes,
     unknown checkpoint layout, memory budget too small, a backend that cannot run here).
     """
-    import tifffile
     import torch
     from tqdm import tqdm
 
     from engines.device import pick_device
     from engines.rldfn.errors import FusionError
     from streamer.cli import CLIError
+    from streamer.cli.geometry_io import write_stack
 
     if mode not in ("rldfn", "classical"):
         raise CLIError(f"--mode must be rldfn or classical, got {mode!r}")
@@ -194,8 +194,7 @@ def fuse_files(
     finally:
         bar.close()
     log.info("fused %s in %.2f s on %s", "×".join(map(str, fused.shape)), time.perf_counter() - t0, dev)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(out, fused, metadata={"axes": "ZYX"})
+    write_stack(out, fused, "float32")
     return out
 
 

@@ -51,13 +51,23 @@ def write_stack(path: Path, data: np.ndarray, dtype: str) -> None:
         data = np.trunc(np.clip(data, 0, 65535)).astype(np.uint16)
     else:
         data = np.asarray(data, dtype=np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, data, metadata={"axes": "ZYX"})
+    from streamer.cli import CLIError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(path, data, metadata={"axes": "ZYX"})
+    except OSError as err:  # unwritable folder, disk full: the user's to fix, not a bug
+        raise CLIError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def write_report(path: Path, report: BaseModel) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    from streamer.cli import CLIError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    except OSError as err:
+        raise CLIError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def progress_printer(command: str, quiet: bool = False) -> Callable[[str], None]:

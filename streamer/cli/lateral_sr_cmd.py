@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.cli.geometry_io import engine_errors, read_stack
+from streamer.cli.geometry_io import engine_errors, read_stack, write_stack
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,8 +65,6 @@ def lateral_sr_file(
 
     Raises :class:`streamer.cli.CLIError` with a readable message for every user error.
     """
-    import tifffile
-
     from engines.config import ConfigError, load_optics
     from engines.vsisr.checkpoint import CheckpointError, load_checkpoint
     from engines.vsisr.lateral import LateralSRError, lateral_sr
@@ -103,9 +101,8 @@ def lateral_sr_file(
     finally:
         if bar is not None:
             bar.close()
-    data = out if float32 else np.round(out * 65535.0).astype(np.uint16)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(output_path, data, metadata={"axes": "ZYX"})
+    data = out if float32 else np.round(out * 65535.0)
+    write_stack(output_path, data, "float32" if float32 else "uint16")
     return tuple(out.shape)
 
 

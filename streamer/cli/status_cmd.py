@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from streamer.cli import CLIError
     from streamer.service import ServiceError, request
 
+    if not args.timeout > 0:
+        raise CLIError(f"--timeout must be > 0 seconds, got {args.timeout}")
     try:
         reply = request(args.control, "stop" if args.stop else "status", timeout_s=args.timeout)
     except ServiceError as err:
