@@ -155,12 +155,16 @@ def test_reconstruct_command_writes_volume_summary_and_intermediates(tmp_path) -
     )
     assert proc.returncode == 0, proc.stderr
     fused = tifffile.imread(out)
-    assert fused.dtype == np.uint16 and fused.ndim == 3 and fused.max() == 65535
+    assert fused.dtype == np.uint16 and fused.ndim == 3
+    # the documented uint16 rule: the 99.99th percentile of the non-zero voxels at a quarter of the range
+    level = np.percentile(fused[fused > 0], 99.99)
+    assert 0.9 * 16384 < level < 1.1 * 16384
     for name in ("preprocessed", "view_a", "view_b"):
         assert (out.parent / f"fused.{name}.tif").is_file()
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["mode"] == "classical" and summary["shape"] == list(fused.shape)
     assert set(summary["timings_s"]) == {"preprocess", "lateral_sr", "split_views", "fuse"}
+    assert summary["uint16_gain"] > 0
 
 
 def test_reconstruct_command_rejects_a_2d_image(tmp_path) -> None:

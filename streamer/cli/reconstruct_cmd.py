@@ -43,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-intermediates", action="store_true",
                    help="also write preprocessed, lateral-SR and view A/B stacks beside each output")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if present)")
-    p.add_argument("--float32", action="store_true", help="write float32 instead of uint16 scaled to 0–65535")
+    p.add_argument("--float32", action="store_true",
+                   help="write float32 in the fusion's own units instead of uint16 (uint16: one gain per run, set "
+                   "so the first volume's 99.99th percentile is 16384 counts; see docs/fusion.md)")
+    p.add_argument("--gain", type=float, default=None, metavar="G",
+                   help="fixed uint16 counts per unit of intensity (default: from the first volume)")
     add_optics_args(p)
     from streamer.cli.backend_options import add_backend_args
 
@@ -82,9 +86,17 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(describe_validation_error(err, "reconstruct")) from None
     except (ValueError, FileNotFoundError) as err:  # every engine error is a ValueError subclass
         raise CLIError(str(err)) from None
+    from engines.scaling import OutputScaling
+
+    try:
+        scaling = OutputScaling(dtype="float32" if args.float32 else "uint16", gain=args.gain)
+    except ValidationError as err:
+        raise CLIError(describe_validation_error(err, "reconstruct")) from None
+    scalers: dict = {}  # one gain per kind of volume for the whole run: timepoints stay comparable
     for path in inputs:
         out = args.output / f"{path.stem}.tif" if many else args.output
-        reconstruct_file(rec, path, out, keep=args.keep_intermediates, float32=args.float32)
+        reconstruct_file(rec, path, out, keep=args.keep_intermediates, float32=args.float32, scalers=scalers,
+                         scaling=scaling)
     return 0
 
 
@@ -125,23 +137,31 @@ def build_reconstructor(args: argparse.Namespace, optics):
     return Reconstructor(optics, params, models, device=args.device)
 
 
-def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: bool = False) -> dict:
-    """Reconstruct one raw TIFF into ``dst``; writes ``<dst>.json`` with reports and per-step timings."""
-    import numpy as np
+def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: bool = False,
+                     scalers: dict | None = None, scaling=None) -> dict:
+    """Reconstruct one raw TIFF into ``dst``; writes ``<dst>.json`` with reports and per-step timings.
+
+    ``scalers`` (one :class:`engines.scaling.VolumeScaler` per kind of volume) carries the uint16 gain from the
+    first file of a run to the next; ``scaling`` (:class:`engines.scaling.OutputScaling`) is the rule.
+    """
+    from engines.scaling import OutputScaling, ScalingError, VolumeScaler
+    from streamer.cli import CLIError
 
     raw = read_stack(src, "raw stack")
     res = rec(raw, keep_intermediates=keep)
     dtype = "float32" if float32 else "uint16"
+    scaling = scaling or OutputScaling(dtype=dtype)
+    scalers = {} if scalers is None else scalers
 
-    def scaled(v: np.ndarray) -> np.ndarray:
-        if float32:
-            return v
-        peak = float(v.max())
-        return v * (65535.0 / peak) if peak > 0 else v
+    def scaled(name: str, v):
+        try:
+            return scalers.setdefault(name, VolumeScaler(scaling))(v)
+        except ScalingError as err:
+            raise CLIError(f"{src.name}: {name}: {err}") from None
 
-    write_stack(dst, scaled(res.fused), dtype)
+    write_stack(dst, scaled("fused", res.fused), dtype)
     for name, vol in res.intermediates.items():
-        write_stack(dst.with_name(f"{dst.stem}.{name}.tif"), scaled(vol), dtype)
+        write_stack(dst.with_name(f"{dst.stem}.{name}.tif"), scaled(name, vol), dtype)
     summary = {
         "input": str(src),
         "output": str(dst),
@@ -149,6 +169,7 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
         "voxel_um": res.voxel_um,
         "shape": list(res.fused.shape),
         "timings_s": res.timings_s,
+        "uint16_gain": None if float32 else scalers["fused"].gain,
         "reports": {k: v.model_dump(mode="json") for k, v in res.reports.items()},
     }
     dst.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
