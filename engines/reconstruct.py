@@ -7,6 +7,9 @@
 4. fusion: RL-DFN (``full``) or joint Richardson–Lucy deconvolution (``classical``, and ``sr-rl`` which keeps
    Step 2's VSI-SR but fuses without a network) (:mod:`engines.rldfn`).
 
+``single-view`` is for ordinary LLSM data without a mirror (:mod:`engines.single_view`): deskew without band
+removal, lateral SR when VSI-SR weights are given, then single-view Richardson–Lucy on the deskewed grid.
+
 The same chain serves the offline CLI (``rllsm reconstruct``) and the streaming service, which takes it as named
 stages (:func:`stage_chain`) so that it can time each one.
 """
@@ -29,8 +32,8 @@ from engines.config import OpticsConfig
 from engines.device import default_memory_budget_gb, pick_device
 from engines.views import ViewsParams, ViewsReport, split_views
 
-Mode = Literal["full", "sr-rl", "classical"]
-MODES: tuple[str, ...] = ("full", "sr-rl", "classical")
+Mode = Literal["full", "sr-rl", "classical", "single-view"]
+MODES: tuple[str, ...] = ("full", "sr-rl", "classical", "single-view")
 SR_SCALE = 1.5
 PSF_BOX = 31  # computed PSF box (voxels per axis, odd): holds the detection PSF's main lobes at ~60 nm voxels
 
@@ -46,10 +49,12 @@ class ReconstructParams(BaseModel):
 
     version: Literal[1] = 1
     mode: Mode = Field("classical", description="full: VSI-SR + RL-DFN; sr-rl: VSI-SR + joint Richardson–Lucy "
-                       "fusion; classical: no network, joint Richardson–Lucy fusion.")
+                       "fusion; classical: no network, joint Richardson–Lucy fusion; single-view: LLSM data without a "
+                       "mirror, deskew (+ VSI-SR when given) + single-view Richardson–Lucy.")
     background: BackgroundParams = Field(default_factory=BackgroundParams)
     views: ViewsParams | None = Field(None, description="Step 3; default: the reference's with the objective angle.")
-    iterations: int = Field(10, ge=1, le=500, description="Joint Richardson–Lucy iterations (sr-rl, classical).")
+    iterations: int = Field(10, ge=1, le=500,
+                            description="Richardson–Lucy iterations (sr-rl, classical, single-view).")
     tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
     overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
     memory_budget_gb: float | None = Field(None, gt=0, le=1024, description="RL-DFN memory budget per tile (GB).")
@@ -75,6 +80,7 @@ class ReconResult:
 
     fused: np.ndarray
     voxel_um: float
+    voxel_zyx_um: tuple[float, float, float] | None = None  # (dz, dy, dx) when not isotropic (single-view)
     reports: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     intermediates: dict[str, np.ndarray] = field(default_factory=dict)
@@ -125,6 +131,9 @@ class Reconstructor:
         angle = math.copysign(optics.objective_angle_deg, optics.skew_angle_deg)
         self.views_params = self.params.views or ViewsParams(angle_deg=angle)
         mode = self.params.mode
+        self._single_sr = mode == "single-view" and self.models.vsisr is not None
+        if self._single_sr and self.models.otfs is None:
+            raise ReconstructError("lateral SR in mode 'single-view' needs OTFs with the VSI-SR checkpoint")
         if uses_lateral_sr(mode):
             needs = [("VSI-SR checkpoint", self.models.vsisr), ("OTFs", self.models.otfs)]
             if mode == "full":
@@ -132,8 +141,15 @@ class Reconstructor:
             missing = [n for n, v in needs if v is None]
             if missing:
                 raise ReconstructError(f"mode '{mode}' needs {', '.join(missing)}; give them or use mode 'classical'")
-        self.psf_a, self.psf_b = view_psfs(optics, mode, self.models)
         self._rldfn = None
+        if mode == "single-view":
+            from engines.single_view import single_view_psf, single_view_voxel_um
+
+            self.voxel_zyx_um = single_view_voxel_um(optics, self._single_sr, SR_SCALE)
+            self.psf = single_view_psf(optics, self.voxel_zyx_um, self.models.psf, self.models.psf_voxel_um)
+            self.psf_a = self.psf_b = self.psf
+            return
+        self.psf_a, self.psf_b = view_psfs(optics, mode, self.models)
         if mode == "full":
             from engines.rldfn.model import RLDFN
 
@@ -142,10 +158,14 @@ class Reconstructor:
     # --- the steps, each array in → array out ------------------------------------------------------------------
 
     def preprocess(self, raw: np.ndarray) -> tuple[np.ndarray, PreprocessReport]:
-        return preprocess(raw, self.optics, self.params.background, device=self.device)
+        params = self.params.background
+        if self.params.mode == "single-view":
+            # no mirror: no epi-fluorescence band to remove, and the deskewed axis is kept whole
+            params = params.model_copy(update={"remove_band": False, "crop_square": False})
+        return preprocess(raw, self.optics, params, device=self.device)
 
     def lateral(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        if not uses_lateral_sr(self.params.mode):
+        if not (uses_lateral_sr(self.params.mode) or self._single_sr):
             return volume
         from engines.vsisr.lateral import lateral_sr
 
@@ -159,6 +179,12 @@ class Reconstructor:
             # The view split works with the skew axis last; a y-skewed camera is the same geometry transposed.
             volume = np.swapaxes(volume, 1, 2)
         return split_views(volume, dx, dz, self.views_params, device=self.device)
+
+    def deconvolve(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """single-view: Richardson–Lucy of the deskewed volume with the single-view PSF."""
+        from engines.single_view import deconvolve_single_view
+
+        return deconvolve_single_view(volume, self.psf, self.params.iterations, device=self.device, progress=progress)
 
     def fuse(self, view_a: np.ndarray, view_b: np.ndarray,
              progress: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -191,8 +217,12 @@ class Reconstructor:
         if keep_intermediates:
             kept["preprocessed"] = vol
         sr = timed("lateral_sr", lambda: self.lateral(vol))
-        if keep_intermediates and uses_lateral_sr(self.params.mode):
+        if keep_intermediates and (uses_lateral_sr(self.params.mode) or self._single_sr):
             kept["lateral_sr"] = sr
+        if self.params.mode == "single-view":
+            out = timed("deconvolve", lambda: self.deconvolve(sr))
+            return ReconResult(fused=out, voxel_um=self.voxel_zyx_um[2], voxel_zyx_um=self.voxel_zyx_um,
+                               reports=reports, timings_s=timings, intermediates=kept)
         view_a, view_b, reports["split_views"] = timed("split_views", lambda: self.split(sr))
         if keep_intermediates:
             kept["view_a"], kept["view_b"] = view_a, view_b
@@ -203,8 +233,11 @@ class Reconstructor:
     def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
         """The chain as named stages for the streaming pipeline (reports are dropped; timings are the runner's)."""
         chain: list[tuple[str, Callable[[Any], Any]]] = [("preprocess", lambda raw: self.preprocess(raw)[0])]
-        if uses_lateral_sr(self.params.mode):
+        if uses_lateral_sr(self.params.mode) or self._single_sr:
             chain.append(("lateral_sr", self.lateral))
+        if self.params.mode == "single-view":
+            chain.append(("deconvolve", self.deconvolve))
+            return chain
         chain.append(("split_views", lambda vol: self.split(vol)[:2]))
         chain.append(("fuse", lambda views: self.fuse(*views)))
         return chain

@@ -92,7 +92,71 @@ def reflect_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tenso
     return x
 
 
-Coverage = Literal["auto"] | tuple[torch.Tensor, torch.Tensor] | None
+Coverage = Literal["auto"] | Sequence[torch.Tensor] | None
+
+
+def weighted_rl(
+    views: Sequence[torch.Tensor],
+    psfs: Sequence[np.ndarray],
+    iterations: int,
+    coverage: Coverage = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Richardson–Lucy of one or more registered (Z, Y, X) views, each weighted by its coverage, on their device.
+
+    Each iteration updates the estimate from every view in turn. ``coverage``: ``"auto"`` finds each view's
+    data (:func:`~engines.rldfn.coverage.coverage_mask`) and weights it with a smooth edge; one (Z, Y, X)
+    weight volume in [0, 1] per view gives the weights; ``None`` treats every view as covering the whole
+    volume (plain RL). With weights, every view is brought to the first view's brightness where both are
+    trusted, and the result is in the first view's units.
+    """
+    if len(views) != len(psfs) or not views:
+        raise VolumeShapeError(f"need one PSF per view, got {len(views)} views and {len(psfs)} PSFs")
+    dev = views[0].device
+    shape = tuple(views[0].shape)
+    vs = [torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0) for v in views]
+    weights: list[torch.Tensor] | None = None
+    if coverage is not None:
+        if isinstance(coverage, str):
+            if coverage != "auto":
+                raise VolumeShapeError(f"coverage must be 'auto', None or one weight volume per view, got {coverage!r}")
+            weights = [blend_weight(coverage_mask(v)) for v in vs]
+        else:
+            weights = [torch.as_tensor(w, dtype=torch.float32).to(dev) for w in coverage]
+            if len(weights) != len(vs) or any(tuple(w.shape) != shape for w in weights):
+                raise VolumeShapeError(f"coverage must give one weight volume of the views' shape {shape} per view")
+        vs = [vs[0]] + [v * relative_gain(vs[0], v, weights[0], w) for v, w in zip(vs[1:], weights[1:])]
+    pads = _pad_widths(shape, psfs)
+    padded_views = [reflect_pad(v, pads) for v in vs]
+    padded = tuple(padded_views[0].shape)
+    otfs = [centred_otf(p, padded, dev) for p in psfs]
+
+    def conv(x: torch.Tensor, otf: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        spec = torch.fft.rfftn(x, dim=_DIMS) * (otf.conj() if adjoint else otf)
+        return torch.fft.irfftn(spec, s=padded, dim=_DIMS)
+
+    with torch.inference_mode():
+        if weights is None:
+            estimate = torch.clamp(sum(padded_views) / len(padded_views), min=EPS)
+            ws: list[torch.Tensor | None] = [None] * len(padded_views)
+        else:
+            ws = [reflect_pad(w, pads) for w in weights]
+            wsum = sum(ws)
+            hard = [(w > 0).float() for w in ws]
+            # start from the coverage-weighted mean: in a one-view region that view, not a fraction of it
+            soft = sum(w * v for w, v in zip(ws, padded_views)) / torch.clamp(wsum, min=1e-6)
+            hard_mean = sum(h * v for h, v in zip(hard, padded_views)) / torch.clamp(sum(hard), min=1)
+            estimate = torch.clamp(torch.where(wsum > 1e-3, soft, hard_mean), min=EPS)
+        for it in range(int(iterations)):
+            for view, otf, w in zip(padded_views, otfs, ws):
+                ratio = view / torch.clamp(conv(estimate, otf), min=EPS)
+                if w is not None:
+                    ratio = 1 + w * (ratio - 1)  # neutral where this view has no data
+                estimate = torch.clamp(estimate * conv(ratio, otf, adjoint=True), min=EPS)
+            if progress is not None:
+                progress(it + 1, int(iterations))
+    inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))
+    return estimate[inner]
 
 
 def joint_rl(
@@ -104,59 +168,8 @@ def joint_rl(
     coverage: Coverage = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Joint Richardson–Lucy of two (Z, Y, X) float32 views on their own device; returns the estimate there.
-
-    ``coverage``: ``"auto"`` finds each view's data (:func:`~engines.rldfn.coverage.coverage_mask`), a pair of
-    (Z, Y, X) weights in [0, 1] gives them, ``None`` treats both views as covering the whole volume.
-    """
-    dev = view_a.device
-    shape = tuple(view_a.shape)
-    va = torch.clamp(torch.nan_to_num(view_a.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0)
-    vb = torch.clamp(torch.nan_to_num(view_b.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0)
-    gain = 1.0
-    weights: list[torch.Tensor] | None = None
-    if coverage is not None:
-        if isinstance(coverage, str):
-            if coverage != "auto":
-                raise VolumeShapeError(f"coverage must be 'auto', None or two weight volumes, got {coverage!r}")
-            weights = [blend_weight(coverage_mask(v)) for v in (va, vb)]
-        else:
-            weights = [torch.as_tensor(w, dtype=torch.float32, device=dev) for w in coverage]
-            if any(tuple(w.shape) != shape for w in weights):
-                raise VolumeShapeError(f"coverage weights must have the views' shape {shape}")
-        gain = relative_gain(va, vb, *weights)
-        vb = vb * gain
-    pads = _pad_widths(shape, (psf_a, psf_b))
-    views = [reflect_pad(v, pads) for v in (va, vb)]
-    padded = tuple(views[0].shape)
-    otfs = [centred_otf(p, padded, dev) for p in (psf_a, psf_b)]
-
-    def conv(x: torch.Tensor, otf: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
-        spec = torch.fft.rfftn(x, dim=_DIMS) * (otf.conj() if adjoint else otf)
-        return torch.fft.irfftn(spec, s=padded, dim=_DIMS)
-
-    with torch.inference_mode():
-        if weights is None:
-            estimate = torch.clamp((views[0] + views[1]) / 2, min=EPS)
-            ws: list[torch.Tensor | None] = [None, None]
-        else:
-            ws = [reflect_pad(w, pads) for w in weights]
-            wsum = ws[0] + ws[1]
-            hard = [(w > 0).float() for w in ws]
-            # start from the coverage-weighted mean: in a one-view region that view, not half of it
-            soft = (ws[0] * views[0] + ws[1] * views[1]) / torch.clamp(wsum, min=1e-6)
-            hard_mean = (hard[0] * views[0] + hard[1] * views[1]) / torch.clamp(hard[0] + hard[1], min=1)
-            estimate = torch.clamp(torch.where(wsum > 1e-3, soft, hard_mean), min=EPS)
-        for it in range(int(iterations)):
-            for view, otf, w in zip(views, otfs, ws):
-                ratio = view / torch.clamp(conv(estimate, otf), min=EPS)
-                if w is not None:
-                    ratio = 1 + w * (ratio - 1)  # neutral where this view has no data
-                estimate = torch.clamp(estimate * conv(ratio, otf, adjoint=True), min=EPS)
-            if progress is not None:
-                progress(it + 1, int(iterations))
-    inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))
-    return estimate[inner]
+    """Joint Richardson–Lucy of two views (:func:`weighted_rl`), on their device."""
+    return weighted_rl([view_a, view_b], [psf_a, psf_b], iterations, coverage, progress)
 
 
 def classical_fuse(

@@ -23,9 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, metavar="IN", help="raw stack (3-D TIFF) or a folder of them")
     p.add_argument("output", type=Path, metavar="OUT", help="output TIFF (for one input) or folder")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical"], default="full",
+    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "single-view"], default="full",
                    help="full: VSI-SR + RL-DFN (default); sr-rl: VSI-SR + joint Richardson–Lucy fusion (no RL-DFN "
-                   "weights needed); classical: joint Richardson–Lucy fusion, no network")
+                   "weights needed); classical: joint Richardson–Lucy fusion, no network; single-view: ordinary "
+                   "LLSM data without a mirror — deskew, VSI-SR when --checkpoint is given, single-view "
+                   "Richardson–Lucy with --psf or a computed PSF (the dual-view modes stop and name it when the "
+                   "stack holds no mirror image)")
     p.add_argument("--checkpoint", type=Path, metavar="PTH", help="VSI-SR checkpoint (reference .pth or ours)")
     p.add_argument("--otf-dir", type=Path, metavar="DIR",
                    help="OTF folder in the reference layout (<wavelength>/OTF0.tif, OTF1.tif, apo_*.tif); "
@@ -36,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="voxel size of --psf (default: the views' voxel)")
     p.add_argument("--psf-a", type=Path, metavar="TIF", help="measured view-A PSF on the views' grid")
     p.add_argument("--psf-b", type=Path, metavar="TIF", help="measured view-B PSF on the views' grid")
-    p.add_argument("--iterations", type=int, default=10, metavar="K", help="joint RL iterations (sr-rl, classical; default 10)")
+    p.add_argument("--iterations", type=int, default=10, metavar="K",
+                   help="Richardson–Lucy iterations (sr-rl, classical, single-view; default 10)")
     p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
     p.add_argument("--stride", type=int, choices=[1, 3], default=1, help="VSI-SR window stride (3: faster)")
@@ -109,7 +113,8 @@ def build_reconstructor(args: argparse.Namespace, optics):
     from streamer.cli.backend_options import backend_config_from_args
 
     networks = uses_lateral_sr(args.mode)
-    backend = backend_config_from_args(args) if networks else None
+    single_sr = args.mode == "single-view" and args.checkpoint is not None
+    backend = backend_config_from_args(args) if networks or single_sr else None
     lateral = LateralSRParams(stride=args.stride, wavelength_nm=optics.wavelength_nm)
     models = ReconModels()
     need_rldfn = args.mode == "full"
@@ -127,6 +132,8 @@ def build_reconstructor(args: argparse.Namespace, optics):
         else:
             models = load_models(vsisr_checkpoint=args.checkpoint, otf_dir=args.otf_dir,
                                  rldfn_weights=args.model if need_rldfn else None, optics=optics, backend=backend)
+    if single_sr:
+        models = load_models(vsisr_checkpoint=args.checkpoint, otf_dir=args.otf_dir, optics=optics, backend=backend)
     extra = load_models(psf=args.psf, psf_voxel_um=tuple(args.psf_voxel_um) if args.psf_voxel_um else None,
                         psf_a=args.psf_a, psf_b=args.psf_b, optics=optics)
     models.psf, models.psf_voxel_um, models.psf_a, models.psf_b = extra.psf, extra.psf_voxel_um, extra.psf_a, extra.psf_b
@@ -148,7 +155,10 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
     from streamer.cli import CLIError
 
     raw = read_stack(src, "raw stack")
-    res = rec(raw, keep_intermediates=keep)
+    try:
+        res = rec(raw, keep_intermediates=keep)
+    except ValueError as err:  # engine errors (no mirror, unusable shapes) are ValueErrors with a user message
+        raise CLIError(f"{src.name}: {err}") from None
     dtype = "float32" if float32 else "uint16"
     scaling = scaling or OutputScaling(dtype=dtype)
     scalers = {} if scalers is None else scalers
@@ -167,6 +177,7 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
         "output": str(dst),
         "mode": rec.params.mode,
         "voxel_um": res.voxel_um,
+        "voxel_zyx_um": list(res.voxel_zyx_um) if res.voxel_zyx_um else [res.voxel_um] * 3,
         "shape": list(res.fused.shape),
         "timings_s": res.timings_s,
         "uint16_gain": None if float32 else scalers["fused"].gain,
