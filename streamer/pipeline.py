@@ -90,11 +90,27 @@ def build_stages(
             f"reconstruction mode '{mode}' needs engines.reconstruct, which is not available here ({err}); "
             "use --mode deskew or --mode none"
         ) from None
+    if backend is not None:
+        install_exporter()
     chain = reconstruct.stage_chain(str(mode), optics, device=device, weights=weights,
                                     memory_budget_gb=memory_budget_gb(device), backend=backend)
     # engines.reconstruct's stages unpack as (name, fn) and say by .kind that they take device tensors
     return [s if isinstance(s, Stage) else Stage(s[0], s[1], getattr(s, "kind", s[2] if len(s) > 2 else "numpy"))
             for s in chain]
+
+
+def install_exporter() -> None:
+    """Wire the offline exporter into the runtime: ``--backend onnxruntime`` with a torch checkpoint exports it once.
+
+    The engines never import ``export``; the service and the command line, which use both, connect them here.
+    Without the ``export`` package (a runtime-only install) exported models still run, checkpoints are refused
+    with the command that exports them.
+    """
+    try:
+        from export.cache import install
+    except ImportError:  # pragma: no cover - runtime-only installs
+        return
+    install()
 
 
 def memory_budget_gb(device: str | None) -> float:

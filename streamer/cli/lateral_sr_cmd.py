@@ -74,6 +74,9 @@ def lateral_sr_file(
     volume = read_stack(input_path, "input stack")
     from engines.backends import BackendError
     from engines.backends.networks import open_network
+    from streamer.pipeline import install_exporter
+
+    install_exporter()  # --backend onnxruntime with a checkpoint: export it on first use
 
     try:
         model = load_checkpoint(checkpoint) if backend is None else open_network("vsi-sr", checkpoint, backend)
