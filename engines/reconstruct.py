@@ -137,6 +137,9 @@ class Reconstructor:
         if uses_lateral_sr(mode):
             from engines.vsisr.lateral import LateralSRParams, as_predictor
 
+            if self.models.lateral is None and self.device.type == "cuda":
+                # fill the GPU: as many windows per network call as the memory budget holds
+                self.models.lateral = LateralSRParams(batch_size="auto")
             lat = self.models.lateral or LateralSRParams()
             # built once: moving the weights to the device per stack would be a transfer per stack
             self._vsisr = as_predictor(self.models.vsisr, self.device, lat.precision)

@@ -192,6 +192,7 @@ def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig, st
     *strict* (an explicit choice without fallback) lets a damaged/stale engine raise its own error, which says how
     to rebuild; otherwise it is one more reason to try the next backend.
     """
+    get_model(kind)  # an unknown network name is the first thing to say
     if src.manifest is not None and src.manifest.model_kind != kind:
         raise ModelSourceError(f"the exported model is a '{src.manifest.model_kind}', not a '{kind}'")
     provider = PROVIDERS.get(name)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -66,7 +66,9 @@ class LateralSRParams(BaseModel):
     stride: Literal[1, 3] = Field(
         1, description="1: every window (each plane predicted 3× and averaged, as published); 3: each plane once."
     )
-    batch_size: int = Field(4, ge=1, le=4096, description="7-plane windows per network call.")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        4, description="7-plane windows per network call; auto: as many as half the device's free memory holds "
+        "(GPU; 4 on the CPU, where larger batches are not faster).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Network arithmetic for torch models: fp32 (published numbers), bf16 (CPU/GPU), fp16 (GPU)."
     )
@@ -263,12 +265,26 @@ def _group_by_shape(stacks: list[torch.Tensor]) -> list[list[int]]:
 def auto_batch_size(plane_shape: tuple[int, int], budget_bytes: int, features: int = 64) -> int:
     """Windows per network call that fit ``budget_bytes`` of activations (at least 1, at most 4096).
 
-    The largest activations of VSI-SR are a few ``features``-channel planes at the input size and a 256-channel
-    plane at 1.5×; ~12 such float32 planes per window bounds what inference mode holds at once.
+    In inference mode VSI-SR holds at most about three ``features``-channel planes at the input size (block
+    input, output, attention-scaled copy) and, after the 1.5× resize, a ``features``- and a 256-channel plane at
+    2.25× the pixels; float32 throughout (autocast keeps some float32 copies), plus 50 % for the allocator.
     """
     h, w = plane_shape
-    per_window = 4 * h * w * (12 * features + int(2.25 * 256 * 2))
+    per_window = int(1.5 * 4 * h * w * (3 * features + 2.25 * (features + 256)))
     return int(max(1, min(4096, budget_bytes // max(1, per_window))))
+
+
+def resolve_batch_size(batch_size: int | str, plane_shape: tuple[int, int], device: torch.device) -> int:
+    """Windows per network call: an int as given; ``"auto"`` from half the free GPU memory (4 on the CPU)."""
+    if batch_size != "auto":
+        return int(batch_size)
+    if device.type != "cuda":
+        return 4
+    from engines.device import default_memory_budget_gb
+    from engines.vsisr.rotate import rotated_shape
+
+    canvas = rotated_shape(*plane_shape, ANGLE_STEP_DEG)  # the rotated planes are the largest network inputs
+    return auto_batch_size(canvas, int(0.5 * default_memory_budget_gb(device) * 2**30))
 
 
 def lateral_sr(
@@ -340,6 +356,7 @@ def lateral_sr_tensor(
     recombine = Recombiner(otfs, out_h, out_w, p.otf_weight, p.wiener, p.apo_factor, dev)
 
     angles = [i * ANGLE_STEP_DEG for i in range(N_ANGLES)]
+    batch_size = resolve_batch_size(p.batch_size, (ny, nx), dev)
     with torch.no_grad():
         # Rotating the whole stack once replaces the published per-window rotation (7× the work).
         stacks = [vol] + [rotate_tensor(vol, a) for a in angles[1:]]
@@ -358,13 +375,13 @@ def lateral_sr_tensor(
         done = 0
         pending = sorted(planes)
         groups = _group_by_shape(stacks)
-        for start in range(0, len(centres), p.batch_size):
-            batch = centres[start : start + p.batch_size]
+        for start in range(0, len(centres), batch_size):
+            batch = centres[start : start + batch_size]
             for group in groups:
                 # Orientations of one canvas size go through the network together, batch_size windows per call.
                 jobs = [(a, c) for a in group for c in batch]
-                for j0 in range(0, len(jobs), p.batch_size):
-                    part = jobs[j0 : j0 + p.batch_size]
+                for j0 in range(0, len(jobs), batch_size):
+                    part = jobs[j0 : j0 + batch_size]
                     x = torch.stack([stacks[a][c - HALF : c + HALF + 1] for a, c in part])
                     # Each window's three outputs share one min–max scale before averaging (as published).
                     y = minmax_norm(_run(predict, x), (1, 2, 3))
