@@ -301,9 +301,19 @@ def decode_header(part: Any, *, strict: bool = True) -> _Header:
     depth = json_depth(data)
     if depth > MAX_JSON_DEPTH:
         raise MalformedHeader(f"header nests {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed")
+    integral = [False]
+
+    def number(s: str) -> float | int:
+        # JSON Schema counts 5.0 as an integer: so does this receiver (and 5.5 stays a float, refused for an int)
+        f = float(s)
+        if f.is_integer():
+            integral[0] = True
+            return int(f)
+        return f
+
     try:
         text = data.decode("utf-8")
-        doc = json.loads(text, parse_constant=_reject_constant)
+        doc = json.loads(text, parse_constant=_reject_constant, parse_float=number)
     except UnicodeDecodeError:
         raise MalformedHeader("header is not UTF-8 text (was the payload sent first?)") from None
     except json.JSONDecodeError as err:
@@ -324,7 +334,10 @@ def decode_header(part: Any, *, strict: bool = True) -> _Header:
     if not strict:
         known = set(model.model_fields)
         if set(doc) - known:
-            text = json.dumps({k: v for k, v in doc.items() if k in known})
+            doc = {k: v for k, v in doc.items() if k in known}
+            integral[0] = True
+    if integral[0]:
+        text = json.dumps(doc)
     try:
         # JSON mode, strict: types as the JSON Schema states them (arrays are tuples, no string→number coercion)
         return model.model_validate_json(text, strict=True)
