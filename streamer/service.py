@@ -73,7 +73,7 @@ class ServiceConfig(BaseModel):
     max_open_stacks: int = Field(64, ge=1, le=100_000)
     max_stack_gb: float = Field(8.0, gt=0, le=4096, description="Largest stack accepted; bigger ones are rejected.")
     cache_messages: int = Field(256, ge=1, le=1_000_000, description="Messages kept in memory for the processor.")
-    cache_mb: float = Field(256.0, gt=0, le=1 << 20,
+    cache_mb: float = Field(64.0, gt=0, le=1 << 20,
                             description="Bytes of messages kept in memory for the processor (the rest is read back "
                             "from the recording).")
     max_message_mb: float = Field(2048.0, gt=0, le=1 << 22,
