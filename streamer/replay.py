@@ -18,8 +18,10 @@ import zmq
 
 from streamer.metrics import Metrics
 from streamer.pipeline import PipelineMode, build_stages
-from streamer.processor import NpyDirSink, SinkFactory, StackProcessor, StageFactory
+from streamer.ledger import ResumeLedger
+from streamer.processor import SinkFactory, StackProcessor, StageFactory
 from streamer.recording import RecordingReader
+from streamer.sinks.npy_sink import NpyDirSink
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ def replay_offline(
     """Process a recording in this process, without sockets; returns the end-of-run summary.
 
     With the same stages and backend as the live run, the volumes equal the live ones bit for bit: the processor
-    sees the same messages in the same order with the same recorded arrival times.  ``backend``
+    sees the same messages in the same order with the same recorded arrival times. Whatever the live run (or this
+    replay) quarantined is skipped with its reason and listed in the summary; the replay goes on.  ``backend``
     (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode.
     """
     metrics = Metrics()
@@ -121,8 +124,10 @@ def replay_offline(
             raise ReplayError("offline replay needs --out DIR (or a sink factory)")
         out_dir = Path(out)
         sink_factory = lambda meta: [(NpyDirSink(out_dir), True)]  # noqa: E731
+    # The live run's quarantine is honoured (same items skipped, same reasons); its ledger is read, never written.
+    ledger = ResumeLedger(recording, write=False)
     proc = StackProcessor(stage_factory, sink_factory, metrics, timeout_s=timeout_s, max_open=max_open,
-                          device=device, process_incomplete=process_incomplete)
+                          device=device, process_incomplete=process_incomplete, ledger=ledger)
     try:
         with RecordingReader(recording) as rec:
             if rec.torn_data_bytes or rec.torn_entry_bytes:

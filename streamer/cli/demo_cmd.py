@@ -142,7 +142,7 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
     try:
         sent = stream_simulation(mic, svc.ingest_endpoint, timepoints, per_frame=True, acquisition_id=acq)
         finished = wait_for(
-            lambda: svc.error is not None or any(s["acquisition_id"] == acq for s in svc.processor.summaries),
+            lambda: svc.error is not None or svc.processor.status().summary_of(acq) is not None,
             timeout_s - (time.monotonic() - t_start), interval_s=0.2,
         )
     finally:
@@ -151,10 +151,11 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
         raise RuntimeError(f"the service stopped: {svc.error}")
     if not finished:
         raise RuntimeError(f"reconstruction did not finish within {timeout_s:g} s")
-    acq_summary = next(s for s in svc.processor.summaries if s["acquisition_id"] == acq)
+    acq_summary = svc.processor.status().summary_of(acq)
+    assert acq_summary is not None
     n_out = int(acq_summary["counters"].get("volumes_output", 0))
     if n_out < timepoints:
-        errors = "; ".join(list(svc.processor.last_errors)[-3:]) or "see the log"
+        errors = "; ".join(svc.processor.status().last_errors[-3:]) or "see the log"
         raise RuntimeError(f"only {n_out} of {timepoints} stacks were reconstructed in mode '{mode}': {errors}")
     import torch
 

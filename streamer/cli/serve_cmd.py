@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json_logs:
         use_json_logs()
+    # the end-of-acquisition summary is for the person at the microscope: shown at normal verbosity
+    summary_log = logging.getLogger("streamer.summary")
+    if summary_log.getEffectiveLevel() > logging.INFO:
+        summary_log.setLevel(logging.INFO)
     if args.gen_keys:
         try:
             paths = generate_keys(args.gen_keys)
