@@ -316,7 +316,7 @@ class StageChain(list):
 def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
                 memory_budget_gb: float | None = None, backend: Any = None, sources: Any = None,
                 fused_depth: int | None = None) -> StageChain:
-    """Named stages for the streaming service, ending with the placement into the acquisition's fixed grid.
+    """Named stages for the streaming service; the fused volume leaves placed in the acquisition's fixed grid.
 
     ``sources`` (:class:`engines.sources.ReconSources`) names the models as for ``rllsm reconstruct``: VSI-SR
     checkpoint, OTF folder, RL-DFN weights, measured PSFs, or a ``weights`` folder holding ``vsi-sr.pt`` (or
@@ -351,8 +351,12 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
         a, b, last["report"] = rec.split(vol)
         return a, b
 
-    stages = [(name, split_keep if name == "split_views" else fn) for name, fn in rec.stages()]
-    stages.append(("fit_grid", lambda fused: fitter.place(np.asarray(fused), last.pop("report", None))))
+    def fuse_placed(fuse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        # placed inside the fuse stage (a crop or pad: negligible beside the fusion), so the stage names stay
+        return lambda views: fitter.place(np.asarray(fuse(views)), last.pop("report", None))
+
+    wrap = {"split_views": lambda fn: split_keep, "fuse": fuse_placed}
+    stages = [(name, wrap[name](fn) if name in wrap else fn) for name, fn in rec.stages()]
     bk = backend.model_dump(mode="json") if hasattr(backend, "model_dump") else None
     provenance = {
         "mode": mode, "software": {"name": "rllsm-vsim", "version": software_version()},

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from streamer.sinks.base import Sink, SinkSetupError, VolumeMeta
+from streamer.sinks.base import PlacementTable, Sink, SinkSetupError, VolumeMeta
 
 OutputFormat = Literal["zarr", "tiff", "npy"]
 FORMATS: tuple[str, ...] = ("zarr", "tiff", "npy")
@@ -47,14 +47,30 @@ def disk_outputs(fmt: str, out: Path | None, meta: VolumeMeta, *, threaded: bool
                  metrics: Any = None) -> list[tuple[Any, bool]]:
     """``[(sink, critical=True)]`` for the disk output, or ``[]`` without an output folder.
 
-    ``threaded`` puts the writer behind :class:`~streamer.sinks.threaded.ThreadedSink` (``on_full="block"``: the
-    outputs must be whole; the recording holds the raw data while processing lags), as the live service does.
+    ``threaded`` puts an OME writer behind :class:`~streamer.sinks.threaded.ThreadedSink` (``on_full="block"``: the
+    outputs must be whole; the recording holds the raw data while processing lags), as the live service does; the
+    ``npy`` writer stays synchronous (a file per volume, written before the next stack is processed).
     """
     if out is None:
         return []
     sink = open_disk_sink(fmt, Path(out), meta)
-    if threaded:
+    if threaded and fmt != "npy":
         from streamer.sinks.threaded import ThreadedSink
 
         sink = ThreadedSink(sink, on_full="block", critical=True, metrics=metrics)
     return [(sink, True)]
+
+
+def volume_meta(chain: Any, start: Any, acquisition_id: str, shape: tuple[int, ...], dtype: str) -> VolumeMeta:
+    """The outputs' description of an acquisition: its geometry, and the voxel size and provenance its stage chain
+    declares (:class:`engines.reconstruct.StageChain`); a chain that declares nothing (deskew only, a test's plain
+    list) gets the deskewed geometry from the start message."""
+    grid = getattr(chain, "grid", None)
+    prov = getattr(chain, "provenance", None) or {}
+    voxel = tuple(float(v) for v in grid.voxel_size_um) if grid is not None else None
+    table = PlacementTable() if getattr(chain, "fitter", None) is not None else None
+    if start is not None:
+        return VolumeMeta.from_start(start, shape=tuple(shape), dtype=dtype, voxel_size_um=voxel,  # type: ignore[arg-type]
+                                     provenance=prov, placements=table)
+    return VolumeMeta(acquisition_id, tuple(shape), dtype, voxel or (1.0, 1.0, 1.0),  # type: ignore[arg-type]
+                      provenance=prov, placements=table)

@@ -2,13 +2,12 @@
 
 A file appears under its final name only when complete (written as ``.npy.tmp``, then renamed), so a restarted
 service rewrites exactly the volumes it reprocesses, one file each. A write that fails (a full disk) removes its
-temporary file and says which file and why. ``provenance.json`` beside the volumes holds the voxel size, optics and
-provenance of the acquisition; a skipped volume leaves ``t00000_c0.skipped.txt`` with its reason.
+temporary file and says which file and why. A skipped volume leaves ``t00000_c0.skipped.txt`` with its reason.
+Only the arrays: the voxel size and provenance live in the OME formats (``zarr``, ``tiff``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -60,17 +59,12 @@ class NpyDirSink:
                 log.exception("%s: done listener raised for %s", self.name, index.label())
 
     def setup(self, meta: VolumeMeta) -> None:
-        """Create ``DIR/<acquisition>/`` and write ``provenance.json``; remove temporary files of an interrupted run."""
+        """Create ``DIR/<acquisition>/``; remove the temporary files of an interrupted run."""
         d = self.directory / meta.acquisition_id
         try:
             d.mkdir(parents=True, exist_ok=True)
             for stale in d.glob("*.tmp"):
                 stale.unlink()
-            doc = {"acquisition_id": meta.acquisition_id, "shape": list(meta.shape), "dtype": meta.dtype,
-                   "voxel_size_um": list(meta.voxel_size_um), "channels": list(meta.channels),
-                   "optics": meta.optics.model_dump(mode="json") if meta.optics is not None else None,
-                   "provenance": dict(meta.provenance)}
-            self._write_text(d / "provenance.json", json.dumps(doc, indent=1, default=str) + "\n")
         except OSError as err:
             raise SinkSetupError(f"{self.name}: cannot write into {d}: {describe_os_error(err)}") from err
         self._dir = d

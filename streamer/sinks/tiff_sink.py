@@ -4,8 +4,8 @@ Each file is written under a ``.partial`` name and renamed when complete, so a f
 streaming mode, a sync tool) never opens half a file and never has to wait "a minute without modification" to know a
 file is done. OME-XML carries ``PhysicalSizeX/Y/Z`` in µm (the fused grid's voxel, as the stage chain declares it),
 the channel name, the timepoint and the time increment, and a ``MapAnnotation`` (namespace ``rllsm-vsim/provenance``)
-with the mode, software version, backend, precision, model files with their SHA-256 and this volume's placement in
-the acquisition's grid; the full provenance is also in ``<acquisition>_provenance.json`` beside the files.
+with the mode, software version, backend, precision, model files with their SHA-256, the optics and this volume's
+placement in the acquisition's grid.
 
 Exactly once: a file exists under its final name only when complete, and a volume written again (a restarted service
 reprocessing it) replaces its file atomically — one file per volume whatever happens. Skips are recorded in
@@ -15,7 +15,6 @@ reprocessing it) replaces its file atomically — one file per volume whatever h
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from pathlib import Path
@@ -88,7 +87,7 @@ def ome_metadata(meta: VolumeMeta, index: VolumeIndex) -> dict[str, Any]:
         md["Channel"]["ExcitationWavelengthUnit"] = ["nm"]
         md["Channel"]["EmissionWavelength"] = [float(meta.optics.emission_nm)]
         md["Channel"]["EmissionWavelengthUnit"] = ["nm"]
-    pairs = flat_provenance({k: v for k, v in dict(meta.provenance).items() if k != "optics"})
+    pairs = flat_provenance(dict(meta.provenance))
     row = meta.placements.get(index) if meta.placements is not None else None
     if row:
         pairs.update(flat_provenance({"placement": row}))
@@ -161,10 +160,6 @@ class OmeTiffSink:
                     idx = _parse_label(label)
                     if idx is not None:
                         self.stats.skipped[idx] = reason
-            _atomic_write(self.directory / f"{meta.acquisition_id}_provenance.json", json.dumps({
-                "acquisition_id": meta.acquisition_id, "voxel_size_um": list(meta.voxel_size_um),
-                "optics": meta.optics.model_dump(mode="json") if meta.optics is not None else None,
-                "provenance": dict(meta.provenance)}, indent=1, default=str) + "\n")
         except OSError as err:
             raise SinkSetupError(f"{self.name}: cannot write into {self.directory}: {describe_os_error(err)}") from err
 
