@@ -361,7 +361,9 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
     provenance = {
         "mode": mode, "software": {"name": "rllsm-vsim", "version": software_version()},
         "models": sources_provenance(used) if uses_lateral_sr(mode) or used else {},
-        "backend": bk if uses_lateral_sr(mode) else None,
+        "backend": {"requested": bk, "runs": {n: type(m).__name__ for n, m in (("vsi-sr", models.vsisr),
+                                                                               ("rl-dfn", models.rldfn)) if m}}
+        if uses_lateral_sr(mode) else None,
         "precision": (bk or {}).get("precision", "fp32") if uses_lateral_sr(mode) else "fp32",
         "optics": optics.model_dump(mode="json"), "voxel_size_um": [v, v, v],
         "grid": {"anchor": fitter.grid.anchor, "depth": fused_depth},
