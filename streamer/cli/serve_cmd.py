@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical",
                    help="what to do with each stack (default %(default)s; docs/streaming.md)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
-    p.add_argument("--weights", type=Path, help="network weights folder for --mode full (default: demo weights)")
+    p.add_argument("--fused-depth", type=int, metavar="N",
+                   help="planes of the fused output grid (default: fixed from the optics and the first stack)")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S",
                    help="flag a stack incomplete after S seconds without a plane (default %(default)s)")
     p.add_argument("--process-incomplete", action="store_true", help="also reconstruct incomplete stacks")
@@ -71,7 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--acquisition-idle", type=float, default=600.0, metavar="S",
                    help="close an acquisition's outputs after S seconds without a message (%(default)s)")
     from streamer.cli.backend_options import add_backend_args
+    from streamer.cli.model_options import add_model_args
 
+    add_model_args(p)  # the same model sources as `rllsm reconstruct` (plus a --weights folder)
     add_backend_args(p, device=False)  # mode full: what runs VSI-SR and RL-DFN
     p.set_defaults(func=run)
 
@@ -100,14 +103,16 @@ def run(args: argparse.Namespace) -> int:
     if args.recording is None:
         raise CLIError("--recording DIR is required (every received message is recorded there)")
     from streamer.cli.backend_options import backend_config_from_args
+    from streamer.cli.model_options import sources_from_args
 
     backend = backend_config_from_args(args)
+    sources = sources_from_args(args)
     try:
         cfg = ServiceConfig(
             ingest=args.ingest, control=args.control, recording=args.recording, output=args.out,
             output_format=args.output_format, display=None if args.display == "none" else args.display,
             mode=args.mode, device=args.device,
-            weights=args.weights, backend=backend,
+            sources=sources, fused_depth=args.fused_depth, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
             max_message_mb=args.max_message_mb, cache_mb=args.cache_mb, memory_budget_gb=args.memory_budget_gb,
