@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engines.background import BackgroundParams, PreprocessReport, preprocess
 from engines.config import OpticsConfig
 from engines.device import default_memory_budget_gb, pick_device
+from engines.errors import RllsmValueError
 from engines.views import ViewsParams, ViewsReport, split_views
 
 Mode = Literal["full", "sr-rl", "classical"]
@@ -35,7 +36,7 @@ SR_SCALE = 1.5
 PSF_BOX = 31  # computed PSF box (voxels per axis, odd): holds the detection PSF's main lobes at ~60 nm voxels
 
 
-class ReconstructError(ValueError):
+class ReconstructError(RllsmValueError):
     """The chain cannot run with what it was given (missing weights or OTFs, unusable shapes)."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.errors import RllsmRuntimeError
 from streamer.assembly import AssembledStack, StackAssembler, StackKey, StackOutOfRange, StackTooLarge
 from streamer.pipeline import PipelineError, Stage, StageWorker
 from streamer.sinks.base import Sink, SinkError, SinkStats, VolumeIndex, VolumeMeta
@@ -34,7 +35,7 @@ SinkFactory = Callable[[VolumeMeta], Sequence[tuple[Sink, bool]]]  # → (sink, 
 StageFactory = Callable[[AcquisitionStart], Sequence[Stage]]
 
 
-class CriticalOutputError(RuntimeError):
+class CriticalOutputError(RllsmRuntimeError):
     """A critical output (recording, disk writer) failed; the run stops cleanly, the recording stays intact."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from engines.errors import RllsmRuntimeError
 from streamer.metrics import Metrics
 from streamer.pipeline import PipelineMode, build_stages
 from streamer.processor import NpyDirSink, SinkFactory, StackProcessor, StageFactory
@@ -24,7 +25,7 @@ from streamer.recording import RecordingReader
 log = logging.getLogger(__name__)
 
 
-class ReplayError(RuntimeError):
+class ReplayError(RllsmRuntimeError):
     """The replay cannot go on; the text says why."""
 
 

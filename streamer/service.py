@@ -29,6 +29,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.select import BackendConfig
+from engines.errors import RllsmRuntimeError
 from streamer.metrics import Metrics, MetricsError
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.processor import CriticalOutputError, NpyDirSink, SinkFactory, StackProcessor, StageFactory
@@ -44,7 +45,7 @@ _BATCH = 16
 _BATCH_BYTES = 256 << 10
 
 
-class ServiceError(RuntimeError):
+class ServiceError(RllsmRuntimeError):
     """The service cannot start or had to stop; the text says why."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from engines.config import OpticsConfig, describe_validation_error
+from engines.errors import RllsmValueError
 
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # a header is metadata; anything larger is not one of ours
@@ -39,7 +40,7 @@ class MessageKind(StrEnum):
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
-class WireError(ValueError):
+class WireError(RllsmValueError):
     """A message that does not follow the wire schema; the text says what was wrong."""
 
 
