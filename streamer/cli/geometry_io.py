@@ -94,6 +94,24 @@ def read_stack(path: Path, what: str = "stack", *, min_planes: int = 1) -> np.nd
     return read_stack_voxel(path, what, min_planes=min_planes)[0]
 
 
+def read_voxel(path: Path) -> Voxel | None:
+    """The voxel size a TIFF records, without reading its pixels; None when absent or unreadable."""
+    import logging
+
+    import tifffile
+
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.CRITICAL)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return _voxel_of(tif)
+    except Exception:  # read_stack reports an unreadable file with its reason
+        return None
+    finally:
+        tiff_log.setLevel(level)
+
+
 def _voxel_of(tif: Any) -> Voxel | None:
     """(z, y, x) µm from ImageJ metadata (spacing + resolution) or OME pixel sizes; None when absent."""
     try:
