@@ -89,9 +89,9 @@ def read_stack_voxel(path: Path, what: str = "stack", *, min_planes: int = 1,
     return data, voxel
 
 
-def read_stack(path: Path, what: str = "stack", *, min_planes: int = 1) -> np.ndarray:
+def read_stack(path: Path, what: str = "stack", *, min_planes: int = 1, check_values: bool = True) -> np.ndarray:
     """:func:`read_stack_voxel` without the voxel size."""
-    return read_stack_voxel(path, what, min_planes=min_planes)[0]
+    return read_stack_voxel(path, what, min_planes=min_planes, check_values=check_values)[0]
 
 
 def read_voxel(path: Path) -> Voxel | None:
