@@ -177,12 +177,15 @@ class Reconstructor:
         return classical_fuse(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, device=self.device,
                               progress=progress)
 
-    def __call__(self, raw: np.ndarray, keep_intermediates: bool = False) -> ReconResult:
+    def __call__(self, raw: np.ndarray, keep_intermediates: bool = False,
+                 progress: Callable[[str], None] | None = None) -> ReconResult:
         timings: dict[str, float] = {}
         reports: dict[str, Any] = {}
         kept: dict[str, np.ndarray] = {}
 
         def timed(name: str, fn: Callable[[], Any]) -> Any:
+            if progress is not None:  # names the step that starts (a CLI shows it beside its progress bar)
+                progress(name)
             t0 = time.perf_counter()
             out = fn()
             timings[name] = time.perf_counter() - t0
