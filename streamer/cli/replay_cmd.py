@@ -15,8 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--offline", action="store_true", help="process in this process, without sockets")
     p.add_argument("--speed", default="original", help="original, max, or a factor such as 2 (default: original)")
     p.add_argument("--out", type=Path, help="output folder (with --offline)")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical",
-                   help="with --offline: what to do with each stack (default %(default)s, as `rllsm serve`)")
+    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical", "deskew", "none"], default="auto",
+                   help="with --offline: what to do with each stack (default %(default)s: the best that the "
+                   "available weights support, as `rllsm serve`)")
     p.add_argument("--device", help="cpu, cuda (default: CUDA if present)")
     p.add_argument("--weights", type=Path, help="network weights folder for --mode full")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S", help="as for `rllsm serve`")
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.support import resolve_mode
     from streamer.cli import CLIError
     from streamer.pipeline import PipelineError
     from streamer.recording import RecordingError
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError("--offline needs --out DIR")
             from streamer.cli.backend_options import backend_config_from_args
 
-            summary = replay_offline(args.recording, args.out, mode=args.mode, device=args.device,
+            mode = resolve_mode(args.mode, vsisr=args.weights is not None, rldfn=args.weights is not None)
+            summary = replay_offline(args.recording, args.out, mode=mode, device=args.device,
                                      timeout_s=args.stack_timeout, weights=args.weights,
                                      backend=backend_config_from_args(args))
         else:

@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--display", metavar="ENDPOINT", default="tcp://127.0.0.1:5556",
                    help="PUB endpoint of the live display stream: volumes + MIPs, latest wins (default %(default)s; "
                    "'none' turns it off)")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical",
-                   help="what to do with each stack (default %(default)s; docs/streaming.md)")
+    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical", "deskew", "none"], default="auto",
+                   help="what to do with each stack (default %(default)s: the best that the available weights "
+                   "support, as every command; docs/streaming.md)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--weights", type=Path, help="network weights folder for --mode full (default: demo weights)")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S",
@@ -65,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.support import resolve_mode
     from streamer.cli import CLIError
     from streamer.security import SecurityError, generate_keys
     from streamer.service import Service, ServiceConfig, ServiceError
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = ServiceConfig(
             ingest=args.ingest, control=args.control, recording=args.recording, output=args.out,
             output_format=args.output_format, display=None if args.display == "none" else args.display,
-            mode=args.mode, device=args.device,
+            mode=resolve_mode(args.mode, vsisr=args.weights is not None, rldfn=args.weights is not None),
+            device=args.device,
             weights=args.weights, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
