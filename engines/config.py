@@ -143,7 +143,7 @@ def load_optics(path: str | Path | None = None, overrides: dict[str, Any] | None
         Naming each offending field, its value and the allowed range.
     """
     data: dict[str, Any] = {}
-    source = "config"
+    source = "optics"
     if path is not None:
         p = Path(path)
         data = read_optics_mapping(p)

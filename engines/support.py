@@ -97,7 +97,15 @@ def min_planes(mode: str) -> int:
     return LATERAL_SR_MIN_PLANES if mode in (Mode.FULL, Mode.SR_RL) else SPLIT_MIN_PLANES
 
 
-def check_stack(data: np.ndarray, what: str = "stack", *, min_planes: int = 1, check_values: bool = True) -> None:
+def planes_reason(mode: str) -> str:
+    """Who needs :func:`min_planes` planes, in words for an error message."""
+    if mode in (Mode.FULL, Mode.SR_RL):
+        return f"mode '{mode}' (lateral SR reads 7-plane windows)"
+    return f"mode '{mode}' (the view split)"
+
+
+def check_stack(data: np.ndarray, what: str = "stack", *, min_planes: int = 1, check_values: bool = True,
+                needed_by: str = "this step") -> None:
     """Refuse, before any compute, a stack no step can turn into a meaningful result.
 
     Raises
@@ -117,7 +125,7 @@ def check_stack(data: np.ndarray, what: str = "stack", *, min_planes: int = 1, c
     if data.size == 0:
         raise RllsmValueError(f"{what} is empty (shape {'×'.join(map(str, data.shape))})")
     if data.shape[0] < min_planes:
-        raise RllsmValueError(f"{what} has {data.shape[0]} planes; this step needs at least {min_planes}")
+        raise RllsmValueError(f"{what} has {data.shape[0]} planes; {needed_by} needs at least {min_planes}")
     if not check_values:
         return
     if np.issubdtype(data.dtype, np.floating):

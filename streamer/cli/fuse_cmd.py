@@ -241,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "classical" and (args.tile != "none" or args.overlap is not None or args.model is not None
                                      or args.batch != 1):
         raise CLIError("--tile, --overlap, --batch and --model apply to --mode rldfn only")
+    if args.mode == "rldfn" and args.model is None:
+        raise CLIError("--mode rldfn needs --model (RL-DFN weights); without weights use --mode classical")
     if args.batch < 1:
         raise CLIError(f"--batch must be ≥ 1, got {args.batch}")
     if args.iterations < 1:

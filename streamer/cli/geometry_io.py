@@ -45,8 +45,8 @@ def _check_complete(tif: Any, series: Any, path: Path) -> None:
                        f"{size} bytes); it was cut off while writing or copying — copy it again")
 
 
-def read_stack_voxel(path: Path, what: str = "stack", *, min_planes: int = 1,
-                     check_values: bool = True) -> tuple[np.ndarray, Voxel | None]:
+def read_stack_voxel(path: Path, what: str = "stack", *, min_planes: int = 1, check_values: bool = True,
+                     needed_by: str = "this step") -> tuple[np.ndarray, Voxel | None]:
     """Read one 3-D (z, y, x) TIFF stack and the voxel size it records (None when it records none).
 
     Every failure is a :class:`CLIError` saying what was expected: a folder or a missing file, a file that is not
@@ -83,15 +83,16 @@ def read_stack_voxel(path: Path, what: str = "stack", *, min_planes: int = 1,
     finally:
         tiff_log.setLevel(level)
     try:
-        check_stack(data, what, min_planes=min_planes, check_values=check_values)
-    except ValueError as err:
+        check_stack(data, what, min_planes=min_planes, check_values=check_values, needed_by=needed_by)
+    except (ValueError, TypeError) as err:
         raise CLIError(f"{path}: {err}") from None
     return data, voxel
 
 
-def read_stack(path: Path, what: str = "stack", *, min_planes: int = 1, check_values: bool = True) -> np.ndarray:
+def read_stack(path: Path, what: str = "stack", *, min_planes: int = 1, check_values: bool = True,
+               needed_by: str = "this step") -> np.ndarray:
     """:func:`read_stack_voxel` without the voxel size."""
-    return read_stack_voxel(path, what, min_planes=min_planes, check_values=check_values)[0]
+    return read_stack_voxel(path, what, min_planes=min_planes, check_values=check_values, needed_by=needed_by)[0]
 
 
 def read_voxel(path: Path) -> Voxel | None:

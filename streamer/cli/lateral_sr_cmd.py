@@ -85,7 +85,8 @@ def lateral_sr_file(
     from streamer.cli.paths import check_output_file
 
     check_output_file(output_path, inputs=[input_path], overwrite=overwrite)
-    volume, voxel = read_stack_voxel(input_path, "input stack", min_planes=LATERAL_SR_MIN_PLANES)
+    volume, voxel = read_stack_voxel(input_path, "input stack", min_planes=LATERAL_SR_MIN_PLANES,
+                                     needed_by="lateral SR (7-plane windows)")
     if checkpoint is None:
         from engines.weights import demo_weights_path
 

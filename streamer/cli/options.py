@@ -46,7 +46,10 @@ def optics_from_args(args: argparse.Namespace) -> OpticsConfig:
     try:
         return load_optics(getattr(args, "config", None), overrides)
     except ConfigError as err:
-        raise CLIError(" ".join(str(err).split())) from None
+        text = " ".join(str(err).split())
+        for name in overrides:  # a value from a flag is named as the flag the user typed
+            text = text.replace(f"field '{name}' =", f"--{name.replace('_', '-')} =")
+        raise CLIError(text) from None
 
 
 def explicit_optics(args: argparse.Namespace) -> set[str]:

@@ -181,10 +181,11 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
     import numpy as np
 
     from engines.errors import RllsmError
-    from engines.support import min_planes
+    from engines.support import min_planes, planes_reason
     from streamer.cli import CLIError
 
-    raw = read_stack(src, "raw stack", min_planes=min_planes(rec.params.mode))
+    mode = rec.params.mode
+    raw = read_stack(src, "raw stack", min_planes=min_planes(mode), needed_by=planes_reason(mode))
     try:
         res = rec(raw, keep_intermediates=keep, progress=progress)
     except RllsmError as err:

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     dz, dx = voxel[0], voxel[2]
 
     say = progress_printer("split-views", args.no_progress)
-    vol = read_stack(args.input, "deskewed volume", min_planes=SPLIT_MIN_PLANES)
+    vol = read_stack(args.input, "deskewed volume", min_planes=SPLIT_MIN_PLANES, needed_by="the view split")
     say(f"read {args.input} {vol.shape}; rotating by {params.angle_deg}° and searching the mirror")
     with engine_errors(args.input, ViewsError):
         view_a, view_b, report = split_views(vol, dx, dz, params, skew_axis=optics.skew_axis.value, device=args.device)
