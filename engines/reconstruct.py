@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engines.background import BackgroundParams, PreprocessReport, preprocess
 from engines.config import OpticsConfig
 from engines.device import default_memory_budget_gb, pick_device
+from engines.errors import RllsmValueError
 from engines.views import ViewsParams, ViewsReport, split_views
 
 Mode = Literal["full", "sr-rl", "classical"]
@@ -35,7 +36,7 @@ SR_SCALE = 1.5
 PSF_BOX = 31  # computed PSF box (voxels per axis, odd): holds the detection PSF's main lobes at ~60 nm voxels
 
 
-class ReconstructError(ValueError):
+class ReconstructError(RllsmValueError):
     """The chain cannot run with what it was given (missing weights or OTFs, unusable shapes)."""
 
 
@@ -176,12 +177,15 @@ class Reconstructor:
         return classical_fuse(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, device=self.device,
                               progress=progress)
 
-    def __call__(self, raw: np.ndarray, keep_intermediates: bool = False) -> ReconResult:
+    def __call__(self, raw: np.ndarray, keep_intermediates: bool = False,
+                 progress: Callable[[str], None] | None = None) -> ReconResult:
         timings: dict[str, float] = {}
         reports: dict[str, Any] = {}
         kept: dict[str, np.ndarray] = {}
 
         def timed(name: str, fn: Callable[[], Any]) -> Any:
+            if progress is not None:  # names the step that starts (a CLI shows it beside its progress bar)
+                progress(name)
             t0 = time.perf_counter()
             out = fn()
             timings[name] = time.perf_counter() - t0

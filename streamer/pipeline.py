@@ -23,10 +23,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from engines.errors import RllsmRuntimeError
+
 log = logging.getLogger(__name__)
 
 
-class PipelineError(RuntimeError):
+class PipelineError(RllsmRuntimeError):
     """A stage failed or the stage chain cannot be built; the text names the stage and the stack."""
 
 

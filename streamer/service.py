@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.select import BackendConfig
 from engines.sources import ReconSources
+from engines.errors import RllsmRuntimeError
 from streamer.metrics import Metrics, MetricsError
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.decoding import make_work_check
@@ -48,7 +49,7 @@ _BATCH = 16
 _BATCH_BYTES = 256 << 10
 
 
-class ServiceError(RuntimeError):
+class ServiceError(RllsmRuntimeError):
     """The service cannot start or had to stop; the text says why."""
 
 
