@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--budget-s", type=float, default=420.0,
                    help="report: time budget; configurations that would not fit are listed as skipped")
     g.add_argument("--no-tests", action="store_true", help="report: do not run the gpu-marked tests")
+    p.add_argument("--no-progress", action="store_true", help="no elapsed-time line on stderr")
     p.set_defaults(func=run)
 
 
@@ -55,14 +56,17 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         return _report(args)
     args.repeats = 5 if args.repeats is None else args.repeats
+    from streamer.cli.progress import heartbeat
+
     try:
         shape = parse_shape(args.volume)
         if len(shape) != 3:
             raise CLIError(f"--volume needs Z×Y×X, got {args.volume}")
-        result = bench(args.model, shape, [b.strip() for b in args.backends.split(",") if b.strip()],
-                       precision=args.precision, checkpoint=args.checkpoint, batch=args.batch, repeats=args.repeats,
-                       warmup=args.warmup, threads=args.threads, device=args.device,
-                       end_to_end=not args.no_end_to_end)
+        with heartbeat(f"bench {args.model} ({args.backends})", disable=args.no_progress):
+            result = bench(args.model, shape, [b.strip() for b in args.backends.split(",") if b.strip()],
+                           precision=args.precision, checkpoint=args.checkpoint, batch=args.batch,
+                           repeats=args.repeats, warmup=args.warmup, threads=args.threads, device=args.device,
+                           end_to_end=not args.no_end_to_end)
     except (BackendError, ValueError) as err:
         raise CLIError(str(err)) from None
     print(f"rllsm bench --model {args.model} --volume {args.volume} --precision {args.precision}")
