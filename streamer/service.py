@@ -118,6 +118,7 @@ class Service:
         self.processor: StackProcessor | None = None
         self.ingest_endpoint = self.control_endpoint = self.display_endpoint = ""
         self.final_summary: dict[str, Any] | None = None
+        self.datasets: dict[str, str] = {}  # acquisition id -> OME-Zarr/OME-TIFF path, for viewers (status)
         for c in ("messages_received", "bytes_received", "messages_spilled"):
             self.metrics.declare(c)
 
@@ -145,7 +146,9 @@ class Service:
                         k += 1
                     inner = open_sink(OmeZarrConfig(path=path))
                 else:
-                    inner = open_sink(OmeTiffConfig(directory=cfg.output / meta.acquisition_id, overwrite=True))
+                    path = cfg.output / meta.acquisition_id
+                    inner = open_sink(OmeTiffConfig(directory=path, overwrite=True))
+                self.datasets[meta.acquisition_id] = str(path)
                 # block, not drop: processing may lag (the recording holds the raw data), the outputs must be whole
                 out.append((ThreadedSink(inner, on_full="block", critical=True, metrics=self.metrics), True))
         if self._display_pub is not None:
@@ -476,6 +479,8 @@ class Service:
                     drops[f"{acq}/{sink.name}"] = sink.stats.dropped_queue_full
             snap["output_drops"] = drops
         snap["ingest"] = self.ingest_endpoint
+        snap["display"] = self.display_endpoint or None
+        snap["datasets"] = dict(self.datasets)
         snap["state"] = "error" if self.error else ("stopping" if self._stop.is_set() else "running")
         snap["error"] = str(self.error) if self.error else None
         return snap
