@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         from streamer.viewer.napari_app import open_viewer
 
         result = open_viewer(target, screenshot=args.screenshot, after=args.after, timeout=args.timeout,
-                             control=args.control)
+                             control=args.control, on_ready=lambda: print(json.dumps({"following": target.label()}),
+                                                                         flush=True))
     except ViewerError as err:
         raise CLIError(str(err)) from None
     print(json.dumps(result), flush=True)

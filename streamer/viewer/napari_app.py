@@ -229,14 +229,19 @@ def make_live_panel(live: LiveView, reader: FrameReader) -> Any:
 
 
 def open_viewer(target: Target, *, screenshot: str | Path | None = None, after: int = 1,
-                timeout: float | None = None, control: str | None = None, title: str | None = None) -> dict[str, Any]:
+                timeout: float | None = None, control: str | None = None, title: str | None = None,
+                on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
     """Open napari on ``target`` and follow it until the window closes (or, with ``screenshot``, after ``after``
     volumes were shown: save the window as PNG and return).
+
+    ``on_ready`` is called once the window is up and the reader subscribed (scripts wait for it before streaming).
 
     Returns
     -------
     dict
-        ``frames_shown``, ``received``, ``dropped``, ``screenshot`` (the path written, or None).
+        ``frames_shown``, ``received``, ``dropped``, ``screenshot`` (the path written, or None) and, with a
+        screenshot, ``canvas_std``: the standard deviation of the canvas alone, without the text overlay (0 when the
+        OpenGL canvas drew nothing).
 
     Raises
     ------
@@ -289,6 +294,9 @@ def open_viewer(target: Target, *, screenshot: str | Path | None = None, after: 
             app.processEvents()
             viewer.screenshot(path=str(screenshot), canvas_only=False, flash=False)
             result["screenshot"] = str(screenshot)
+            viewer.text_overlay.visible = False
+            canvas = viewer.screenshot(canvas_only=True, flash=False)
+            result["canvas_std"] = float(canvas[..., :3].std())
             finish()
 
     def finish() -> None:
@@ -308,6 +316,8 @@ def open_viewer(target: Target, *, screenshot: str | Path | None = None, after: 
     timer.start(30)
     if timeout is not None:
         QTimer.singleShot(int(timeout * 1000), give_up)
+    if on_ready is not None:
+        QTimer.singleShot(0, on_ready)
     try:
         napari.run()
     finally:
@@ -316,7 +326,7 @@ def open_viewer(target: Target, *, screenshot: str | Path | None = None, after: 
         if service is not None:
             service.close_all()
     out = {"frames_shown": live.frames_shown, "received": live.follower.received, "dropped": reader.dropped,
-           "screenshot": result["screenshot"]}
+           "screenshot": result["screenshot"], "canvas_std": result.get("canvas_std")}
     if result["timed_out"] and screenshot is not None and result["screenshot"] is None:
         raise ViewerError(f"only {live.frames_shown} of {after} volumes arrived from {target.label()} within "
                           f"{timeout:g} s; no screenshot written (is the service running and publishing there?)")
