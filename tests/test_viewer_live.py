@@ -113,13 +113,13 @@ def test_panel_follows_the_service_layers_hold_the_published_volumes_in_um(qtbot
         panel.toggle_following()
         assert panel.reader is not None and panel.following == f"stream {service['display']}"
         before = volumes_output(service["control"])
-        sim = simulate(service["ingest"], 3)
+        sim = simulate(service["ingest"], 2)
         out, err = sim.communicate(timeout=60)
         assert sim.returncode == 0, err
         acq = out.split("sent acquisition ")[1].split(":")[0]
-        assert wait_for(lambda: volumes_output(service["control"]) == before + 3, 60), "the service stopped"
-        qtbot.waitUntil(lambda: live.last_frame is not None and live.last_frame.key == (acq, 2, 0), timeout=30_000)
-        key = (acq, 2, 0)
+        assert wait_for(lambda: volumes_output(service["control"]) == before + 2, 60), "the service stopped"
+        qtbot.waitUntil(lambda: live.last_frame is not None and live.last_frame.key == (acq, 1, 0), timeout=30_000)
+        key = (acq, 1, 0)
         assert wait_for(lambda: all((*key, k, a) in recorder.got for k, a in
                                     [("volume", None), ("mip", "z"), ("mip", "y"), ("mip", "x")]), 10)
         published = recorder.got[(*key, "volume", None)]
@@ -136,18 +136,18 @@ def test_panel_follows_the_service_layers_hold_the_published_volumes_in_um(qtbot
         assert tuple(viewer.layers["fused c0"].scale) == pytest.approx(_ngff_voxel(dataset))
 
         # the widget shows the service's status
-        qtbot.waitUntil(lambda: f"volumes: {before + 3}" in panel.status.text(), timeout=10_000)
+        qtbot.waitUntil(lambda: f"volumes: {before + 2}" in panel.status.text(), timeout=10_000)
         text = panel.status.text()
         for part in ("state: running", "queue depth: 0", "fuse", "p50", "p99", "errors: 0", f"dataset: {dataset}",
                      f"following stream {service['display']}"):
             assert part in text, f"{part!r} missing from the panel:\n{text}"
-        assert "t=2 c=0" in live.text() and "µm" in live.text()
+        assert "t=1 c=0" in live.text() and "µm" in live.text()
 
         # open the dataset the service writes: the same volume again, now read from disk
         panel.open_current_dataset()
-        qtbot.waitUntil(lambda: live.last_frame.source == "dataset" and live.last_frame.timepoint == 2,
+        qtbot.waitUntil(lambda: live.last_frame.source == "dataset" and live.last_frame.timepoint == 1,
                         timeout=15_000)
-        written = zarr.open_array(store=str(dataset / "0"), mode="r")[2, 0]
+        written = zarr.open_array(store=str(dataset / "0"), mode="r")[1, 0]
         assert np.array_equal(viewer.layers["fused c0"].data, written)
         assert np.array_equal(written, published.array), "the display stream and the dataset hold the same volume"
     finally:
@@ -200,13 +200,13 @@ def test_view_screenshot_is_not_blank_and_a_killed_viewer_never_stops_the_servic
     doomed = _start_view(xdisplay, service["display"])
     try:
         before = volumes_output(service["control"])
-        sim = simulate(service["ingest"], 4, "--rate", "2")
+        sim = simulate(service["ingest"], 3, "--rate", "2")
         assert wait_for(lambda: volumes_output(service["control"]) >= before + 1, 60)
         doomed.send_signal(signal.SIGKILL)  # a viewer dying mid-stream, socket and all
         doomed.wait(10)
         out, err = sim.communicate(timeout=90)
         assert sim.returncode == 0, err
-        assert wait_for(lambda: volumes_output(service["control"]) == before + 4, 90), "the service stopped"
+        assert wait_for(lambda: volumes_output(service["control"]) == before + 3, 90), "the service stopped"
         status = request(service["control"], "status")
         assert status["state"] == "running" and service["proc"].poll() is None
         assert not status["counters"].get("display_errors")

@@ -61,6 +61,19 @@ def check_opengl() -> None:
                           f"on a machine without a screen, {headless}")
 
 
+def _overlay(viewer: Any, name: str) -> Any:
+    """A canvas overlay: napari ≥ 0.9 keeps them in ``viewer.canvas.overlays``, older ones as attributes."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    if overlays is not None and name in overlays:
+        return overlays[name]
+    return getattr(viewer, {"text": "text_overlay"}.get(name, name))
+
+
+def _camera(viewer: Any) -> Any:
+    scene = getattr(viewer, "scene", None)  # napari ≥ 0.9
+    return scene.camera if scene is not None else viewer.camera
+
+
 class LiveView:
     """Shows frames in a napari viewer (or a bare ``ViewerModel``): follow/pause, contrast with lock. GUI thread only.
 
@@ -113,14 +126,16 @@ class LiveView:
         self._notify()
 
     def _frame_view(self) -> None:
-        self.viewer.scale_bar.visible = True  # its unit comes from the layers' units (µm when known)
-        self.viewer.text_overlay.visible = True
-        self.viewer.text_overlay.position = "top_left"
+        _overlay(self.viewer, "scale_bar").visible = True  # its unit comes from the layers' units (µm when known)
+        text = _overlay(self.viewer, "text")
+        text.visible = True
+        text.position = "top_left"
         self.viewer.reset_view()
         if self.viewer.dims.ndisplay == 3:
             # oblique, from the side opposite the MIP walls: the volume in front of its three shadows
-            self.viewer.camera.angles = (-20.0, 35.0, 140.0)
-            self.viewer.camera.zoom *= 0.75  # reset_view fits the box face-on; turned, its corners need room
+            camera = _camera(self.viewer)
+            camera.angles = (-20.0, 35.0, 140.0)
+            camera.zoom *= 0.75  # reset_view fits the box face-on; turned, its corners need room
 
     def toggle_follow(self) -> None:
         self.follower, frame = self.follower.toggle()
@@ -147,7 +162,7 @@ class LiveView:
                           received=self.follower.received)
 
     def _notify(self) -> None:
-        self.viewer.text_overlay.text = self.text(self.dropped)
+        _overlay(self.viewer, "text").text = self.text(self.dropped)
         for fn in list(self.listeners):
             fn()
 
@@ -294,7 +309,7 @@ def open_viewer(target: Target, *, screenshot: str | Path | None = None, after: 
             app.processEvents()
             viewer.screenshot(path=str(screenshot), canvas_only=False, flash=False)
             result["screenshot"] = str(screenshot)
-            viewer.text_overlay.visible = False
+            _overlay(viewer, "text").visible = False
             canvas = viewer.screenshot(canvas_only=True, flash=False)
             result["canvas_std"] = float(canvas[..., :3].std())
             finish()
