@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.config import OpticsConfig
+from engines.errors import RllsmValueError
 
 if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can list options without them
     import torch
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can lis
 BACKGROUND_PARAMS_VERSION = 1
 
 
-class BackgroundError(ValueError):
+class BackgroundError(RllsmValueError):
     """The stack cannot be pre-processed as given (wrong shape, too few planes, inconsistent parameters)."""
 
 

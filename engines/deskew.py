@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from engines.errors import RllsmValueError
+
 if TYPE_CHECKING:  # torch is imported where used: the geometry helpers here are imported by light modules
     import torch
 
@@ -45,7 +47,7 @@ Interp = Literal["linear", "cubic"]
 SkewAxisName = Literal["x", "y"]
 
 
-class DeskewError(ValueError):
+class DeskewError(RllsmValueError):
     """The stack or the acquisition parameters cannot be deskewed as given."""
 
 

@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engines.errors import RllsmValueError
+
 if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can list options without them
     import torch
 
 VIEWS_PARAMS_VERSION = 1
 
 
-class ViewsError(ValueError):
+class ViewsError(RllsmValueError):
     """The volume cannot be rotated and split as given."""
 
 

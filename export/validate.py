@@ -21,12 +21,13 @@ from onnx import numpy_helper
 
 from engines.backends.base import ModelSpec
 from engines.backends.manifest import Precision, ShapeRange, ValidationCase
+from engines.errors import RllsmRuntimeError
 
 FP32_MAX_ABS = 1e-4
 REDUCED_MIN_PSNR_DB = 50.0
 
 
-class ExportValidationError(RuntimeError):
+class ExportValidationError(RllsmRuntimeError):
     """The exported model failed a check; the message holds the figures."""
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from engines.errors import RllsmError
+
 #: How to get TensorRT; repeated wherever its absence is reported so nobody has to search for it.
 TENSORRT_INSTALL_HINT = "pip install tensorrt --extra-index-url https://pypi.nvidia.com"
 
 
-class BackendError(Exception):
+class BackendError(RllsmError):
     """Base class of every error raised by :mod:`engines.backends`."""
 
 

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from engines.errors import RllsmValueError
 from engines.vsisr.network import SCALE
 from engines.vsisr.otf import OTFSet, load_otfs
 from engines.vsisr.recombine import N_ANGLES, ANGLE_STEP_DEG, Recombiner, adjust_intensity, intensity_profile, minmax_norm_np
@@ -40,7 +41,7 @@ SMOOTH_WINDOW = 11
 Predictor = Callable[[np.ndarray], Any]
 
 
-class LateralSRError(ValueError):
+class LateralSRError(RllsmValueError):
     """The stack or the model cannot be used for lateral SR (wrong dimensions, too few planes, …)."""
 
 

@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0 = default)")
     p.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
     p.add_argument("--no-end-to-end", action="store_true", help="only the network step")
+    p.add_argument("--no-progress", action="store_true", help="no elapsed-time line on stderr")
     p.set_defaults(func=run)
 
 
@@ -36,14 +37,17 @@ def run(args: argparse.Namespace) -> int:
     for flag, value, low in (("--repeats", args.repeats, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0)):
         if value < low:
             raise CLIError(f"{flag} must be ≥ {low}, got {value}")
+    from streamer.cli.progress import heartbeat
+
     try:
         shape = parse_shape(args.volume)
         if len(shape) != 3:
             raise CLIError(f"--volume needs Z×Y×X, got {args.volume}")
-        result = bench(args.model, shape, [b.strip() for b in args.backends.split(",") if b.strip()],
-                       precision=args.precision, checkpoint=args.checkpoint, batch=args.batch, repeats=args.repeats,
-                       warmup=args.warmup, threads=args.threads, device=args.device,
-                       end_to_end=not args.no_end_to_end)
+        with heartbeat(f"bench {args.model} ({args.backends})", disable=args.no_progress):
+            result = bench(args.model, shape, [b.strip() for b in args.backends.split(",") if b.strip()],
+                           precision=args.precision, checkpoint=args.checkpoint, batch=args.batch,
+                           repeats=args.repeats, warmup=args.warmup, threads=args.threads, device=args.device,
+                           end_to_end=not args.no_end_to_end)
     except (BackendError, ValueError) as err:
         raise CLIError(str(err)) from None
     print(f"rllsm bench --model {args.model} --volume {args.volume} --precision {args.precision}")
