@@ -299,32 +299,85 @@ def demo_models(optics: OpticsConfig, backend: Any = None) -> ReconModels | None
     return load_models(vsisr_checkpoint=vsisr, rldfn_weights=rldfn, optics=optics, backend=backend)
 
 
-def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
-                memory_budget_gb: float | None = None, backend: Any = None) -> list[tuple[str, Callable[[Any], Any]]]:
-    """Named stages for the streaming service.
+class StageChain(list):
+    """The named stages of one acquisition, plus what the chain declares about its output.
 
-    ``weights`` is a folder holding ``vsi-sr.pt`` (or ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder
-    ``rl-dfn/``) and optionally ``otf/``; in ``full`` mode without it the shipped demo weights are used.
+    ``grid`` (:class:`engines.grid.OutputGrid`) is the fused voxel size and the grid every volume is placed into;
+    ``fitter`` (:class:`engines.grid.GridFitter`) records how each volume was placed; ``provenance`` names the mode,
+    the model files with their SHA-256, the backend and precision, the software version and the optics.
+    """
+
+    grid: Any = None
+    fitter: Any = None
+    provenance: dict[str, Any]
+
+    def __init__(self, stages: Any = (), *, grid: Any = None, fitter: Any = None,
+                 provenance: dict[str, Any] | None = None) -> None:
+        super().__init__(stages)
+        self.grid, self.fitter, self.provenance = grid, fitter, dict(provenance or {})
+
+
+def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
+                memory_budget_gb: float | None = None, backend: Any = None, sources: Any = None,
+                fused_depth: int | None = None) -> StageChain:
+    """Named stages for the streaming service; the fused volume leaves placed in the acquisition's fixed grid.
+
+    ``sources`` (:class:`engines.sources.ReconSources`) names the models as for ``rllsm reconstruct``: VSI-SR
+    checkpoint, OTF folder, RL-DFN weights, measured PSFs, or a ``weights`` folder holding ``vsi-sr.pt`` (or
+    ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder ``rl-dfn/``) and optionally ``otf/`` (``weights`` here is
+    the same folder, kept for callers that pass only it); without networks the shipped demo weights are used.
     ``memory_budget_gb`` bounds RL-DFN's tiles (default: :func:`engines.device.default_memory_budget_gb`).
     ``backend`` (:class:`engines.backends.BackendConfig`) runs both networks on torch, ONNX Runtime or TensorRT
-    (see :func:`load_models`); ``None``: the torch modules.
+    (see :func:`load_models`); ``None``: the torch modules. ``fused_depth`` fixes the planes of the output grid
+    (default: :func:`engines.grid.nominal_depth` of the first stack).
     """
+    from engines.grid import GridFitter, OutputGrid
+    from engines.sources import ReconSources, SourcesError, models_from_sources, software_version, sources_provenance
+
     if mode not in MODES:
         raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected one of {', '.join(MODES)}")
-    models = ReconModels()
-    if uses_lateral_sr(mode):
-        if weights is not None:
-            models = _models_from_folder(Path(weights), optics, backend, need_rldfn=mode == "full")
-        else:
-            found = demo_models(optics, backend)
-            if found is None:
-                raise ReconstructError(f"mode '{mode}' needs weights (--weights DIR) and no demo weights are installed")
-            models = found
-    rec = Reconstructor(optics, ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb), models, device=device)
-    return rec.stages()
+    if sources is None:
+        sources = ReconSources(weights=Path(weights) if weights is not None else None)
+    elif weights is not None and sources.weights is None and not sources.has_networks:
+        sources = sources.model_copy(update={"weights": Path(weights)})
+    try:
+        models, used = models_from_sources(sources, mode, optics, backend=backend)
+    except SourcesError as err:
+        raise ReconstructError(str(err)) from None
+    params = ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb)
+    rec = Reconstructor(optics, params, models, device=device)
+    v = views_voxel_um(optics, mode)  # the fused grid is isotropic: the views' voxel
+    fitter = GridFitter(OutputGrid((v, v, v), depth=fused_depth), max_depth=rec.views_params.max_depth)
+    last: dict[str, Any] = {}
+
+    def split_keep(vol: Any) -> Any:
+        # the chain runs one stack at a time, so the split report of this stack is the one the placement reads
+        a, b, last["report"] = rec.split(vol)
+        return a, b
+
+    def fuse_placed(fuse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        # placed inside the fuse stage (a crop or pad: negligible beside the fusion), so the stage names stay
+        return lambda views: fitter.place(np.asarray(fuse(views)), last.pop("report", None))
+
+    wrap = {"split_views": lambda fn: split_keep, "fuse": fuse_placed}
+    stages = [(name, wrap[name](fn) if name in wrap else fn) for name, fn in rec.stages()]
+    bk = backend.model_dump(mode="json") if hasattr(backend, "model_dump") else None
+    provenance = {
+        "mode": mode, "software": {"name": "rllsm-vsim", "version": software_version()},
+        "models": sources_provenance(used) if uses_lateral_sr(mode) or used else {},
+        "backend": {"requested": bk, "runs": {n: type(m).__name__ for n, m in (("vsi-sr", models.vsisr),
+                                                                               ("rl-dfn", models.rldfn)) if m}}
+        if uses_lateral_sr(mode) else None,
+        "precision": (bk or {}).get("precision", "fp32") if uses_lateral_sr(mode) else "fp32",
+        "optics": optics.model_dump(mode="json"), "voxel_size_um": [v, v, v],
+        "grid": {"anchor": fitter.grid.anchor, "depth": fused_depth},
+    }
+    return StageChain(stages, grid=fitter.grid, fitter=fitter, provenance=provenance)
 
 
-def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None, need_rldfn: bool = True) -> ReconModels:
+def models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None,
+                       need_rldfn: bool = True) -> tuple[ReconModels, dict[str, Path]]:
+    """Models from a weights folder (see :func:`stage_chain`) and the files they were read from."""
     def first(*names: str) -> Path | None:
         return next((root / n for n in names if (root / n).exists()), None)
 
@@ -333,4 +386,11 @@ def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None, n
     if vsisr is None or (rldfn is None and need_rldfn):
         raise ReconstructError(f"{root}: expected vsi-sr.pt (or .pth) and rl-dfn.pt (or an RL-DFN folder rl-dfn/)")
     otf = first("otf", "OTF")
-    return load_models(vsisr_checkpoint=vsisr, otf_dir=otf, rldfn_weights=rldfn, optics=optics, backend=backend)
+    models = load_models(vsisr_checkpoint=vsisr, otf_dir=otf, rldfn_weights=rldfn if need_rldfn else None,
+                         optics=optics, backend=backend)
+    used = {"checkpoint": vsisr, **({"otf_dir": otf} if otf else {}), **({"model": rldfn} if need_rldfn else {})}
+    return models, used
+
+
+def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None, need_rldfn: bool = True) -> ReconModels:
+    return models_from_folder(root, optics, backend, need_rldfn)[0]

@@ -57,13 +57,15 @@ class Stage:
 
 def build_stages(
     mode: PipelineMode | str, optics: Any, *, device: str | None = None, weights: str | None = None,
-    backend: Any = None,
+    backend: Any = None, sources: Any = None, fused_depth: int | None = None,
 ) -> list[Stage]:
     """Wire the reconstruction steps for ``mode``; the single function to complete when engines land.
 
     ``engines.reconstruct.stage_chain(mode, optics, device=..., weights=...)`` (a list of ``(name, callable)``
     or :class:`Stage`) is used when it exists; otherwise only the ``deskew`` and ``none`` modes are available.
-    ``backend`` (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode.
+    ``backend`` (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode; ``sources``
+    (:class:`engines.sources.ReconSources`) names the model files as for ``rllsm reconstruct``. The returned list
+    keeps what the chain declares about its output (``grid``, ``fitter``, ``provenance``) when it has them.
 
     Raises
     ------
@@ -90,8 +92,10 @@ def build_stages(
             "use --mode deskew or --mode none"
         ) from None
     chain = reconstruct.stage_chain(str(mode), optics, device=device, weights=weights,
-                                    memory_budget_gb=memory_budget_gb(device), backend=backend)
-    return [s if isinstance(s, Stage) else Stage(*s) for s in chain]
+                                    memory_budget_gb=memory_budget_gb(device), backend=backend, sources=sources,
+                                    fused_depth=fused_depth)
+    chain[:] = [s if isinstance(s, Stage) else Stage(*s) for s in chain]  # in place: keeps the chain's grid
+    return chain
 
 
 def memory_budget_gb(device: str | None) -> float:
