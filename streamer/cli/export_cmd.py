@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # the networks' own CheckpointError subclasses ValueError
         raise CLIError(str(err)) from None
     worst = max((c.max_abs_error for c in manifest.validation.cases), default=float("nan"))
+    worst_rel = max((c.max_rel_error or 0.0 for c in manifest.validation.cases), default=float("nan"))
     print(f"exported {args.model} ({manifest.precision.value}, opset {manifest.opset}) to {args.out}: "
-          f"{len(manifest.validation.cases)} golden cases passed, worst max abs error {worst:.3g}")
+          f"{len(manifest.validation.cases)} golden cases passed, worst max abs error {worst:.3g} "
+          f"({worst_rel:.2g} of the output's range)")
     return 0
