@@ -121,9 +121,10 @@ MAX_TENSOR_ELEMENTS = 2**31 // 2
 
 
 def _bytes_per_voxel(width: int) -> int:
-    # float32 channels alive at the peak: ~6·width (the U-Net's first level: skip, up-sampled, their
-    # concatenation, a conv output) + ~4.5·64 (the feature nets' 64-channel hidden maps, the RL step's FFTs).
-    return int(4 * (6 * width + 4.5 * FEATURE_HIDDEN))
+    # float32 channels alive at the peak, which is one of two stages: the feature nets (their 64-channel hidden
+    # maps and the RL step's FFT buffers, ~4.5·64) or the U-Net's full-resolution level (skip, up-sampled,
+    # their concatenation, conv outputs and the two gated feature maps, ~9.5·width + 2·64)
+    return int(4 * max(4.5 * FEATURE_HIDDEN, 9.5 * width + 2 * FEATURE_HIDDEN))
 
 
 def max_patch_voxels(width: int = REFERENCE_WIDTH) -> int:
@@ -135,12 +136,14 @@ def max_patch_voxels(width: int = REFERENCE_WIDTH) -> int:
 def estimate_patch_bytes(shape: tuple[int, int, int], width: int = REFERENCE_WIDTH) -> int:
     """Peak memory (bytes) of one RL-DFN patch forward without gradients, weights excluded.
 
-    Per voxel: about 6·``width`` float32 channels (the U-Net's full-resolution level holds its skip tensor,
-    the up-sampled tensor, their concatenation and a conv output at once) plus about 4.5 × 64 (the two feature
-    nets' fixed 64-channel hidden maps and the RL step's complex FFT buffers), plus a fixed
-    :data:`PATCH_OVERHEAD_BYTES`. Calibrated on the CPU (torch 2.13, growth of peak RSS during one forward, in
-    a fresh process after a warm-up): widths 4–64, patches 16×32×32 to 48×96×96, measured 0.75–1.05× this
-    estimate; ``tests/test_rldfn_memory.py`` checks it in a subprocess.
+    The peak is reached in one of two stages: the two feature nets (their hidden maps are 64 channels whatever
+    the width, plus the RL step's FFT buffers: ~4.5 × 64 float32 channels per voxel) or the U-Net's
+    full-resolution level (skip tensor, up-sampled tensor, their concatenation, conv outputs and the gated
+    features: ~9.5·``width`` + 128 channels); the estimate is the larger, plus a fixed :data:`PATCH_OVERHEAD_BYTES`.
+    Calibrated on the CPU (torch 2.13, growth of peak RSS during one forward in a fresh process after a warm-up):
+    widths 4–64, patches 16×32×32 to 64×128×128, measured 0.85–1.0× this estimate (e.g. width 16, 64×128×128:
+    1178 MiB measured, 1168 MiB estimated; width 32, 32×64×64: 193–204 MiB vs 232 MiB);
+    ``tests/test_rldfn_memory.py`` measures it in a subprocess.
     """
     return int(np.prod(shape)) * _bytes_per_voxel(width) + PATCH_OVERHEAD_BYTES
 
