@@ -37,7 +37,7 @@ from streamer.processor import CriticalOutputError, SinkFactory, StackProcessor,
 from streamer.sinks.npy_sink import NpyDirSink
 from streamer.textlimits import clip
 from streamer.recording import RecordingError, RecordingWriter
-from streamer.security import CurveServer, SecurityError, check_bind, secure_server_socket
+from streamer.security import CurveServer, SecurityError, check_bind, check_local_bind, secure_server_socket
 
 log = logging.getLogger(__name__)
 SERVICE_CONFIG_VERSION = 1
@@ -181,9 +181,9 @@ class Service:
         cfg = self.config
         check_bind(cfg.ingest, cfg.keys)
         # The control socket can stop the service and is not encrypted: it never leaves this machine.
-        check_bind(cfg.control, None)
+        check_local_bind(cfg.control, "control (--control)", cfg.keys)
         if cfg.display is not None:  # the display stream is not encrypted either
-            check_bind(cfg.display, None)
+            check_local_bind(cfg.display, "display (--display)", cfg.keys)
         reconstructing = cfg.mode in (PipelineMode.full, PipelineMode.sr_rl, PipelineMode.classical)
         if reconstructing and self.stage_factory == self.default_stages_fn:
             try:
@@ -460,8 +460,15 @@ class Service:
     def _control(self, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        next_refresh = 0.0
         try:
             while not self.stopped.is_set():
+                if self._curve is not None and time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + 1.0  # the allow-list folder is checked once a second
+                    try:
+                        self._curve.refresh()
+                    except Exception as err:  # an unreadable key: keep the previous list, say why
+                        log.warning("CURVE allow-list not reloaded: %s", clip(str(err)))
                 if not poller.poll(100):
                     if self._stop.is_set() and all(not t.is_alive() for t in self._threads[:2]):
                         break
