@@ -30,7 +30,15 @@ def test_kill_9_at_random_moment_loses_no_recorded_stack(tmp_path, seed):
     import stress_kill
 
     r = stress_kill.run_once(seed, tmp_path, n_stacks=30)
-    assert r["recorded"] > 0 and r["whole"] + r["partial"] > 0
+    assert r["recorded"] > 0 and r["whole"] + r["partial"] > 0 and r["written_twice"] == 0
+
+
+@pytest.mark.slow
+def test_kill_9_while_processing_writes_every_stack_exactly_once(tmp_path):
+    import stress_kill
+
+    r = stress_kill.run_once(7, tmp_path, n_stacks=20, phase="processing")
+    assert r["whole"] == 20 and r["written_twice"] == 0
 
 
 # --- fuzzing ------------------------------------------------------------------------------------------------------
