@@ -84,6 +84,8 @@ class ServiceConfig(BaseModel):
                                            "more is refused before anything is allocated (default: the larger of "
                                            "8 GB and half the RAM).")
     max_acquisitions: int = Field(16, ge=1, le=4096, description="Acquisitions open at once (outputs, workers).")
+    writer_threads: int = Field(4, ge=1, le=64, description="Threads writing the outputs of every acquisition (a "
+                                "fixed pool, plus one for the display).")
     acquisition_idle_s: float = Field(600.0, gt=0, le=1e7,
                                       description="Close an acquisition's outputs after this silence (reopened by "
                                       "its next message).")
@@ -137,6 +139,7 @@ class Service:
         self.processor: StackProcessor | None = None
         self.ingest_endpoint = self.control_endpoint = self.display_endpoint = ""
         self.final_summary: dict[str, Any] | None = None
+        self._pools: dict[str, Any] = {}  # shared writer threads, created with the first output
         for c in ("messages_received", "bytes_received", "messages_spilled"):
             self.metrics.declare(c)
 
@@ -146,6 +149,13 @@ class Service:
         weights = str(self.config.weights) if self.config.weights is not None else None
         return build_stages(self.config.mode, start.optics, device=self.config.device, weights=weights,
                             backend=self.config.backend)
+
+    def _pool(self, name: str, n: int) -> Any:
+        from streamer.sinks.pool import WriterPool
+
+        if name not in self._pools:
+            self._pools[name] = WriterPool(n, f"rllsm-{name}")
+        return self._pools[name]
 
     def default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
         from streamer.sinks import OmeTiffConfig, OmeZarrConfig, ThreadedSink, open_sink
@@ -166,12 +176,13 @@ class Service:
                 else:
                     inner = open_sink(OmeTiffConfig(directory=cfg.output / meta.acquisition_id, overwrite=True))
                 # block, not drop: processing may lag (the recording holds the raw data), the outputs must be whole
-                out.append((ThreadedSink(inner, on_full="block", critical=True, metrics=self.metrics), True))
+                out.append((ThreadedSink(inner, on_full="block", critical=True, metrics=self.metrics,
+                                         pool=self._pool("writer", cfg.writer_threads)), True))
         if self._display_pub is not None:
             from streamer.display import DisplaySink
 
             out.append((ThreadedSink(DisplaySink(self._display_pub), queue_size=1, on_full="drop_oldest",
-                                     critical=False, metrics=self.metrics), False))
+                                     critical=False, metrics=self.metrics, pool=self._pool("display", 1)), False))
         return out
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
@@ -289,6 +300,9 @@ class Service:
         return self.final_summary or {}
 
     def _close_resources(self) -> None:
+        for pool in self._pools.values():  # the processor closed every output: the writers have nothing left
+            pool.close()
+        self._pools.clear()
         if self._curve is not None:
             self._curve.close()
             self._curve = None
