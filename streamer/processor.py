@@ -38,7 +38,8 @@ from streamer.ledger import ResumeLedger
 from streamer.outputs import CriticalOutputError, OutputSet, VolumeRejected
 from streamer.pipeline import PipelineError
 from streamer.router import AcquisitionRouter, Run, SinkFactory, StageFactory
-from streamer.sinks.base import SinkError, VolumeMeta
+from streamer.sinks.base import SinkError, VolumeIndex
+from streamer.sinks.factory import volume_meta
 from streamer.sinks.npy_sink import NpyDirSink
 from streamer.status import MAX_LISTED, ProcessorStatus, RunState
 from streamer.textlimits import clip
@@ -338,9 +339,7 @@ class StackProcessor:
 
     def _outputs_for(self, run: Run, key: StackKey, shape: tuple[int, ...], dtype: str) -> OutputSet:
         if run.outputs is None:
-            start = run.start
-            meta = VolumeMeta.from_start(start, shape=tuple(shape), dtype=dtype) if start else VolumeMeta(
-                key.acquisition_id, tuple(shape), dtype, (1.0, 1.0, 1.0))
+            meta = volume_meta(run.chain, run.start, key.acquisition_id, shape, dtype)
             try:
                 sinks = self.router.sink_factory(meta)
             except (OSError, SinkError) as err:
@@ -368,6 +367,9 @@ class StackProcessor:
         self._quarantine(reason, stack=key)
 
     def _deliver(self, st: AssembledStack, volume: np.ndarray) -> None:
+        run_now = self.router.get(st.key.acquisition_id)
+        fitter = getattr(run_now.chain, "fitter", None) if run_now is not None else None
+        placement = fitter.pop() if fitter is not None else None  # one per volume the chain made, in order
         if volume.ndim != 3:  # the outputs cannot even be described by it: a stage error, not a service failure
             msg = self._stage_error(f"stack {st.key.label()}: the reconstruction returned a {volume.ndim}D array "
                                     f"{'×'.join(map(str, volume.shape))}, not a (z, y, x) volume")
@@ -385,6 +387,8 @@ class StackProcessor:
                 f"acquisition's output was set up for {'×'.join(map(str, out.meta.shape))} {out.meta.dtype}")
             self._skip(st, msg)
             return
+        if placement is not None and out.meta.placements is not None:
+            out.meta.placements.record(VolumeIndex(st.key.timepoint, st.key.channel), placement.as_dict())
         out.append(volume, st.key)
         self.metrics.inc("volumes_output")
         if st.received_at:
@@ -503,3 +507,4 @@ def format_summary(s: dict[str, Any]) -> str:
         parts.append(f"\n  quarantined {q.get('stack') or q.get('acquisition') or 'record ' + str(q.get('record'))}: "
                      f"{q['reason']}")
     return " ".join(parts)
+

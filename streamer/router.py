@@ -38,6 +38,7 @@ class Run:
     worker: StageWorker | None = None
     outputs: OutputSet | None = None
     stages_error: str | None = None  # the stages cannot be built: every stack is skipped with this reason
+    chain: Any = None  # the stage chain as built: what it declares about its output (grid, fitter, provenance)
 
 
 class AcquisitionRouter:
@@ -117,7 +118,8 @@ class AcquisitionRouter:
         if run.worker is None:
             if run.start is None:
                 run.start = self.default_start(key, data)
-            run.worker = StageWorker(self.stage_factory(run.start), device=self.device, observe=self.observe)
+            run.chain = self.stage_factory(run.start)
+            run.worker = StageWorker(run.chain, device=self.device, observe=self.observe)
         return run.worker
 
     def idle(self, now: float) -> list[str]:

@@ -29,12 +29,13 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.select import BackendConfig
+from engines.sources import ReconSources
+from engines.errors import RllsmRuntimeError
 from streamer.metrics import Metrics, MetricsError
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.decoding import make_work_check
 from streamer.ledger import ResumeLedger
 from streamer.processor import CriticalOutputError, SinkFactory, StackProcessor, StageFactory
-from streamer.sinks.npy_sink import NpyDirSink
 from streamer.textlimits import clip
 from streamer.recording import RecordingError, RecordingWriter
 from streamer.security import CurveServer, SecurityError, check_bind, check_local_bind, secure_server_socket
@@ -48,7 +49,7 @@ _BATCH = 16
 _BATCH_BYTES = 256 << 10
 
 
-class ServiceError(RuntimeError):
+class ServiceError(RllsmRuntimeError):
     """The service cannot start or had to stop; the text says why."""
 
 
@@ -67,6 +68,12 @@ class ServiceConfig(BaseModel):
     mode: PipelineMode = PipelineMode.classical
     device: str | None = Field(None, description="cpu, cuda, cuda:1; default: CUDA if torch sees one.")
     weights: Path | None = Field(None, description="Network weights folder for mode 'full' (default: demo weights).")
+    sources: ReconSources = Field(default_factory=ReconSources,
+                                  description="Model files as for `rllsm reconstruct`: VSI-SR checkpoint, OTF folder, "
+                                  "RL-DFN weights, measured PSFs (and/or a weights folder).")
+    fused_depth: int | None = Field(None, ge=1, le=100_000,
+                                    description="Planes of the fused output grid (default: fixed from the optics and "
+                                    "the first stack; later stacks are placed into it, anchored on the mirror).")
     backend: BackendConfig = Field(default_factory=BackendConfig,
                                    description="What runs the networks in mode 'full' (torch, onnxruntime, tensorrt).")
     stack_timeout_s: float = Field(5.0, gt=0, le=3600, description="Flag a stack incomplete after this silence.")
@@ -140,6 +147,7 @@ class Service:
         self.ingest_endpoint = self.control_endpoint = self.display_endpoint = ""
         self.final_summary: dict[str, Any] | None = None
         self._pools: dict[str, Any] = {}  # shared writer threads, created with the first output
+        self.datasets: dict[str, str] = {}  # acquisition id -> OME-Zarr/OME-TIFF path, for viewers (status)
         for c in ("messages_received", "bytes_received", "messages_spilled"):
             self.metrics.declare(c)
 
@@ -148,7 +156,8 @@ class Service:
     def _default_stages(self, start: Any) -> list[Stage]:
         weights = str(self.config.weights) if self.config.weights is not None else None
         return build_stages(self.config.mode, start.optics, device=self.config.device, weights=weights,
-                            backend=self.config.backend)
+                            backend=self.config.backend, sources=self.config.sources,
+                            fused_depth=self.config.fused_depth)
 
     def _pool(self, name: str, n: int) -> Any:
         from streamer.sinks.pool import WriterPool
@@ -158,26 +167,18 @@ class Service:
         return self._pools[name]
 
     def default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
-        from streamer.sinks import OmeTiffConfig, OmeZarrConfig, ThreadedSink, open_sink
+        from streamer.sinks import ThreadedSink
+        from streamer.sinks.factory import disk_outputs
 
-        out: list[tuple[Any, bool]] = []
         cfg = self.config
-        if cfg.output is not None:
-            if cfg.output_format == "npy":
-                out.append((NpyDirSink(cfg.output), True))
-            else:
-                if cfg.output_format == "zarr":
-                    path = cfg.output / f"{meta.acquisition_id}.ome.zarr"
-                    k = 2
-                    while path.exists():  # a resumed run continues in a new part rather than overwrite
-                        path = cfg.output / f"{meta.acquisition_id}.part{k}.ome.zarr"
-                        k += 1
-                    inner = open_sink(OmeZarrConfig(path=path))
-                else:
-                    inner = open_sink(OmeTiffConfig(directory=cfg.output / meta.acquisition_id, overwrite=True))
-                # block, not drop: processing may lag (the recording holds the raw data), the outputs must be whole
-                out.append((ThreadedSink(inner, on_full="block", critical=True, metrics=self.metrics,
-                                         pool=self._pool("writer", cfg.writer_threads)), True))
+        # one place opens the disk outputs for serve, replay and demo (a restart resumes the same dataset); their
+        # writers share a fixed pool of threads, however many acquisitions are open
+        out = disk_outputs(cfg.output_format, cfg.output, meta, threaded=True, metrics=self.metrics,
+                           pool=self._pool("writer", cfg.writer_threads))
+        if cfg.output is not None and cfg.output_format != "npy":  # named in status, for viewers to follow
+            from streamer.sinks.factory import output_path
+
+            self.datasets[meta.acquisition_id] = str(output_path(cfg.output_format, cfg.output, meta.acquisition_id))
         if self._display_pub is not None:
             from streamer.display import DisplaySink
 
@@ -539,6 +540,8 @@ class Service:
             snap["quarantined_total"] = ps.quarantined_total
             snap["output_drops"] = ps.output_drops
         snap["ingest"] = self.ingest_endpoint
+        snap["display"] = self.display_endpoint or None
+        snap["datasets"] = dict(self.datasets)
         snap["state"] = "error" if self.error else ("stopping" if self._stop.is_set() else "running")
         snap["error"] = clip(str(self.error)) if self.error else None
         return snap
