@@ -287,9 +287,9 @@ class StackProcessor:
             self.metrics.inc("stacks_complete")
         else:
             self.metrics.inc("stacks_incomplete")
-            missing = ranges(st.missing)
-            info = {"stack": clip(st.key.label(), 200), "missing_planes": [int(z) for z in st.missing[:64]],
-                    "n_missing": len(st.missing), "missing": missing, "reason": clip(st.reason, 200),
+            missing = ranges(st.missing_idx)
+            info = {"stack": clip(st.key.label(), 200), "missing_planes": st.missing_idx[:64].tolist(),
+                    "n_missing": int(st.missing_idx.size), "missing": missing, "reason": clip(st.reason, 200),
                     "records": list(st.records)}
             with self._lock:
                 self.incomplete.append(info)
