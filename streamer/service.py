@@ -37,7 +37,7 @@ from streamer.ledger import ResumeLedger
 from streamer.processor import CriticalOutputError, SinkFactory, StackProcessor, StageFactory
 from streamer.textlimits import clip
 from streamer.recording import RecordingError, RecordingWriter
-from streamer.security import CurveServer, SecurityError, check_bind, secure_server_socket
+from streamer.security import CurveServer, SecurityError, check_bind, check_local_bind, secure_server_socket
 
 log = logging.getLogger(__name__)
 SERVICE_CONFIG_VERSION = 1
@@ -79,7 +79,7 @@ class ServiceConfig(BaseModel):
     max_open_stacks: int = Field(64, ge=1, le=100_000)
     max_stack_gb: float = Field(8.0, gt=0, le=4096, description="Largest stack accepted; bigger ones are rejected.")
     cache_messages: int = Field(256, ge=1, le=1_000_000, description="Messages kept in memory for the processor.")
-    cache_mb: float = Field(256.0, gt=0, le=1 << 20,
+    cache_mb: float = Field(64.0, gt=0, le=1 << 20,
                             description="Bytes of messages kept in memory for the processor (the rest is read back "
                             "from the recording).")
     max_message_mb: float = Field(2048.0, gt=0, le=1 << 22,
@@ -175,9 +175,9 @@ class Service:
         cfg = self.config
         check_bind(cfg.ingest, cfg.keys)
         # The control socket can stop the service and is not encrypted: it never leaves this machine.
-        check_bind(cfg.control, None)
+        check_local_bind(cfg.control, "control (--control)", cfg.keys)
         if cfg.display is not None:  # the display stream is not encrypted either
-            check_bind(cfg.display, None)
+            check_local_bind(cfg.display, "display (--display)", cfg.keys)
         reconstructing = cfg.mode in (PipelineMode.full, PipelineMode.sr_rl, PipelineMode.classical)
         if reconstructing and self.stage_factory == self.default_stages_fn:
             try:
@@ -454,8 +454,15 @@ class Service:
     def _control(self, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        next_refresh = 0.0
         try:
             while not self.stopped.is_set():
+                if self._curve is not None and time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + 1.0  # the allow-list folder is checked once a second
+                    try:
+                        self._curve.refresh()
+                    except Exception as err:  # an unreadable key: keep the previous list, say why
+                        log.warning("CURVE allow-list not reloaded: %s", clip(str(err)))
                 if not poller.poll(100):
                     if self._stop.is_set() and all(not t.is_alive() for t in self._threads[:2]):
                         break

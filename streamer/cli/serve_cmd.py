@@ -59,6 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-keys", type=Path, metavar="DIR", help="create server/client CURVE keys in DIR and exit")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this loopback port")
     p.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    p.add_argument("--max-message-mb", type=float, default=2048.0, metavar="MB",
+                   help="largest message part accepted; ZMQ refuses a bigger one before allocating it (%(default)s)")
+    p.add_argument("--cache-mb", type=float, default=64.0, metavar="MB",
+                   help="received messages kept in memory for the processor; the rest is read back from the "
+                   "recording (%(default)s)")
+    p.add_argument("--memory-budget-gb", type=float, metavar="GB",
+                   help="memory one stack's reconstruction may use; bigger stacks are refused before anything is "
+                   "allocated (default: the larger of 8 GB and half the RAM)")
+    p.add_argument("--max-acquisitions", type=int, default=16, metavar="N",
+                   help="acquisitions open at once; one more closes the one idle longest (%(default)s)")
+    p.add_argument("--acquisition-idle", type=float, default=600.0, metavar="S",
+                   help="close an acquisition's outputs after S seconds without a message (%(default)s)")
     from streamer.cli.backend_options import add_backend_args
     from streamer.cli.model_options import add_model_args
 
@@ -103,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
             sources=sources, fused_depth=args.fused_depth, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
+            max_message_mb=args.max_message_mb, cache_mb=args.cache_mb, memory_budget_gb=args.memory_budget_gb,
+            max_acquisitions=args.max_acquisitions, acquisition_idle_s=args.acquisition_idle,
         )
     except ValidationError as err:
         raise CLIError(describe_validation_error(err, "serve settings")) from None

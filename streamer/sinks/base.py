@@ -8,13 +8,21 @@ A sink receives fused volumes ``(z, y, x)`` in the order the pipeline finishes t
 
 Sinks themselves are synchronous and single-threaded; :class:`~streamer.sinks.threaded.ThreadedSink` puts any of them
 behind a bounded queue and a writer thread so the acquisition never waits on a disk.
+
+**Done confirmation (exactly once after a kill).** The service marks a stack done in its resume ledger only when
+every critical output holds it. A sink *may* offer ``add_done_listener(fn)`` (see :class:`ConfirmingSink`):
+``fn(index: VolumeIndex, stored: bool)`` is then called — from any thread — after the volume (``stored=True``) or its
+skip (``False``) is durably written, i.e. would survive a kill -9 of the process right after the call. A sink without
+it is taken to have finished when ``append``/``skip`` returns. ``ThreadedSink`` implements it for the sink it wraps
+(after the inner call returns, in the writer thread) and forwards it to an inner sink that offers it itself (e.g. one
+that buffers chunks and knows when they are flushed). A volume that fails is never confirmed: it is redone on restart.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -259,3 +267,11 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Finish the output (flush, final metadata); idempotent."""
+
+
+@runtime_checkable
+class ConfirmingSink(Sink, Protocol):
+    """A :class:`Sink` that says when each volume is durably written (see the module docstring)."""
+
+    def add_done_listener(self, fn: Callable[[VolumeIndex, bool], None]) -> None:
+        """Call ``fn(index, stored)`` after the volume at ``index`` (or its skip) is durably written."""
