@@ -353,7 +353,7 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
 
     def fuse_placed(fuse: Callable[[Any], Any]) -> Callable[[Any], Any]:
         # placed inside the fuse stage (a crop or pad: negligible beside the fusion), so the stage names stay
-        return lambda views: fitter.place(np.asarray(fuse(views)), last.pop("report", None))
+        return lambda views: fitter.place(_host(fuse(views)), last.pop("report", None))
 
     wrap = {"split_views": lambda fn: split_keep, "fuse": fuse_placed}
     stages = [(name, wrap[name](fn) if name in wrap else fn) for name, fn in rec.stages()]
@@ -369,6 +369,13 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
         "grid": {"anchor": fitter.grid.anchor, "depth": fused_depth},
     }
     return StageChain(stages, grid=fitter.grid, fitter=fitter, provenance=provenance)
+
+
+def _host(x: Any) -> np.ndarray:
+    """A fused volume as a host array, whether a stage left it in numpy or in a (device) tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None,
