@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.errors import RllsmRuntimeError
 from streamer.assembly import StackKey
 from streamer.sinks.base import Sink, SinkError, SinkStateError, VolumeIndex, VolumeMeta
 from streamer.textlimits import clip
@@ -29,11 +30,11 @@ from streamer.textlimits import clip
 log = logging.getLogger(__name__)
 
 
-class CriticalOutputError(RuntimeError):
+class CriticalOutputError(RllsmRuntimeError):
     """A critical output (recording, disk writer) failed; the run stops cleanly, the recording stays intact."""
 
 
-class VolumeRejected(RuntimeError):
+class VolumeRejected(RllsmRuntimeError):
     """A critical output refused one volume (or one acquisition's setup) for a reason other than the disk."""
 
 

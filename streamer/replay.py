@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from engines.errors import RllsmRuntimeError
 from streamer.metrics import Metrics
 from streamer.pipeline import PipelineMode, build_stages
 from streamer.ledger import ResumeLedger
@@ -25,7 +26,7 @@ from streamer.recording import RecordingReader
 log = logging.getLogger(__name__)
 
 
-class ReplayError(RuntimeError):
+class ReplayError(RllsmRuntimeError):
     """The replay cannot go on; the text says why."""
 
 

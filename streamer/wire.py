@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from engines.config import OpticsConfig, describe_validation_error
+from engines.errors import RllsmValueError
 
 WIRE_VERSION = 1
 # Documented limits (docs/streaming.md); a message outside them is refused with a typed error, never processed.
@@ -48,7 +49,7 @@ class MessageKind(StrEnum):
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
-class WireError(ValueError):
+class WireError(RllsmValueError):
     """A message that does not follow the wire schema; the text says what was wrong."""
 
 

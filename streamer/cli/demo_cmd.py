@@ -86,9 +86,9 @@ def choose_mode(requested: str, optics: Any) -> str:
     if requested != "auto":
         return requested
     try:
-        from engines.reconstruct import demo_models
+        from engines.support import resolve_mode  # the one default-mode rule of every command
 
-        return "sr-rl" if demo_models(optics) is not None else "classical"
+        return resolve_mode(requested)
     except ImportError:
         return "deskew"
 

@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="output_format", choices=["zarr", "tiff", "npy"], default="npy",
                    help="with --offline: OME-Zarr, OME-TIFF or .npy files, written exactly as `rllsm serve --format` "
                    "writes them (default %(default)s, the format to diff against a live run's npy output)")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical",
-                   help="with --offline: what to do with each stack (default %(default)s, as `rllsm serve`)")
+    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical", "deskew", "none"], default="auto",
+                   help="with --offline: what to do with each stack (default %(default)s: the best that the "
+                   "available weights support, as `rllsm serve`)")
     p.add_argument("--device", help="cpu, cuda (default: CUDA if present)")
     p.add_argument("--fused-depth", type=int, metavar="N",
                    help="with --offline: planes of the fused output grid, as for `rllsm serve`")
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.support import resolve_mode
     from streamer.cli import CLIError
     from streamer.pipeline import PipelineError
     from streamer.recording import RecordingError
@@ -48,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
             from streamer.cli.backend_options import backend_config_from_args
             from streamer.cli.model_options import sources_from_args
 
-            summary = replay_offline(args.recording, args.out, mode=args.mode, device=args.device,
-                                     timeout_s=args.stack_timeout, sources=sources_from_args(args),
+            src = sources_from_args(args)
+            mode = resolve_mode(args.mode, vsisr=src.checkpoint is not None or src.weights is not None,
+                                rldfn=src.model is not None or src.weights is not None)
+            summary = replay_offline(args.recording, args.out, mode=mode, device=args.device,
+                                     timeout_s=args.stack_timeout, sources=src,
                                      output_format=args.output_format, fused_depth=args.fused_depth,
                                      backend=backend_config_from_args(args))
         else:

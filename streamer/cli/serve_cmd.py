@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--display", metavar="ENDPOINT", default="tcp://127.0.0.1:5556",
                    help="PUB endpoint of the live display stream: volumes + MIPs, latest wins (default %(default)s; "
                    "'none' turns it off)")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical",
-                   help="what to do with each stack (default %(default)s; docs/streaming.md)")
+    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical", "deskew", "none"], default="auto",
+                   help="what to do with each stack (default %(default)s: the best that the available weights "
+                   "support, as every command; docs/streaming.md)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--fused-depth", type=int, metavar="N",
                    help="planes of the fused output grid (default: fixed from the optics and the first stack)")
@@ -80,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.support import resolve_mode
     from streamer.cli import CLIError
     from streamer.security import SecurityError, generate_keys
     from streamer.service import Service, ServiceConfig, ServiceError
@@ -111,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = ServiceConfig(
             ingest=args.ingest, control=args.control, recording=args.recording, output=args.out,
             output_format=args.output_format, display=None if args.display == "none" else args.display,
-            mode=args.mode, device=args.device,
+            mode=resolve_mode(args.mode, vsisr=sources.checkpoint is not None or sources.weights is not None,
+                              rldfn=sources.model is not None or sources.weights is not None),
+            device=args.device,
             sources=sources, fused_depth=args.fused_depth, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     except (ServiceError, SecurityError) as err:
         raise CLIError(str(err)) from None
     # Scripts (and the kill -9 tests) read this line to learn the bound endpoints.
-    print(json.dumps({"ingest": svc.ingest_endpoint, "control": svc.control_endpoint}), flush=True)
+    print(json.dumps({"ingest": svc.ingest_endpoint, "control": svc.control_endpoint,
+                      "display": svc.display_endpoint or None}), flush=True)
 
     def _term(signum: int, frame: Any) -> None:
         svc._stop.set()

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from engines.errors import RllsmRuntimeError
+
 if TYPE_CHECKING:
     from engines.config import OpticsConfig
     from streamer.wire import AcquisitionStart
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
-class SinkError(RuntimeError):
+class SinkError(RllsmRuntimeError):
     """An output could not do its job; the text says which output, what and where."""
 
 
