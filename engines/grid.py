@@ -87,7 +87,8 @@ def fit_to_grid(volume: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.nda
     pads = (shape[0] - volume.shape[0], shape[1] - volume.shape[1], shape[2] - volume.shape[2])
     if pads == (0, 0, 0):
         return volume, pads
-    out = np.zeros(shape, dtype=volume.dtype)
+    # a device tensor is placed where it is (the service's chain stays on the GPU until the volume is published)
+    out = volume.new_zeros(shape) if hasattr(volume, "new_zeros") else np.zeros(shape, dtype=volume.dtype)
     src, dst = zip(*(_fit_axis(n_in, n_out, a) for n_in, n_out, a in zip(volume.shape, shape, ("end", "c", "c"))))
     out[dst] = volume[src]
     return out, pads

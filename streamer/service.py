@@ -143,6 +143,7 @@ class Service:
         self.processor: StackProcessor | None = None
         self.ingest_endpoint = self.control_endpoint = self.display_endpoint = ""
         self.final_summary: dict[str, Any] | None = None
+        self.datasets: dict[str, str] = {}  # acquisition id -> OME-Zarr/OME-TIFF path, for viewers (status)
         for c in ("messages_received", "bytes_received", "messages_spilled"):
             self.metrics.declare(c)
 
@@ -161,6 +162,10 @@ class Service:
         cfg = self.config
         # one place opens the disk outputs for serve, replay and demo (a restart resumes the same dataset)
         out = disk_outputs(cfg.output_format, cfg.output, meta, threaded=True, metrics=self.metrics)
+        if cfg.output is not None and cfg.output_format != "npy":  # named in status, for viewers to follow
+            from streamer.sinks.factory import output_path
+
+            self.datasets[meta.acquisition_id] = str(output_path(cfg.output_format, cfg.output, meta.acquisition_id))
         if self._display_pub is not None:
             from streamer.display import DisplaySink
 
@@ -512,6 +517,8 @@ class Service:
             snap["quarantined_total"] = ps.quarantined_total
             snap["output_drops"] = ps.output_drops
         snap["ingest"] = self.ingest_endpoint
+        snap["display"] = self.display_endpoint or None
+        snap["datasets"] = dict(self.datasets)
         snap["state"] = "error" if self.error else ("stopping" if self._stop.is_set() else "running")
         snap["error"] = clip(str(self.error)) if self.error else None
         return snap

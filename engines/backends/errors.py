@@ -51,3 +51,7 @@ class EngineMismatchError(BackendError):
 
 class ModelSourceError(BackendError, FileNotFoundError):
     """The model file or export directory handed to a backend is missing or of the wrong kind."""
+
+
+class ExportFailedError(BackendError):
+    """Exporting a checkpoint for a runtime backend failed (raised by an installed exporter)."""

@@ -210,7 +210,9 @@ def fuse_files(
             else:
                 from engines.backends import BackendError
                 from engines.backends.networks import open_network
+                from streamer.pipeline import install_exporter
 
+                install_exporter()  # --backend onnxruntime with a checkpoint: export it on first use
                 try:
                     net = open_network("rl-dfn", model, backend)  # type: ignore[arg-type]
                 except BackendError as err:

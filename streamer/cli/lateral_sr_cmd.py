@@ -94,6 +94,9 @@ def lateral_sr_file(
         log.warning("using the shipped DEMO VSI-SR weights, trained on simulated data only: not for real specimens")
     from engines.backends import BackendError
     from engines.backends.networks import open_network
+    from streamer.pipeline import install_exporter
+
+    install_exporter()  # --backend onnxruntime with a checkpoint: export it on first use
 
     try:
         model = load_checkpoint(checkpoint) if backend is None else open_network("vsi-sr", checkpoint, backend)

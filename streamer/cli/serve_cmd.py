@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     except (ServiceError, SecurityError) as err:
         raise CLIError(str(err)) from None
     # Scripts (and the kill -9 tests) read this line to learn the bound endpoints.
-    print(json.dumps({"ingest": svc.ingest_endpoint, "control": svc.control_endpoint}), flush=True)
+    print(json.dumps({"ingest": svc.ingest_endpoint, "control": svc.control_endpoint,
+                      "display": svc.display_endpoint or None}), flush=True)
 
     def _term(signum: int, frame: Any) -> None:
         svc._stop.set()
