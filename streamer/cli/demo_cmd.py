@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         from streamer.cli.backend_options import backend_config_from_args
         from streamer.cli.progress import heartbeat
 
-        with heartbeat("demo", disable=getattr(args, "quiet", False)):  # start-up (imports, weights) and streaming show as elapsed time
+        # Start-up (imports, weights) and streaming show as a moving elapsed time.
+        with heartbeat("demo", disable=getattr(args, "quiet", False)):
             summary = run_demo(args.out, timepoints=args.timepoints, shape=shape, mode=args.mode,
                                device=args.device, seed=args.seed, timeout_s=args.timeout,
                                backend=backend_config_from_args(args))
