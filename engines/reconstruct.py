@@ -22,12 +22,13 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engines.background import BackgroundParams, PreprocessReport, preprocess_tensor
 from engines.config import OpticsConfig
 from engines.device import default_memory_budget_gb, pick_device, to_device, to_host
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 from engines.views import ViewsParams, ViewsReport, split_views_tensor
 
 Mode = Literal["full", "sr-rl", "classical"]
@@ -40,10 +41,8 @@ class ReconstructError(RllsmValueError):
     """The chain cannot run with what it was given (missing weights or OTFs, unusable shapes)."""
 
 
-class ReconstructParams(BaseModel):
+class ReconstructParams(StrictModel):
     """Parameters of the whole chain; each step keeps its own model with the reference's defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     mode: Mode = Field("classical", description="full: VSI-SR + RL-DFN; sr-rl: VSI-SR + joint Richardson–Lucy "

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engines.backends.select import BackendConfig
 from engines.sources import ReconSources
 from engines.errors import RllsmRuntimeError
+from engines.support import StrictModel
 from streamer.metrics import Metrics, MetricsError
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.decoding import make_work_check
@@ -53,10 +54,8 @@ class ServiceError(RllsmRuntimeError):
     """The service cannot start or had to stop; the text says why."""
 
 
-class ServiceConfig(BaseModel):
+class ServiceConfig(StrictModel):
     """Everything ``rllsm serve`` needs; every field has a CLI flag of the same name."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = SERVICE_CONFIG_VERSION
     ingest: str = Field("tcp://127.0.0.1:5555", description="Where the PULL socket binds (port 0: a free one).")

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, metavar="IN", help="raw stack (3-D TIFF) or a folder of them")
     p.add_argument("output", type=Path, metavar="OUT", help="output TIFF (for one input) or folder")
-    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical"], default="auto",
+    from engines.support import Mode
+
+    p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.AUTO.value,
                    help="full: VSI-SR + RL-DFN; sr-rl: VSI-SR + joint Richardson–Lucy fusion (no RL-DFN weights "
                    "needed); classical: joint Richardson–Lucy fusion, no network; auto: the best that the "
                    "available weights support")
