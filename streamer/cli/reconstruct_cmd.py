@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if present)")
     p.add_argument("--float32", action="store_true", help="write float32 instead of uint16 scaled to 0–65535")
     add_optics_args(p)
+    from streamer.distributed.cli import add_cluster_args
+
+    add_cluster_args(p, "one task per stack on a Dask cluster, all written to one OME-Zarr (OUT, or "
+                     "OUT/reconstructed.ome.zarr), resumable; docs/distributed.md")
     from streamer.cli.backend_options import add_backend_args
 
     add_backend_args(p, device=False)  # both networks; --checkpoint/--model may then be `rllsm export` folders
@@ -76,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if not inputs:
         raise CLIError(f"no *.tif stacks in {args.input}")
     many = args.input.is_dir() or len(inputs) > 1
+    if args.workers is not None or args.scheduler is not None:
+        from streamer.distributed.cli import run_reconstruct
+
+        return run_reconstruct(args, inputs)
     try:
         rec = build_reconstructor(args, optics)
     except ValidationError as err:  # a ValueError too, but pydantic's own text spans several lines
