@@ -101,14 +101,19 @@ class StackProcessor:
         File recording which stacks are fully output (for resume); None disables resume.
     device
         Compute device of the stage worker.
+    worker_factory
+        ``AcquisitionStart → worker`` with :class:`StageWorker`'s interface, used instead of ``stage_factory`` (e.g.
+        :class:`streamer.distributed.live.DaskStageWorker`); it may hand back an exception as a stack's result.
     """
 
     def __init__(
         self, stage_factory: StageFactory, sink_factory: SinkFactory, metrics: Any, *, timeout_s: float = 5.0,
         max_open: int = 64, done_log: str | os.PathLike[str] | None = None, device: str | None = None,
         process_incomplete: bool = False, max_stack_bytes: int = 8 << 30,
+        worker_factory: Callable[[AcquisitionStart], Any] | None = None,
     ) -> None:
         self.stage_factory = stage_factory
+        self.worker_factory = worker_factory
         self.sink_factory = sink_factory
         self.metrics = metrics
         self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes)
@@ -249,7 +254,10 @@ class StackProcessor:
         worker = self.workers.get(acq)
         if worker is None:
             try:
-                stages = self.stage_factory(self._start_of(st.key, st.data))
+                if self.worker_factory is not None:
+                    self.workers[acq] = worker = self.worker_factory(self._start_of(st.key, st.data))
+                else:
+                    stages = self.stage_factory(self._start_of(st.key, st.data))
             except Exception as err:  # missing weights, unusable optics...: say so for every stack, keep recording
                 self.metrics.inc("stage_errors")
                 msg = f"cannot build the reconstruction for {acq}: {type(err).__name__}: {err}"
@@ -257,7 +265,8 @@ class StackProcessor:
                 log.error("%s", msg)
                 self._skip(st, msg)
                 return
-            worker = self.workers[acq] = StageWorker(stages, device=self.device, observe=self.metrics.observe)
+            if worker is None:
+                worker = self.workers[acq] = StageWorker(stages, device=self.device, observe=self.metrics.observe)
         try:
             finished = worker.submit(st.data, st)
         except PipelineError as err:  # one bad stack must not stop the stream: count it, say which, go on
@@ -290,7 +299,13 @@ class StackProcessor:
             self.metrics.inc("display_errors")
             log.warning("output '%s' %s failed (non-critical, skipped): %s", sink.name, what, err)
 
-    def _deliver(self, st: AssembledStack, volume: np.ndarray) -> None:
+    def _deliver(self, st: AssembledStack, volume: np.ndarray | BaseException) -> None:
+        if isinstance(volume, BaseException):  # a remote worker's failure on this stack: as a stage error here
+            self.metrics.inc("stage_errors")
+            self.last_errors.append(str(volume))
+            log.error("%s", volume)
+            self._skip(st, f"processing failed: {volume}")
+            return
         if volume.ndim != 3:  # the outputs cannot even be described by it: a stage error, not a service failure
             self.metrics.inc("stage_errors")
             msg = (f"stack {st.key.label()}: the reconstruction returned a {volume.ndim}D array "

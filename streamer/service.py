@@ -74,6 +74,9 @@ class ServiceConfig(BaseModel):
     keys: Path | None = Field(None, description="CURVE key folder (see `rllsm serve --gen-keys`).")
     process_incomplete: bool = Field(False, description="Reconstruct incomplete stacks (zero-filled) too.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None: off.")
+    scheduler: str | None = Field(None, description="Dask scheduler to reconstruct on (docs/distributed.md); None: "
+                                  "in this process.")
+    max_in_flight: int = Field(4, ge=1, le=10_000, description="With a scheduler: stacks out on the cluster at most.")
 
 
 class Service:
@@ -177,10 +180,16 @@ class Service:
             self._close_resources()
             raise ServiceError(str(err)) from None
         self.metrics.set_gauge("recording_recovered_bytes", self.recording.recovered_bytes)
+        self._dask = None
+        if cfg.scheduler is not None and reconstructing:  # the stage chain runs on the cluster's workers
+            from streamer.distributed.live import connect_live
+
+            self._dask, workers = connect_live(cfg, self.metrics, self._close_resources)
         self.processor = StackProcessor(
             self.stage_factory, self.sink_factory, self.metrics, timeout_s=cfg.stack_timeout_s,
             max_open=cfg.max_open_stacks, done_log=cfg.recording / "done.log", device=cfg.device,
             process_incomplete=cfg.process_incomplete, max_stack_bytes=int(cfg.max_stack_gb * 1e9),
+            worker_factory=workers if self._dask is not None else None,
         )
         self._resume_from = self._published = len(self.recording)
         pull = self.ctx.socket(zmq.PULL)
@@ -261,6 +270,9 @@ class Service:
         return self.final_summary or {}
 
     def _close_resources(self) -> None:
+        if getattr(self, "_dask", None) is not None:
+            self._dask.close()
+            self._dask = None
         if self._curve is not None:
             self._curve.close()
             self._curve = None

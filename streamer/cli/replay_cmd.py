@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path, help="network weights folder for --mode full")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S", help="as for `rllsm serve`")
     p.add_argument("--keys", nargs=2, metavar=("CLIENT_SECRET", "SERVER_PUBLIC"), help="CURVE client keys")
+    from streamer.distributed.cli import add_cluster_args
+
+    add_cluster_args(p, "with --offline, one task per stack, each written to DIR/<acquisition>.ome.zarr, resumable")
     from streamer.cli.backend_options import add_backend_args
 
     add_backend_args(p, device=False)  # --offline, mode full: what runs the networks
@@ -33,12 +36,19 @@ def run(args: argparse.Namespace) -> int:
     from streamer.recording import RecordingError
     from streamer.replay import ReplayError, parse_speed, replay_offline, replay_to
 
+    if not args.offline and (args.workers is not None or args.scheduler is not None):
+        raise CLIError("--workers/--scheduler go with --offline (a service given with --connect runs its own)")
     try:
         if args.offline:
             if args.out is None:
                 raise CLIError("--offline needs --out DIR")
             from streamer.cli.backend_options import backend_config_from_args
 
+            if args.workers is not None or args.scheduler is not None:
+                from streamer.distributed.cli import run_replay
+
+                print(json.dumps(run_replay(args, backend_config_from_args(args)), indent=1, default=str))
+                return 0
             summary = replay_offline(args.recording, args.out, mode=args.mode, device=args.device,
                                      timeout_s=args.stack_timeout, weights=args.weights,
                                      backend=backend_config_from_args(args))

@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-keys", type=Path, metavar="DIR", help="create server/client CURVE keys in DIR and exit")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this loopback port")
     p.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    from streamer.distributed.cli import add_cluster_args
+
+    add_cluster_args(p, "", workers=False)
+    p.add_argument("--max-in-flight", type=int, default=4, metavar="N",
+                   help="with --scheduler: stacks out on the cluster at most (default %(default)s)")
     from streamer.cli.backend_options import add_backend_args
 
     add_backend_args(p, device=False)  # mode full: what runs VSI-SR and RL-DFN
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             weights=args.weights, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
+            scheduler=args.scheduler, max_in_flight=args.max_in_flight,
         )
     except ValidationError as err:
         raise CLIError(describe_validation_error(err, "serve settings")) from None

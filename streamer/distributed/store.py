@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,9 @@ def write_volume(store: str | os.PathLike[str], t: int, c: int, volume: np.ndarr
     canvas = tuple(arr.shape[2:])
     if any(v > s for v, s in zip(volume.shape, canvas)):
         raise DoesNotFit(tuple(volume.shape))
+    # An earlier attempt killed mid-write may have left a torn shard, which zarr would try to merge with (a shard
+    # overhanging the canvas edge is written partially); the folder holds this volume's shards and nothing else.
+    shutil.rmtree(Path(store) / ARRAY / "c" / str(t) / str(c), ignore_errors=True)
     if tuple(volume.shape) == canvas:
         arr[t, c] = volume
     else:  # the whole slot, so that nothing of an earlier, larger attempt survives around it
@@ -195,10 +199,20 @@ class Ledger:
 
     def append(self, entry: LedgerEntry) -> None:
         if self._fh is None:
+            self._cut_torn_tail()
             self._fh = open(self.path, "a", buffering=1)
         doc = dict(entry.__dict__, shape=list(entry.shape))
         self._fh.write(json.dumps(doc) + "\n")
         self.entries.append(entry)
+
+    def _cut_torn_tail(self) -> None:
+        """A line cut short by a killed driver would swallow the next one appended: drop it first."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
 
     def close(self) -> None:
         if self._fh is not None:
