@@ -140,6 +140,7 @@ def test_resumed_run_makes_only_missing_or_damaged_volumes(cluster, full_run, ra
     assert (again.computed, again.resumed) == (0, N_VOLUMES)
 
 
+@pytest.mark.slow
 def test_killing_a_worker_mid_run_still_yields_every_volume_exactly_once(cluster, raw_dir, in_process, tmp_path):
     lc, client = cluster
     result: dict = {}
@@ -166,6 +167,7 @@ def test_killing_a_worker_mid_run_still_yields_every_volume_exactly_once(cluster
     client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed worker for the tests after this one
 
 
+@pytest.mark.slow
 def test_a_volume_that_fails_every_try_is_reported_and_the_rest_completes(cluster, raw_dir, in_process, tmp_path):
     lc, _ = cluster
     raw = tmp_path / "raw"
@@ -206,16 +208,20 @@ def _simulated_messages(n: int) -> list:
 
     cfg = make_sim_config(shape=SHAPE, structure="filaments", n_objects=4)
     rng = np.random.default_rng(3)
+    base, _ = simulate_stack(cfg, seed=200)
     msgs = [start_msg("acq", SHAPE[0], SHAPE[1:], optics=cfg.optics, n_timepoints=n)]
     for t in range(n):
-        stack, _ = simulate_stack(cfg, seed=200 + t)
-        msgs += stack_frames("acq", t, stack.raw, rng, len(msgs))
+        # one sample with fresh camera noise per timepoint: the mirror, hence the fused shape, stays put, as the
+        # service's outputs (fixed at the first volume) need
+        raw = base.raw + rng.poisson(3.0, base.raw.shape).astype(base.raw.dtype)
+        msgs += stack_frames("acq", t, raw, rng, len(msgs))
     return msgs + [end_msg("acq", len(msgs), len(msgs))]
 
 
+@pytest.mark.slow
 def test_serve_on_a_scheduler_writes_what_the_in_process_replay_writes(cluster, tmp_path):
     lc, _ = cluster
-    n = 4
+    n = 3
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", recording=tmp_path / "rec",
                         output=tmp_path / "live", output_format="npy", mode="classical", device="cpu",
                         stack_timeout_s=30.0, scheduler=lc.scheduler_address, max_in_flight=2)

@@ -44,7 +44,7 @@ class DaskStageWorker:
     retries
         Re-runs of a task that raised (a task lost with its worker is rerun by the scheduler anyway).
     observe
-        ``observe(name, seconds)``: the worker-side compute time of each stack goes there as ``"remote"``.
+        ``observe(name, seconds)``: each stage's time on the worker, and ``cluster_round_trip`` (send → result).
     """
 
     def __init__(self, client: Any, recipe: Recipe, *, max_in_flight: int = 4, retries: int = 2,
@@ -77,14 +77,15 @@ class DaskStageWorker:
             if not fut.done() and not block:
                 break
             try:
-                vol, worker, seconds = fut.result()
+                vol, worker, seconds, stages = fut.result()
             except Exception as err:  # noqa: BLE001 — handed to the processor, which counts and skips the stack
                 result: Any = PipelineError(f"cluster task failed on {token}: {type(err).__name__}: {err}")
             else:
                 result = vol
                 self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
-                self.observe("remote", seconds)
-                self.observe("round_trip", time.perf_counter() - t0)
+                for name, s in stages.items():  # the same stage names as in-process, timed on the worker
+                    self.observe(name, s)
+                self.observe("cluster_round_trip", time.perf_counter() - t0)
             fut.release()
             self._pending.popleft()
             out.append((token, result))

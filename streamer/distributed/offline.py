@@ -21,7 +21,8 @@ from streamer.distributed.tasks import RecordedInput, TiffInput
 from streamer.sinks.base import VolumeMeta
 
 log = logging.getLogger(__name__)
-_TC = re.compile(r"(?:^|[_\-.])t(\d+)(?:[_\-.]|$)|(?:^|[_\-.])(?:c|ch)(\d+)(?:[_\-.]|$)", re.IGNORECASE)
+# a token between separators (or the ends): t12, c1, ch1 (lookarounds, so that neighbouring tokens share a separator)
+_TC = re.compile(r"(?<![^_\-. ])(?:t(\d+)|ch?(\d+))(?![^_\-. ])", re.IGNORECASE)
 _NOT_RECIPE = {"func", "input", "output", "workers", "scheduler", "keep_intermediates", "command", "verbose", "quiet",
                "log_level"}
 _SOURCES = ("checkpoint", "otf_dir", "model", "psf", "psf_a", "psf_b", "config")

@@ -151,10 +151,14 @@ def service_stages(mode: str, optics: Any, device: str | None = None, weights: s
     """The service's stage chain for ``mode`` (what ``rllsm serve`` and ``rllsm replay --offline`` run)."""
     from streamer.pipeline import StageWorker, build_stages
 
-    worker = StageWorker(build_stages(mode, optics, device=device, weights=weights, backend=backend), device=device)
+    timings: dict[str, float] = {}
+    worker = StageWorker(build_stages(mode, optics, device=device, weights=weights, backend=backend), device=device,
+                         observe=timings.__setitem__)
 
     def run(raw: np.ndarray) -> np.ndarray:
+        timings.clear()
         done = worker.submit(raw, None) + worker.drain()
         return np.asarray(done[-1][1])
 
+    run.timings_s = timings  # type: ignore[attr-defined]  # per-stage seconds of the last stack, for the service
     return run

@@ -144,9 +144,14 @@ def check_volume(store: str, t: int, c: int, crc: str, shape: tuple[int, ...]) -
     return verify_volume(store, t, c, crc, shape)
 
 
-def compute_array(recipe: Recipe, array: np.ndarray) -> tuple[np.ndarray, str, float]:
-    """Live path: the chain on a stack shipped from the service; returns ``(volume, worker, seconds)``."""
+def compute_array(recipe: Recipe, array: np.ndarray) -> tuple[np.ndarray, str, float, dict[str, float]]:
+    """Live path: the chain on a stack shipped from the service; returns ``(volume, worker, seconds, stage times)``.
+
+    Workers run one task at a time (``threads_per_worker=1``), so the stage times read after the call are this
+    stack's.
+    """
     t0 = time.perf_counter()
     _set_threads(recipe)
-    vol = cached_volume_fn(recipe)(array)
-    return vol, worker_name(), time.perf_counter() - t0
+    fn = cached_volume_fn(recipe)
+    vol = fn(array)
+    return vol, worker_name(), time.perf_counter() - t0, dict(getattr(fn, "timings_s", {}))
