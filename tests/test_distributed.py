@@ -37,6 +37,11 @@ ARGS = ["--mode", "classical", "--iterations", "4", "--device", "cpu"]
 @pytest.fixture(scope="module")
 def cluster():
     """A real scheduler and two single-threaded worker processes (nanny-supervised, as in production)."""
+    import dask
+
+    from streamer.distributed.cluster import worker_environ
+
+    dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
                                   silence_logs=50) as lc, distributed.Client(lc) as client:
         client.wait_for_workers(2, timeout=120)
