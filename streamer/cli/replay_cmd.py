@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
             if args.workers is not None or args.scheduler is not None:
                 from streamer.distributed.cli import run_replay
 
-                print(json.dumps(run_replay(args, backend_config_from_args(args)), indent=1, default=str))
-                return 0
+                return run_replay(args, backend_config_from_args(args))
             summary = replay_offline(args.recording, args.out, mode=args.mode, device=args.device,
                                      timeout_s=args.stack_timeout, weights=args.weights,
                                      backend=backend_config_from_args(args))

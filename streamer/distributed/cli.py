@@ -43,13 +43,16 @@ def run_reconstruct(args: argparse.Namespace, inputs: Sequence[Path]) -> int:
     return 1 if summary.failed else 0
 
 
-def run_replay(args: argparse.Namespace, backend: Any) -> dict[str, Any]:
+def run_replay(args: argparse.Namespace, backend: Any) -> int:
+    """Print the report; exit status 1 when a volume failed (it is named there), else 0."""
     from streamer.cli import CLIError
     from streamer.distributed.errors import DistributedError
     from streamer.distributed.offline import replay_distributed
 
     try:
-        return replay_distributed(args.recording, args.out, workers=args.workers, scheduler=args.scheduler,
-                                  mode=args.mode, device=args.device, weights=args.weights, backend=backend)
+        report = replay_distributed(args.recording, args.out, workers=args.workers, scheduler=args.scheduler,
+                                    mode=args.mode, device=args.device, weights=args.weights, backend=backend)
     except DistributedError as err:
         raise CLIError(str(err)) from None
+    print(json.dumps(report, indent=1, default=str))
+    return 1 if any(a["failed"] for a in report["acquisitions"].values()) else 0
