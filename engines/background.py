@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.config import OpticsConfig
+from engines.errors import RllsmValueError
 
 if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can list options without them
     import torch
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can lis
 BACKGROUND_PARAMS_VERSION = 1
 
 
-class BackgroundError(ValueError):
+class BackgroundError(RllsmValueError):
     """The stack cannot be pre-processed as given (wrong shape, too few planes, inconsistent parameters)."""
 
 
@@ -202,7 +203,7 @@ def _refine(image: np.ndarray, pos0: float, tilt0: float, params: BackgroundPara
     return float(np.clip(pos, 0, nu - 1)), tilt
 
 
-def fit_band(frames: np.ndarray, params: BackgroundParams) -> BandFit:
+def fit_band(frames: np.ndarray | torch.Tensor, params: BackgroundParams) -> BandFit:
     """Locate the mid-plane band in offset-subtracted frames (nz, nv, nu), skew axis last.
 
     Returns its position at the middle row and middle plane, its tilt and its linear drift over planes.
@@ -210,7 +211,8 @@ def fit_band(frames: np.ndarray, params: BackgroundParams) -> BandFit:
     from scipy.ndimage import gaussian_filter1d
 
     nz, nv, nu = frames.shape
-    mean = frames.mean(axis=0, dtype=np.float64)
+    n_groups = nz // params.n_average
+    mean, groups = _projections(frames, params.n_average)
     # Correlating with a Gaussian line template = smoothing across the band, then summing along the line.
     sigma = params.gs_window_px
     smoothed = gaussian_filter1d(mean, sigma, axis=1, mode="constant", truncate=5.0)
@@ -224,11 +226,9 @@ def fit_band(frames: np.ndarray, params: BackgroundParams) -> BandFit:
     pos, tilt = _refine(mean, float(positions[j]), float(tilts[k]), params)
 
     # Drift: the same template on averages of n_average planes, near the fitted line only.
-    n_groups = nz // params.n_average
     centres: list[float] = []
     found: list[float] = []
-    if n_groups >= 2:
-        groups = frames[: n_groups * params.n_average].reshape(n_groups, params.n_average, nv, nu).mean(axis=1)
+    if groups is not None:
         window = np.arange(pos - params.max_drift_px, pos + params.max_drift_px + 1e-9, params.position_step_px)
         for g in range(n_groups):
             sm = gaussian_filter1d(groups[g].astype(np.float64), sigma, axis=1, mode="constant", truncate=5.0)
@@ -248,6 +248,32 @@ def fit_band(frames: np.ndarray, params: BackgroundParams) -> BandFit:
         group_positions_px=[float(f) for f in found],
         groups_used=len(found),
     )
+
+
+def _projections(frames: np.ndarray | torch.Tensor, n_average: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean over all planes (float64) and means of groups of ``n_average`` planes (None for fewer than 2 groups).
+
+    For a device tensor both are computed there and only these 2-D images come back to the host.
+    """
+    nz, nv, nu = frames.shape
+    n_groups = nz // n_average
+    if not isinstance(frames, np.ndarray):
+        import torch
+
+        from engines.device import probe_to_host
+
+        with torch.no_grad():
+            mean = probe_to_host(frames.mean(dim=0, dtype=torch.float64))
+            groups = None
+            if n_groups >= 2:
+                g = frames[: n_groups * n_average].reshape(n_groups, n_average, nv, nu).mean(dim=1)
+                groups = probe_to_host(g)
+        return mean, groups
+    mean = frames.mean(axis=0, dtype=np.float64)
+    groups = None
+    if n_groups >= 2:
+        groups = frames[: n_groups * n_average].reshape(n_groups, n_average, nv, nu).mean(axis=1)
+    return mean, groups
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -302,18 +328,28 @@ def remove_band(
     frames: np.ndarray, params: BackgroundParams, device: torch.device, fit: BandFit | None = None
 ) -> tuple[np.ndarray, BandFit, float]:
     """Steps 1–4 on offset-subtracted frames (nz, nv, nu), skew axis last. Returns (frames, fit, ratio)."""
+    from engines.device import to_device, to_host
+
+    t = to_device(np.ascontiguousarray(frames, dtype=np.float32), device)
+    fit = fit or fit_band(frames, params)
+    out, fit, ratio = remove_band_tensor(t, params, fit)
+    return to_host(out), fit, ratio
+
+
+def remove_band_tensor(
+    frames: torch.Tensor, params: BackgroundParams, fit: BandFit | None = None
+) -> tuple[torch.Tensor, BandFit, float]:
+    """:func:`remove_band` on a float32 tensor, on its device; only 2-D projections go to the host for the fit."""
     import torch
 
-    fit = fit or fit_band(frames, params)
+    fit = fit or fit_band(frames, params)  # type: ignore[arg-type]
     with torch.no_grad():
-        t = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(device)
-        mask, step = band_masks(t.shape, fit, params, device)
-        t = t * (1 - mask)
+        mask, step = band_masks(tuple(frames.shape), fit, params, frames.device)
+        t = frames * (1 - mask)
         del mask
         ratio = _intensity_ratio(t, step)
-        t = t * (1 + step * (ratio - 1))
-        out = t.cpu().numpy()
-    return out, fit, ratio
+        t.mul_(1 + step * (ratio - 1))
+    return t, fit, ratio
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -361,60 +397,80 @@ def preprocess(
     BackgroundError
         For a stack that is not 3-D or too small to fit a band in.
     """
-    from engines.deskew import DeskewError, deskew
-    from engines.device import pick_device
+    from engines.device import pick_device, to_device, to_host
 
-    params = params or BackgroundParams()
     arr = np.asarray(raw)
     if arr.ndim != 3:
         raise BackgroundError(f"raw stack must be 3-D (planes, rows, columns); got shape {arr.shape}")
-    if min(arr.shape) < 2:
-        raise BackgroundError(f"raw stack {arr.shape} is too small: need at least 2 planes, rows and columns")
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise BackgroundError(f"raw stack must hold real numbers, got dtype {arr.dtype}")
     dev = pick_device(str(device) if device is not None else None)
+    vol, report = preprocess_tensor(to_device(arr, dev), optics, params)
+    return to_host(vol), report
+
+
+def preprocess_tensor(
+    raw: torch.Tensor, optics: OpticsConfig, params: BackgroundParams | None = None
+) -> tuple[torch.Tensor, PreprocessReport]:
+    """:func:`preprocess` on a tensor, on its device: returns a contiguous float32 tensor on the same device.
+
+    Only 2-D projections (for the band fit) and a few scalars are read back to the host.
+    """
+    import torch
+
+    from engines.deskew import DeskewError, deskew_tensor
+
+    params = params or BackgroundParams()
+    if not isinstance(raw, torch.Tensor):
+        raise BackgroundError(f"preprocess_tensor takes a torch tensor, got {type(raw).__name__}")
+    if raw.ndim != 3:
+        raise BackgroundError(f"raw stack must be 3-D (planes, rows, columns); got shape {tuple(raw.shape)}")
+    if min(raw.shape) < 2:
+        raise BackgroundError(f"raw stack {tuple(raw.shape)} is too small: need at least 2 planes, rows and columns")
+    if raw.is_complex() or raw.dtype == torch.bool:
+        raise BackgroundError(f"raw stack must hold real numbers, got dtype {raw.dtype}")
     axis = str(getattr(optics.skew_axis, "value", optics.skew_axis))
-    # Work with the skew axis last (the band runs along the other axis).
-    frames = np.asarray(arr if axis == "x" else np.swapaxes(arr, 1, 2), dtype=np.float32) - np.float32(
-        optics.camera_offset
-    )
-    fit: BandFit | None = None
-    ratio = 1.0
-    if params.remove_band:
-        frames, fit, ratio = remove_band(frames, params, dev)
-    try:
-        vol = deskew(
-            frames,
-            optics.pixel_size_um,
-            optics.stage_step_um,
-            optics.skew_angle_deg,
-            skew_axis="x",
-            interp=params.deskew_interp,
-            pad=0.0,
-            device=dev,
-        )
-    except DeskewError as err:
-        raise BackgroundError(str(err)) from None
-    np.maximum(vol, 0.0, out=vol)
-    deskewed_shape = vol.shape
-    lo, hi = float(vol.min()), float(vol.max())
-    if params.normalize:
-        vol = (vol - lo) / (hi - lo) if hi > lo else np.zeros_like(vol)
-        vol = vol.astype(np.float32, copy=False)
-    start = 0
-    if params.crop_square:
-        start = square_crop_start(vol.shape[2], vol.shape[1])
-        if start or vol.shape[2] > vol.shape[1]:
-            vol = vol[:, :, start : start + vol.shape[1]]
-    if axis == "y":
-        vol = np.swapaxes(vol, 1, 2)
-        deskewed_shape = (deskewed_shape[0], deskewed_shape[2], deskewed_shape[1])
+    with torch.no_grad():
+        # Work with the skew axis last (the band runs along the other axis).
+        src = raw if axis == "x" else raw.transpose(1, 2)
+        frames = src.to(torch.float32).sub_(float(np.float32(optics.camera_offset))) if src.dtype != torch.float32 \
+            else src - float(np.float32(optics.camera_offset))
+        frames = frames.contiguous()
+        fit: BandFit | None = None
+        ratio = 1.0
+        if params.remove_band:
+            frames, fit, ratio = remove_band_tensor(frames, params)
+        try:
+            vol = deskew_tensor(frames, optics.pixel_size_um, optics.stage_step_um, optics.skew_angle_deg,
+                                skew_axis="x", interp=params.deskew_interp, pad=0.0)
+        except DeskewError as err:
+            raise BackgroundError(str(err)) from None
+        del frames
+        vol.clamp_(min=0.0)
+        deskewed_shape = tuple(int(n) for n in vol.shape)
+        lo_hi = torch.stack([vol.min(), vol.max()]).double().cpu()  # two scalars
+        lo, hi = float(lo_hi[0]), float(lo_hi[1])
+        if params.normalize:
+            if hi > lo:
+                # in float32 as the numpy path: (v − lo)/(hi − lo) with float64 scalars rounds to float32 once
+                vol.sub_(lo).div_(hi - lo)
+            else:
+                vol.zero_()
+        start = 0
+        if params.crop_square:
+            start = square_crop_start(vol.shape[2], vol.shape[1])
+            if start or vol.shape[2] > vol.shape[1]:
+                vol = vol[:, :, start : start + vol.shape[1]]
+        if axis == "y":
+            vol = vol.transpose(1, 2)
+            deskewed_shape = (deskewed_shape[0], deskewed_shape[2], deskewed_shape[1])
+        vol = vol.contiguous()
     report = PreprocessReport(
         band=fit,
         intensity_ratio=ratio,
-        deskewed_shape=tuple(int(s) for s in deskewed_shape),  # type: ignore[arg-type]
+        deskewed_shape=deskewed_shape,  # type: ignore[arg-type]
         crop_start=start,
         norm_min=lo if params.normalize else 0.0,
         norm_max=hi if params.normalize else 1.0,
     )
-    return np.ascontiguousarray(vol, dtype=np.float32), report
+    return vol, report

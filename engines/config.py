@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engines.errors import RllsmValueError
+
 CONFIG_VERSION = 1
 
 
@@ -25,7 +27,7 @@ class SkewAxis(StrEnum):
     y = "y"
 
 
-class ConfigError(ValueError):
+class ConfigError(RllsmValueError):
     """A configuration value is missing, unknown or outside its allowed range."""
 
 
@@ -84,23 +86,52 @@ def describe_validation_error(err: ValidationError, source: str = "config") -> s
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
-    text = path.read_text()
     suffix = path.suffix.lower()
-    if suffix == ".toml":
-        data = tomllib.loads(text)
-    elif suffix == ".json":
-        data = json.loads(text)
-    elif suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
-    else:
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder; give a .yaml, .toml or .json file")
+    if suffix not in (".toml", ".json", ".yaml", ".yml"):
         raise ConfigError(f"{path}: unknown config format '{suffix}' (use .yaml, .yml, .toml or .json)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (binary content); give a .yaml, .toml or .json config") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (binary content); give a .yaml, .toml or .json config")
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        where = ""
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        elif getattr(err, "lineno", None):
+            where = f" at line {err.lineno}, column {err.colno}"
+        reason = getattr(err, "problem", None) or getattr(err, "msg", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid {suffix.lstrip('.').upper()}{where}: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of field names to values")
     # A file may hold several sections; the optics live under [optics] when present (under config.optics in the
     # simulator's metadata.json, so a simulated acquisition's metadata is a valid config file).
     if isinstance(data.get("config"), dict) and "optics" in data["config"]:
         data = data["config"]
-    return dict(data.get("optics", data))
+    optics = data.get("optics", data)
+    if not isinstance(optics, dict):
+        raise ConfigError(f"{path}: the 'optics' section must be a mapping of field names to values")
+    return dict(optics)
+
+
+def read_optics_mapping(path: Path) -> dict[str, Any]:
+    """The optics fields a config file states (unvalidated); :class:`ConfigError` when it cannot be read."""
+    if not path.is_file() and not path.is_dir():
+        raise ConfigError(f"config file not found: {path}")
+    return _read_mapping(path)
 
 
 def load_optics(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> OpticsConfig:
@@ -112,12 +143,10 @@ def load_optics(path: str | Path | None = None, overrides: dict[str, Any] | None
         Naming each offending field, its value and the allowed range.
     """
     data: dict[str, Any] = {}
-    source = "config"
+    source = "optics"
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        data = _read_mapping(p)
+        data = read_optics_mapping(p)
         source = str(p)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from engines.errors import RllsmValueError
+
 if TYPE_CHECKING:  # torch is imported where used: the geometry helpers here are imported by light modules
     import torch
 
@@ -45,7 +47,7 @@ Interp = Literal["linear", "cubic"]
 SkewAxisName = Literal["x", "y"]
 
 
-class DeskewError(ValueError):
+class DeskewError(RllsmValueError):
     """The stack or the acquisition parameters cannot be deskewed as given."""
 
 
@@ -256,22 +258,64 @@ def _shear(
     pad: float,
     device: str | torch.device | None,
 ) -> np.ndarray:
+    from engines.device import pick_device, to_device, to_host
+
+    dev = pick_device(str(device) if device is not None else None)
+    t_in = to_device(np.asarray(arr, dtype=np.float32), dev)
+    return to_host(shear_tensor(t_in, origin, n_out, skew_axis=skew_axis, interp=interp, pad=pad))
+
+
+def deskew_tensor(
+    stack: torch.Tensor, dx_um: float, dz_um: float, angle_deg: float, *, skew_axis: SkewAxisName = "x",
+    interp: Interp = "cubic", pad: float = 0.0,
+) -> torch.Tensor:
+    """:func:`deskew` of a tensor, on the tensor's device, returning a float32 tensor there (no host copy)."""
+    _check_tensor(stack, "stack")
+    nz = stack.shape[0]
+    n_in = stack.shape[2] if skew_axis == "x" else stack.shape[1]
+    n_out = deskewed_width(n_in, nz, dx_um, dz_um, angle_deg)
+    f = shear_factor(dx_um, dz_um, angle_deg)
+    z = np.arange(nz, dtype=np.float64)
+    origin = -n_out / 2.0 - f * (z - nz / 2.0) + n_in / 2.0
+    return shear_tensor(stack, origin, n_out, skew_axis=skew_axis, interp=interp, pad=pad)
+
+
+def _check_tensor(t: torch.Tensor, what: str) -> None:
+    if t.ndim != 3:
+        raise DeskewError(f"{what} must be 3-D (planes, rows, columns); got {t.ndim}-D tensor of shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise DeskewError(f"{what} is empty: shape {tuple(t.shape)}")
     import torch
 
-    from engines.device import pick_device
+    if t.is_complex() or t.dtype == torch.bool:
+        raise DeskewError(f"{what} must hold real numbers, got dtype {t.dtype}")
+
+
+def shear_tensor(
+    t_in: torch.Tensor,
+    origin: np.ndarray,
+    n_out: int,
+    *,
+    skew_axis: SkewAxisName,
+    interp: Interp,
+    pad: float,
+) -> torch.Tensor:
+    """Per-plane shift resampling of a tensor on its own device (the core of :func:`deskew` and :func:`skew`)."""
+    import torch
 
     if skew_axis not in ("x", "y"):
         raise DeskewError(f"skew axis must be 'x' or 'y', got {skew_axis!r}")
     if not math.isfinite(pad):
         raise DeskewError(f"pad value must be finite, got {pad!r}")
-    dev = pick_device(str(device) if device is not None else None)
-    # Work with the skew axis last; for y that is a transposed view, moved once to the device.
-    src = arr if skew_axis == "x" else np.swapaxes(arr, 1, 2)
+    dev = t_in.device
+    # Work with the skew axis last; for y that is a transposed view.
+    src = t_in if skew_axis == "x" else t_in.transpose(1, 2)
     nz, ny, n_in = src.shape
     idx, w, ok = sampling_plan(origin, n_in, n_out, interp)
 
     with torch.no_grad():
-        t_in = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32)).to(dev)
+        src = src.to(torch.float32).contiguous()
+        # The plan is tiny next to the volume (taps × planes × columns) and built on the host in float64.
         t_idx = torch.from_numpy(idx).to(dev)
         t_w = torch.from_numpy(w).to(dev)
         t_ok = torch.from_numpy(ok).to(dev)
@@ -279,12 +323,11 @@ def _shear(
         # One gather per tap over the whole volume. The (nz, 1, n_out) index is expanded over rows as a
         # stride-0 view, so every plane gets its own shift without materialising a full-size index array.
         for k in range(idx.shape[0]):
-            tap = t_in.gather(2, t_idx[k][:, None, :].expand(nz, ny, n_out))
+            tap = src.gather(2, t_idx[k][:, None, :].expand(nz, ny, n_out))
             wk = t_w[k][:, None, :]
             out = tap.mul_(wk) if out is None else out.addcmul_(tap, wk)
         assert out is not None
         out.masked_fill_(~t_ok[:, None, :], float(pad))
-        res = out.cpu().numpy()
     if skew_axis == "y":
-        res = np.ascontiguousarray(np.swapaxes(res, 1, 2))
-    return res
+        out = out.transpose(1, 2).contiguous()
+    return out

@@ -18,16 +18,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.background import BackgroundParams, PreprocessReport, preprocess
+from engines.background import BackgroundParams, PreprocessReport, preprocess_tensor
 from engines.config import OpticsConfig
-from engines.device import default_memory_budget_gb, pick_device
-from engines.views import ViewsParams, ViewsReport, split_views
+from engines.device import default_memory_budget_gb, pick_device, to_device, to_host
+from engines.errors import RllsmValueError
+from engines.views import ViewsParams, ViewsReport, split_views_tensor
 
 Mode = Literal["full", "sr-rl", "classical"]
 MODES: tuple[str, ...] = ("full", "sr-rl", "classical")
@@ -35,7 +36,7 @@ SR_SCALE = 1.5
 PSF_BOX = 31  # computed PSF box (voxels per axis, odd): holds the detection PSF's main lobes at ~60 nm voxels
 
 
-class ReconstructError(ValueError):
+class ReconstructError(RllsmValueError):
     """The chain cannot run with what it was given (missing weights or OTFs, unusable shapes)."""
 
 
@@ -133,35 +134,48 @@ class Reconstructor:
             if missing:
                 raise ReconstructError(f"mode '{mode}' needs {', '.join(missing)}; give them or use mode 'classical'")
         self.psf_a, self.psf_b = view_psfs(optics, mode, self.models)
+        self._vsisr = None
+        if uses_lateral_sr(mode):
+            from engines.vsisr.lateral import LateralSRParams, as_predictor
+
+            if self.models.lateral is None and self.device.type == "cuda":
+                # fill the GPU: as many windows per network call as the memory budget holds
+                self.models.lateral = LateralSRParams(batch_size="auto")
+            lat = self.models.lateral or LateralSRParams()
+            # built once: moving the weights to the device per stack would be a transfer per stack
+            self._vsisr = as_predictor(self.models.vsisr, self.device, lat.precision)
         self._rldfn = None
         if mode == "full":
             from engines.rldfn.model import RLDFN
 
             self._rldfn = RLDFN(self.models.rldfn, self.psf_a, self.psf_b).to(self.device).eval()
 
-    # --- the steps, each array in → array out ------------------------------------------------------------------
+    # --- the steps on the device: tensor in → tensor out, nothing leaves the device but small probes ----------------
 
-    def preprocess(self, raw: np.ndarray) -> tuple[np.ndarray, PreprocessReport]:
-        return preprocess(raw, self.optics, self.params.background, device=self.device)
+    def to_device(self, x: Any) -> torch.Tensor:
+        """A host array as a tensor on :attr:`device` (counted once); a tensor already there passes unchanged."""
+        return to_device(x, self.device)
 
-    def lateral(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def preprocess_t(self, raw: torch.Tensor) -> tuple[torch.Tensor, PreprocessReport]:
+        return preprocess_tensor(raw, self.optics, self.params.background)
+
+    def lateral_t(self, volume: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         if not uses_lateral_sr(self.params.mode):
             return volume
-        from engines.vsisr.lateral import lateral_sr
+        from engines.vsisr.lateral import lateral_sr_tensor
 
-        return lateral_sr(volume, self.models.vsisr, self.models.otfs, self.models.lateral, device=self.device,
-                          progress=progress)
+        return lateral_sr_tensor(volume, self._vsisr, self.models.otfs, self.models.lateral, progress=progress)
 
-    def split(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, ViewsReport]:
+    def split_t(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ViewsReport]:
         dz = self.optics.deskewed_pixel_z_um
         dx = views_voxel_um(self.optics, self.params.mode)
         if self.optics.skew_axis.value == "y":
             # The view split works with the skew axis last; a y-skewed camera is the same geometry transposed.
-            volume = np.swapaxes(volume, 1, 2)
-        return split_views(volume, dx, dz, self.views_params, device=self.device)
+            volume = volume.transpose(1, 2)
+        return split_views_tensor(volume, dx, dz, self.views_params)
 
-    def fuse(self, view_a: np.ndarray, view_b: np.ndarray,
-             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def fuse_t(self, view_a: torch.Tensor, view_b: torch.Tensor,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         if self.params.mode == "full":
             from engines.rldfn.fuse import fuse_rldfn
 
@@ -169,45 +183,136 @@ class Reconstructor:
             if gb is None and self.params.tile == "auto":
                 gb = default_memory_budget_gb(self.device)
             budget = None if gb is None else int(gb * 2**30)
-            return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
-                              device=self.device, memory_budget_bytes=budget, progress=progress)
+            return _fusion_call(fuse_rldfn, view_a, view_b, self._rldfn, tile=self.params.tile,
+                                overlap=self.params.overlap, device=self.device, memory_budget_bytes=budget,
+                                progress=progress)
         from engines.rldfn.classical import classical_fuse
 
-        return classical_fuse(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, device=self.device,
-                              progress=progress)
+        return _fusion_call(classical_fuse, view_a, view_b, self.psf_a, self.psf_b, self.params.iterations,
+                            device=self.device, progress=progress)
 
-    def __call__(self, raw: np.ndarray, keep_intermediates: bool = False) -> ReconResult:
+    # --- the same steps for host arrays: numpy in → numpy out (one copy each way) -------------------------------
+
+    def preprocess(self, raw: np.ndarray) -> tuple[np.ndarray, PreprocessReport]:
+        vol, rep = self.preprocess_t(self.to_device(raw))
+        return to_host(vol), rep
+
+    def lateral(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        if not uses_lateral_sr(self.params.mode):
+            return volume
+        return to_host(self.lateral_t(self.to_device(np.asarray(volume, np.float32)), progress))
+
+    def split(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, ViewsReport]:
+        a, b, rep = self.split_t(self.to_device(np.asarray(volume, np.float32)))
+        return to_host(a), to_host(b), rep
+
+    def fuse(self, view_a: np.ndarray, view_b: np.ndarray,
+             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        a, b = (self.to_device(np.asarray(v, np.float32)) for v in (view_a, view_b))
+        return to_host(self.fuse_t(a, b, progress))
+
+    def __call__(self, raw: np.ndarray | torch.Tensor, keep_intermediates: bool = False,
+                 progress: Callable[[str], None] | None = None) -> ReconResult:
+        """The whole chain on one stack: one copy to the device, one copy of the fused volume back.
+
+        ``keep_intermediates`` copies each intermediate back too (for inspection, not for speed); ``progress``
+        is called with the name of each step as it starts.
+        """
         timings: dict[str, float] = {}
         reports: dict[str, Any] = {}
         kept: dict[str, np.ndarray] = {}
 
         def timed(name: str, fn: Callable[[], Any]) -> Any:
+            if progress is not None:  # names the step that starts (a CLI shows it beside its progress bar)
+                progress(name)
             t0 = time.perf_counter()
             out = fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # else the time lands on whichever step reads back first
             timings[name] = time.perf_counter() - t0
             return out
 
-        vol, reports["preprocess"] = timed("preprocess", lambda: self.preprocess(raw))
-        if keep_intermediates:
-            kept["preprocessed"] = vol
-        sr = timed("lateral_sr", lambda: self.lateral(vol))
-        if keep_intermediates and uses_lateral_sr(self.params.mode):
-            kept["lateral_sr"] = sr
-        view_a, view_b, reports["split_views"] = timed("split_views", lambda: self.split(sr))
-        if keep_intermediates:
-            kept["view_a"], kept["view_b"] = view_a, view_b
-        fused = timed("fuse", lambda: self.fuse(view_a, view_b))
+        with torch.no_grad():
+            # the upload is timed with the first step and the download with the last, as the runner sees them
+            vol, reports["preprocess"] = timed("preprocess", lambda: self.preprocess_t(self.to_device(raw)))
+            if keep_intermediates:
+                kept["preprocessed"] = to_host(vol)
+            sr = timed("lateral_sr", lambda: self.lateral_t(vol))
+            if keep_intermediates and uses_lateral_sr(self.params.mode):
+                kept["lateral_sr"] = to_host(sr)
+            del vol
+            view_a, view_b, reports["split_views"] = timed("split_views", lambda: self.split_t(sr))
+            del sr
+            if keep_intermediates:
+                kept["view_a"], kept["view_b"] = to_host(view_a), to_host(view_b)
+            fused = timed("fuse", lambda: to_host(self.fuse_t(view_a, view_b)))
         return ReconResult(fused=fused, voxel_um=views_voxel_um(self.optics, self.params.mode), reports=reports,
                            timings_s=timings, intermediates=kept)
 
-    def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
-        """The chain as named stages for the streaming pipeline (reports are dropped; timings are the runner's)."""
-        chain: list[tuple[str, Callable[[Any], Any]]] = [("preprocess", lambda raw: self.preprocess(raw)[0])]
+    def stages(self) -> list[ChainStage]:
+        """The chain as named device stages for the streaming pipeline (reports are dropped; timings are the runner's).
+
+        Each stage takes and returns tensors on :attr:`device` (``kind == "torch"``); the first also accepts a host
+        array and moves it to the device (counted once). The last returns the fused volume as a device tensor:
+        the runner copies it back (:class:`streamer.pipeline.StageWorker`).
+        """
+        chain = [ChainStage("preprocess", lambda raw: self.preprocess_t(self.to_device(raw))[0])]
         if uses_lateral_sr(self.params.mode):
-            chain.append(("lateral_sr", self.lateral))
-        chain.append(("split_views", lambda vol: self.split(vol)[:2]))
-        chain.append(("fuse", lambda views: self.fuse(*views)))
+            chain.append(ChainStage("lateral_sr", lambda vol: self.lateral_t(self.to_device(vol))))
+        chain.append(ChainStage("split_views", lambda vol: tuple(self.split_t(self.to_device(vol))[:2])))
+        chain.append(ChainStage("fuse", lambda views: self.fuse_t(*(self.to_device(v) for v in views))))
         return chain
+
+
+class ChainStage(NamedTuple):
+    """One named device stage: unpacks as ``(name, fn)``; :attr:`kind` tells a runner it takes device tensors."""
+
+    name: str
+    fn: Callable[[Any], Any]
+
+    @property
+    def kind(self) -> str:
+        return "torch"
+
+
+_BRIDGE_WARNED: set[str] = set()
+
+
+def _fusion_call(fn: Callable[..., Any], view_a: torch.Tensor, view_b: torch.Tensor, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+    """Call a fusion function with device tensors; a numpy-only implementation gets host views instead.
+
+    A fusion function whose view arguments are annotated as tensors runs on the device directly. One that takes
+    numpy arrays gets zero-copy views on the CPU, and counted host copies on a GPU (logged once), so a GPU run
+    still works, and shows the extra transfers in its counts, until fusion is tensor-native.
+    """
+    dev = view_a.device
+    if _takes_tensors(fn):
+        out = fn(view_a, view_b, *args, **kwargs)
+    elif dev.type == "cpu":
+        out = fn(view_a.numpy(), view_b.numpy(), *args, **kwargs)
+    else:
+        name = getattr(fn, "__qualname__", str(fn))
+        if name not in _BRIDGE_WARNED:
+            import logging
+
+            logging.getLogger(__name__).warning("%s takes numpy arrays: the views make a round trip to the host", name)
+            _BRIDGE_WARNED.add(name)
+        out = fn(to_host(view_a), to_host(view_b), *args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out.to(dev)
+    arr = np.ascontiguousarray(out, dtype=np.float32)
+    return torch.from_numpy(arr) if dev.type == "cpu" else to_device(arr, dev)
+
+
+def _takes_tensors(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and "Tensor" in str(params[0].annotation)
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -295,32 +400,86 @@ def demo_models(optics: OpticsConfig, backend: Any = None) -> ReconModels | None
     return load_models(vsisr_checkpoint=vsisr, rldfn_weights=rldfn, optics=optics, backend=backend)
 
 
-def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
-                memory_budget_gb: float | None = None, backend: Any = None) -> list[tuple[str, Callable[[Any], Any]]]:
-    """Named stages for the streaming service.
+class StageChain(list):
+    """The named stages of one acquisition, plus what the chain declares about its output.
 
-    ``weights`` is a folder holding ``vsi-sr.pt`` (or ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder
-    ``rl-dfn/``) and optionally ``otf/``; in ``full`` mode without it the shipped demo weights are used.
+    ``grid`` (:class:`engines.grid.OutputGrid`) is the fused voxel size and the grid every volume is placed into;
+    ``fitter`` (:class:`engines.grid.GridFitter`) records how each volume was placed; ``provenance`` names the mode,
+    the model files with their SHA-256, the backend and precision, the software version and the optics.
+    """
+
+    grid: Any = None
+    fitter: Any = None
+    provenance: dict[str, Any]
+
+    def __init__(self, stages: Any = (), *, grid: Any = None, fitter: Any = None,
+                 provenance: dict[str, Any] | None = None) -> None:
+        super().__init__(stages)
+        self.grid, self.fitter, self.provenance = grid, fitter, dict(provenance or {})
+
+
+def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
+                memory_budget_gb: float | None = None, backend: Any = None, sources: Any = None,
+                fused_depth: int | None = None) -> StageChain:
+    """Named stages for the streaming service; the fused volume leaves placed in the acquisition's fixed grid.
+
+    ``sources`` (:class:`engines.sources.ReconSources`) names the models as for ``rllsm reconstruct``: VSI-SR
+    checkpoint, OTF folder, RL-DFN weights, measured PSFs, or a ``weights`` folder holding ``vsi-sr.pt`` (or
+    ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder ``rl-dfn/``) and optionally ``otf/`` (``weights`` here is
+    the same folder, kept for callers that pass only it); without networks the shipped demo weights are used.
     ``memory_budget_gb`` bounds RL-DFN's tiles (default: :func:`engines.device.default_memory_budget_gb`).
     ``backend`` (:class:`engines.backends.BackendConfig`) runs both networks on torch, ONNX Runtime or TensorRT
-    (see :func:`load_models`); ``None``: the torch modules.
+    (see :func:`load_models`); ``None``: the torch modules. ``fused_depth`` fixes the planes of the output grid
+    (default: :func:`engines.grid.nominal_depth` of the first stack).
     """
+    from engines.grid import GridFitter, OutputGrid
+    from engines.sources import ReconSources, SourcesError, models_from_sources, software_version, sources_provenance
+
     if mode not in MODES:
         raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected one of {', '.join(MODES)}")
-    models = ReconModels()
-    if uses_lateral_sr(mode):
-        if weights is not None:
-            models = _models_from_folder(Path(weights), optics, backend, need_rldfn=mode == "full")
-        else:
-            found = demo_models(optics, backend)
-            if found is None:
-                raise ReconstructError(f"mode '{mode}' needs weights (--weights DIR) and no demo weights are installed")
-            models = found
-    rec = Reconstructor(optics, ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb), models, device=device)
-    return rec.stages()
+    if sources is None:
+        sources = ReconSources(weights=Path(weights) if weights is not None else None)
+    elif weights is not None and sources.weights is None and not sources.has_networks:
+        sources = sources.model_copy(update={"weights": Path(weights)})
+    try:
+        models, used = models_from_sources(sources, mode, optics, backend=backend)
+    except SourcesError as err:
+        raise ReconstructError(str(err)) from None
+    params = ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb)
+    rec = Reconstructor(optics, params, models, device=device)
+    v = views_voxel_um(optics, mode)  # the fused grid is isotropic: the views' voxel
+    fitter = GridFitter(OutputGrid((v, v, v), depth=fused_depth), max_depth=rec.views_params.max_depth)
+    last: dict[str, Any] = {}
+
+    def split_keep(vol: Any) -> Any:
+        # the chain runs one stack at a time, so the split report of this stack is the one the placement reads
+        a, b, last["report"] = rec.split_t(rec.to_device(vol))
+        return a, b
+
+    def fuse_placed(fuse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        # placed inside the fuse stage (a crop or pad on the device: negligible beside the fusion), so the stage
+        # names stay
+        return lambda views: fitter.place(fuse(views), last.pop("report", None))
+
+    wrap = {"split_views": lambda fn: split_keep, "fuse": fuse_placed}
+    stages = [ChainStage(name, wrap[name](fn) if name in wrap else fn) for name, fn in rec.stages()]
+    bk = backend.model_dump(mode="json") if hasattr(backend, "model_dump") else None
+    provenance = {
+        "mode": mode, "software": {"name": "rllsm-vsim", "version": software_version()},
+        "models": sources_provenance(used) if uses_lateral_sr(mode) or used else {},
+        "backend": {"requested": bk, "runs": {n: type(m).__name__ for n, m in (("vsi-sr", models.vsisr),
+                                                                               ("rl-dfn", models.rldfn)) if m}}
+        if uses_lateral_sr(mode) else None,
+        "precision": (bk or {}).get("precision", "fp32") if uses_lateral_sr(mode) else "fp32",
+        "optics": optics.model_dump(mode="json"), "voxel_size_um": [v, v, v],
+        "grid": {"anchor": fitter.grid.anchor, "depth": fused_depth},
+    }
+    return StageChain(stages, grid=fitter.grid, fitter=fitter, provenance=provenance)
 
 
-def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None, need_rldfn: bool = True) -> ReconModels:
+def models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None,
+                       need_rldfn: bool = True) -> tuple[ReconModels, dict[str, Path]]:
+    """Models from a weights folder (see :func:`stage_chain`) and the files they were read from."""
     def first(*names: str) -> Path | None:
         return next((root / n for n in names if (root / n).exists()), None)
 
@@ -329,4 +488,11 @@ def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None, n
     if vsisr is None or (rldfn is None and need_rldfn):
         raise ReconstructError(f"{root}: expected vsi-sr.pt (or .pth) and rl-dfn.pt (or an RL-DFN folder rl-dfn/)")
     otf = first("otf", "OTF")
-    return load_models(vsisr_checkpoint=vsisr, otf_dir=otf, rldfn_weights=rldfn, optics=optics, backend=backend)
+    models = load_models(vsisr_checkpoint=vsisr, otf_dir=otf, rldfn_weights=rldfn if need_rldfn else None,
+                         optics=optics, backend=backend)
+    used = {"checkpoint": vsisr, **({"otf_dir": otf} if otf else {}), **({"model": rldfn} if need_rldfn else {})}
+    return models, used
+
+
+def _models_from_folder(root: Path, optics: OpticsConfig, backend: Any = None, need_rldfn: bool = True) -> ReconModels:
+    return models_from_folder(root, optics, backend, need_rldfn)[0]

@@ -83,9 +83,32 @@ def rotate_volume(
     numpy.ndarray
         float32 (trilinear interpolation, 0 outside the input), shape ``out_shape`` or its ``z_slices`` part.
     """
-    chunks = list(iter_rotated(vol, spacing, rot, out_spacing=out_spacing, out_shape=out_shape, device=device,
-                               z_slices=z_slices, max_chunk_bytes=max_chunk_bytes))
-    return chunks[0][1] if len(chunks) == 1 else np.concatenate([c for _, c in chunks], axis=0)
+    from engines.device import pick_device, to_device, to_host
+
+    arr = np.asarray(vol, dtype=np.float32)
+    if arr.ndim != 3 or min(arr.shape) < 2:
+        raise ValueError(f"volume must be 3-D with at least 2 voxels per axis, got shape {arr.shape}")
+    dev = pick_device(str(device) if device is not None else None)
+    return to_host(rotate_volume_tensor(to_device(arr, dev), spacing, rot, out_spacing=out_spacing,
+                                        out_shape=out_shape, z_slices=z_slices, max_chunk_bytes=max_chunk_bytes))
+
+
+def rotate_volume_tensor(
+    vol: torch.Tensor,
+    spacing: tuple[float, float, float],
+    rot: np.ndarray,
+    *,
+    out_spacing: float | None = None,
+    out_shape: tuple[int, int, int] | None = None,
+    z_slices: tuple[int, int] | None = None,
+    max_chunk_bytes: int = 64 << 20,
+) -> torch.Tensor:
+    """:func:`rotate_volume` of a tensor on its device; returns a float32 tensor there."""
+    import torch
+
+    chunks = [c for _, c in iter_rotated_tensor(vol, spacing, rot, out_spacing=out_spacing, out_shape=out_shape,
+                                                z_slices=z_slices, max_chunk_bytes=max_chunk_bytes)]
+    return chunks[0].contiguous() if len(chunks) == 1 else torch.cat(chunks, dim=0)
 
 
 def iter_rotated(
@@ -103,18 +126,39 @@ def iter_rotated(
 
     A caller that only needs a projection of the rotated volume never holds all of it.
     """
-    import torch
-
-    from engines.device import pick_device
+    from engines.device import pick_device, to_device, to_host
 
     arr = np.asarray(vol, dtype=np.float32)
     if arr.ndim != 3 or min(arr.shape) < 2:
         raise ValueError(f"volume must be 3-D with at least 2 voxels per axis, got shape {arr.shape}")
     dev = pick_device(str(device) if device is not None else None)
+    for z0, chunk in iter_rotated_tensor(to_device(arr, dev), spacing, rot, out_spacing=out_spacing,
+                                         out_shape=out_shape, z_slices=z_slices, max_chunk_bytes=max_chunk_bytes):
+        yield z0, np.ascontiguousarray(to_host(chunk))
+
+
+def iter_rotated_tensor(
+    vol: torch.Tensor,
+    spacing: tuple[float, float, float],
+    rot: np.ndarray,
+    *,
+    out_spacing: float | None = None,
+    out_shape: tuple[int, int, int] | None = None,
+    z_slices: tuple[int, int] | None = None,
+    max_chunk_bytes: int = 64 << 20,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`iter_rotated` on a tensor's device: yields ``(first plane, float32 tensor of planes)``."""
+    import torch
+
+    if vol.ndim != 3 or min(vol.shape) < 2:
+        raise ValueError(f"volume must be 3-D with at least 2 voxels per axis, got shape {tuple(vol.shape)}")
+    dev = vol.device
+    vol = vol.to(torch.float32)
+    arr_shape = tuple(int(n) for n in vol.shape)
     osp = float(out_spacing or min(spacing))
-    oshape = tuple(out_shape) if out_shape is not None else rotated_shape(arr.shape, spacing, rot, osp)
+    oshape = tuple(out_shape) if out_shape is not None else rotated_shape(arr_shape, spacing, rot, osp)
     sp = np.asarray(spacing, dtype=np.float64)
-    n_in = np.asarray(arr.shape, dtype=np.float64)
+    n_in = np.asarray(arr_shape, dtype=np.float64)
     # Output index → input normalised coordinate is affine: q = A @ o + t (host, float64).
     # Input index = rot.T @ (o − c_out)·osp / sp + c_in; normalised = 2·index/(n − 1) − 1.
     c_out = (np.asarray(oshape, dtype=np.float64) - 1) / 2.0
@@ -134,11 +178,11 @@ def iter_rotated(
         cols = [torch.arange(n, device=dev, dtype=torch.float64)[:, None] * a_t[:, i][None, :]
                 for i, n in enumerate(oshape)]
         pure_y = bool(np.allclose(rot[1], [0, 1, 0]) and np.allclose(rot[:, 1], [0, 1, 0])
-                      and oshape[1] == arr.shape[1] and abs(osp - sp[1]) <= 1e-9 * osp)
+                      and oshape[1] == arr_shape[1] and abs(osp - sp[1]) <= 1e-9 * osp)
         if pure_y:
             # A rotation about y with unchanged rows is a 2-D resampling of every (z, x) slice with one grid:
             # rows ride along as channels, and bilinear (4 taps) replaces trilinear (8 taps).
-            src = torch.from_numpy(np.ascontiguousarray(arr.transpose(1, 0, 2))).to(dev)[None]
+            src = vol.permute(1, 0, 2).contiguous()[None]
             gx = (cols[2][:, [0, 2]] + t_t[[0, 2]][None, :]).float()[None, :, :]
             per_plane = oshape[2] * (2 * 4 + oshape[1] * 4)
             step = max(1, int(max_chunk_bytes // per_plane))
@@ -146,9 +190,9 @@ def iter_rotated(
                 gz = cols[0][z0 : min(z_hi, z0 + step)][:, [0, 2]].float()[:, None, :]
                 res = torch.nn.functional.grid_sample(src, (gz + gx)[None], mode="bilinear", padding_mode="zeros",
                                                       align_corners=True)
-                yield z0, np.ascontiguousarray(res[0].permute(1, 0, 2).cpu().numpy())
+                yield z0, res[0].permute(1, 0, 2)
             return
-        src = torch.from_numpy(arr).to(dev)[None, None]
+        src = vol.contiguous()[None, None]
         gy = cols[1].float()[None, :, None, :]
         gx = (cols[2] + t_t[None, :]).float()[None, None, :, :]
         per_plane = oshape[1] * oshape[2] * 3 * 4
@@ -157,7 +201,7 @@ def iter_rotated(
             gz = cols[0][z0 : min(z_hi, z0 + step)].float()[:, None, None, :]
             grid = (gz + gy + gx)[None]
             res = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            yield z0, res[0, 0].cpu().numpy()
+            yield z0, res[0, 0]
 
 
 def rotate_plane(img: np.ndarray, angle_deg: float) -> np.ndarray:

@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engines.errors import RllsmValueError
+
 if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can list options without them
     import torch
 
 VIEWS_PARAMS_VERSION = 1
 
 
-class ViewsError(ValueError):
+class ViewsError(RllsmValueError):
     """The volume cannot be rotated and split as given."""
 
 
@@ -208,72 +210,101 @@ def split_views(
         float32 (depth, ny', nx') each; B is flipped along z so that it overlays A.
     report : ViewsReport
     """
-    from engines.device import pick_device
-    from engines.rotate3d import iter_rotated, rot_x, rot_y, rotate_volume, rotated_shape
+    from engines.device import pick_device, to_device, to_host
 
     params = params or ViewsParams()
     arr = np.asarray(volume)
     if arr.ndim != 3:
         raise ViewsError(f"volume must be 3-D (planes, rows, columns); got shape {arr.shape}")
+    dev = pick_device(str(device) if device is not None else None)
+    view_a, view_b, report = split_views_tensor(to_device(np.asarray(arr, dtype=np.float32), dev), dx_um, dz_um,
+                                                params, skew_axis=skew_axis)
+    return np.ascontiguousarray(to_host(view_a)), np.ascontiguousarray(to_host(view_b)), report
+
+
+def split_views_tensor(
+    volume: torch.Tensor,
+    dx_um: float,
+    dz_um: float,
+    params: ViewsParams | None = None,
+    *,
+    skew_axis: Literal["x", "y"] = "x",
+) -> tuple[torch.Tensor, torch.Tensor, ViewsReport]:
+    """:func:`split_views` on a tensor's device: views come back as float32 tensors there.
+
+    Only the 2-D projections the mirror search needs (and one finiteness flag) are read back to the host.
+    """
+    import torch
+
+    from engines.device import probe_to_host
+    from engines.rotate3d import iter_rotated_tensor, rot_x, rot_y, rotate_volume_tensor, rotated_shape
+
+    params = params or ViewsParams()
+    if volume.ndim != 3:
+        raise ViewsError(f"volume must be 3-D (planes, rows, columns); got shape {tuple(volume.shape)}")
     if skew_axis not in ("x", "y"):
         raise ViewsError(f"skew axis must be 'x' or 'y', got {skew_axis!r}")
     if skew_axis == "y":
-        a, b, rep = split_views(np.swapaxes(arr, 1, 2), dx_um, dz_um, params, device=device)
-        return np.ascontiguousarray(np.swapaxes(a, 1, 2)), np.ascontiguousarray(np.swapaxes(b, 1, 2)), rep
-    if min(arr.shape) < 2:
-        raise ViewsError(f"volume {arr.shape} is too small: need at least 2 voxels per axis")
+        a, b, rep = split_views_tensor(volume.transpose(1, 2), dx_um, dz_um, params)
+        return a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous(), rep
+    shape = tuple(int(n) for n in volume.shape)
+    if min(shape) < 2:
+        raise ViewsError(f"volume {shape} is too small: need at least 2 voxels per axis")
     for name, val in (("dx", dx_um), ("dz", dz_um)):
         if not (math.isfinite(val) and val > 0):
             raise ViewsError(f"voxel size {name} must be a positive number of µm, got {val!r}")
-    dev = pick_device(str(device) if device is not None else None)
-    arr = np.asarray(arr, dtype=np.float32)  # once, not in every resampling pass
-    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    arr = volume.to(torch.float32).contiguous()  # once, not in every resampling pass
+    bad = int(arr.numel() - int(torch.isfinite(arr).sum()))
     if bad:
         # else the mirror search sees no signal and reports a misleading "no room for two views"
-        raise ViewsError(f"volume {arr.shape} holds {bad} NaN or infinite voxels; cannot find the mirror plane")
+        raise ViewsError(f"volume {shape} holds {bad} NaN or infinite voxels; cannot find the mirror plane")
     spacing = (float(dz_um), float(dx_um), float(dx_um))
     r0 = rot_y(params.angle_deg)
-    full = rotated_shape(arr.shape, spacing, r0, dx_um)
-    oshape = tuple(arr.shape) if params.keep_shape else full
+    full = rotated_shape(shape, spacing, r0, dx_um)
+    oshape = shape if params.keep_shape else full
     b = params.border_px
 
-    def trimmed(v: np.ndarray) -> np.ndarray:
+    def trimmed(v: torch.Tensor) -> torch.Tensor:
         return v[:, b : v.shape[1] - b or None, b : v.shape[2] - b or None] if b else v
 
     def projection(rot: np.ndarray, axis: int) -> np.ndarray:
         # Max projection of the rotated volume, built chunk by chunk: the whole rotated volume (often several
         # times the input) is never held, only the planes the views keep are resampled at the end.
-        parts = [trimmed(c).max(axis=axis) for _, c in iter_rotated(arr, spacing, rot, out_spacing=dx_um,
-                                                                      out_shape=oshape, device=dev)]
-        return np.concatenate(parts, axis=0)
+        parts = [trimmed(c).amax(dim=axis) for _, c in iter_rotated_tensor(arr, spacing, rot, out_spacing=dx_um,
+                                                                            out_shape=oshape)]
+        return probe_to_host(torch.cat(parts, dim=0))
 
     if b and (oshape[1] <= 2 * b or oshape[2] <= 2 * b):
         raise ViewsError(f"border_px={b} removes the whole {oshape[1]}×{oshape[2]} projection")
-    ax, offset, score = mirror_search(
-        projection(r0, 2), _steps(*params.x_range_deg, params.x_step_deg), params.split_range, params.blur_px
-    )
-    rot = rot_x(ax) @ r0
-    dy = 0.0
-    if params.y_range_deg != (0.0, 0.0):
-        dy, offset, score = mirror_search(
-            projection(rot, 1), _steps(*params.y_range_deg, params.y_step_deg), params.split_range, params.blur_px
+    with torch.no_grad():
+        ax, offset, score = mirror_search(
+            projection(r0, 2), _steps(*params.x_range_deg, params.x_step_deg), params.split_range, params.blur_px
         )
-        # The y correction was found on the x-corrected volume, so it is applied last.
-        rot = rot_y(dy) @ rot
-    n_rot = oshape[0]
-    a_idx, b_idx = view_indices(n_rot, offset, params.max_depth)
-    lo, hi = int(a_idx.min()), int(b_idx.max()) + 1
-    part = rotate_volume(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, device=dev, z_slices=(lo, hi))
-    view_a, view_b = part[a_idx - lo], part[b_idx - lo]
+        rot = rot_x(ax) @ r0
+        dy = 0.0
+        if params.y_range_deg != (0.0, 0.0):
+            dy, offset, score = mirror_search(
+                projection(rot, 1), _steps(*params.y_range_deg, params.y_step_deg), params.split_range,
+                params.blur_px
+            )
+            # The y correction was found on the x-corrected volume, so it is applied last.
+            rot = rot_y(dy) @ rot
+        n_rot = oshape[0]
+        a_idx, b_idx = view_indices(n_rot, offset, params.max_depth)
+        lo, hi = int(a_idx.min()), int(b_idx.max()) + 1
+        part = rotate_volume_tensor(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, z_slices=(lo, hi))
+        ia = torch.from_numpy(a_idx - lo).to(part.device)
+        ib = torch.from_numpy(b_idx - lo).to(part.device)
+        view_a, view_b = part.index_select(0, ia), part.index_select(0, ib)
     report = ViewsReport(
         angle_y_deg=params.angle_deg + dy,
         angle_y_correction_deg=dy,
         angle_x_deg=ax,
         split_index=(n_rot - 1 + offset) / 2.0,
         split_offset=offset,
-        depth=view_a.shape[0],
+        depth=int(view_a.shape[0]),
         rotated_shape=(int(oshape[0]), int(oshape[1]), int(oshape[2])),
         voxel_um=float(dx_um),
         score=score,
     )
-    return np.ascontiguousarray(view_a), np.ascontiguousarray(view_b), report
+    return view_a, view_b, report

@@ -95,3 +95,30 @@ def _usable(folder: Path, sha: str, kind: str) -> bool:
     # rather than handed to ONNX Runtime (hashing a few MB is cheap next to a session start).
     return (man.checkpoint_sha256 == sha and man.model_kind == kind and man.format == "onnx"
             and man.validation.passed and model.is_file() and sha256_of(model) == man.onnx_sha256)
+
+
+def onnx_exporter(kind: str, checkpoint: Path, cache_dir: str | None, precision: Precision) -> Path:
+    """:func:`cached_export` in the shape of :class:`engines.backends.networks.Exporter`.
+
+    Export and validation failures become :class:`engines.backends.errors.ExportFailedError`, which the runtime
+    side understands without importing this package.
+    """
+    from engines.backends.errors import ExportFailedError
+    from export.onnx_export import ExportError
+    from export.validate import ExportValidationError
+
+    try:
+        return cached_export(kind, checkpoint, cache_dir, precision)
+    except (ExportError, ExportValidationError) as err:
+        raise ExportFailedError(str(err)) from err
+
+
+def install() -> None:
+    """Let ``--backend onnxruntime`` run a torch checkpoint by exporting it on first use (idempotent).
+
+    Called by the command line and the service: the runtime (``engines``) never imports ``export``; the side that
+    has both wires them together.
+    """
+    from engines.backends.networks import set_default_exporter
+
+    set_default_exporter(onnx_exporter)

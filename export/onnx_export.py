@@ -22,6 +22,7 @@ from torch import nn
 from engines.backends.base import ModelSpec
 from engines.backends.manifest import Precision, ShapeRange
 from engines.backends.torch_backend import torch_dtype
+from engines.errors import RllsmRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ BF16_OPSET = 22
 MAX_ONNX_BYTES = 2 * 1024**3
 
 
-class ExportError(RuntimeError):
+class ExportError(RllsmRuntimeError):
     """The network could not be exported, or the exported file fails a structural check."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engines.errors import RllsmRuntimeError
 from streamer.sinks.base import SinkStats, VolumeIndex, VolumeMeta, check_volume
 from streamer.sinks.config import DisplayConfig
 
@@ -42,7 +43,7 @@ DISPLAY_VERSION = 1
 MIP_AXES: tuple[Literal["z", "y", "x"], ...] = ("z", "y", "x")
 
 
-class DisplayError(RuntimeError):
+class DisplayError(RllsmRuntimeError):
     """The display stream could not be opened, or a message on it is not a display message."""
 
 

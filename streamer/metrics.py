@@ -29,13 +29,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.errors import RllsmValueError
+
 METRICS_CONFIG_VERSION = 1
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 LabelKey = tuple[tuple[str, str], ...]
 
 
-class MetricsError(ValueError):
+class MetricsError(RllsmValueError):
     """A metric name, label or endpoint setting is not usable."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from engines.config import OpticsConfig
+from engines.errors import RllsmValueError
 from streamer.sender import SenderConfig, StreamSender
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 MM_PIXEL_TYPES = {"GRAY8": "uint8", "GRAY16": "uint16", "GRAY32": "float32"}
 
 
-class HookError(ValueError):
+class HookError(RllsmValueError):
     """The hook was configured wrongly (raised when it is created, never during the acquisition)."""
 
 

@@ -23,10 +23,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from engines.errors import RllsmRuntimeError
+
 log = logging.getLogger(__name__)
 
 
-class PipelineError(RuntimeError):
+class PipelineError(RllsmRuntimeError):
     """A stage failed or the stage chain cannot be built; the text names the stage and the stack."""
 
 
@@ -55,13 +57,15 @@ class Stage:
 
 def build_stages(
     mode: PipelineMode | str, optics: Any, *, device: str | None = None, weights: str | None = None,
-    backend: Any = None,
+    backend: Any = None, sources: Any = None, fused_depth: int | None = None,
 ) -> list[Stage]:
     """Wire the reconstruction steps for ``mode``; the single function to complete when engines land.
 
     ``engines.reconstruct.stage_chain(mode, optics, device=..., weights=...)`` (a list of ``(name, callable)``
     or :class:`Stage`) is used when it exists; otherwise only the ``deskew`` and ``none`` modes are available.
-    ``backend`` (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode.
+    ``backend`` (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode; ``sources``
+    (:class:`engines.sources.ReconSources`) names the model files as for ``rllsm reconstruct``. The returned list
+    keeps what the chain declares about its output (``grid``, ``fitter``, ``provenance``) when it has them.
 
     Raises
     ------
@@ -72,14 +76,17 @@ def build_stages(
     if mode is PipelineMode.none:
         return []
     if mode is PipelineMode.deskew:
-        from engines.deskew import deskew
+        from engines.deskew import deskew_tensor
+        from engines.device import pick_device, to_device
 
-        def _deskew(stack: np.ndarray) -> np.ndarray:
-            return deskew(stack, optics.pixel_size_um, optics.stage_step_um, optics.skew_angle_deg,
-                          skew_axis=str(getattr(optics.skew_axis, "value", optics.skew_axis)), interp="linear",
-                          device=device)
+        dev = pick_device(device)
 
-        return [Stage("deskew", _deskew)]
+        def _deskew(stack: Any) -> Any:
+            # a device tensor from the worker; a host array (a direct call) is moved there first
+            return deskew_tensor(to_device(stack, dev), optics.pixel_size_um, optics.stage_step_um, optics.skew_angle_deg,
+                                 skew_axis=str(getattr(optics.skew_axis, "value", optics.skew_axis)), interp="linear")
+
+        return [Stage("deskew", _deskew, kind="torch")]
     try:
         from engines import reconstruct
     except ImportError as err:
@@ -87,9 +94,30 @@ def build_stages(
             f"reconstruction mode '{mode}' needs engines.reconstruct, which is not available here ({err}); "
             "use --mode deskew or --mode none"
         ) from None
+    if backend is not None:
+        install_exporter()
     chain = reconstruct.stage_chain(str(mode), optics, device=device, weights=weights,
-                                    memory_budget_gb=memory_budget_gb(device), backend=backend)
-    return [s if isinstance(s, Stage) else Stage(*s) for s in chain]
+                                    memory_budget_gb=memory_budget_gb(device), backend=backend, sources=sources,
+                                    fused_depth=fused_depth)
+    # in place: keeps the chain's grid. engines.reconstruct's stages unpack as (name, fn) and say by .kind that they
+    # take device tensors
+    chain[:] = [s if isinstance(s, Stage) else Stage(s[0], s[1], getattr(s, "kind", s[2] if len(s) > 2 else "numpy"))
+                for s in chain]
+    return chain
+
+
+def install_exporter() -> None:
+    """Wire the offline exporter into the runtime: ``--backend onnxruntime`` with a torch checkpoint exports it once.
+
+    The engines never import ``export``; the service and the command line, which use both, connect them here.
+    Without the ``export`` package (a runtime-only install) exported models still run, checkpoints are refused
+    with the command that exports them.
+    """
+    try:
+        from export.cache import install
+    except ImportError:  # pragma: no cover - runtime-only installs
+        return
+    install()
 
 
 def memory_budget_gb(device: str | None) -> float:
@@ -109,11 +137,33 @@ class _InFlight:
     events: list[tuple[str, Any, Any]] = field(default_factory=list)  # (stage, start event, end event) on CUDA
     host_times: dict[str, float] = field(default_factory=dict)
     done_event: Any = None
-    keep: Any = None  # the pinned input, alive until its copy to the device has surely finished
+    buffers: list[Any] = field(default_factory=list)  # pinned buffers lent to this stack, returned when collected
+
+
+class _PinnedPool:
+    """Page-locked host buffers by (shape, dtype), lent per stack and given back: pinning is slow, reuse is free."""
+
+    def __init__(self, torch: Any) -> None:
+        self._torch = torch
+        self._free: dict[tuple[Any, ...], list[Any]] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        free = self._free.get((tuple(shape), dtype))
+        if free:
+            return free.pop()
+        return self._torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
+
+    def give(self, buf: Any) -> None:
+        self._free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
 
 
 class StageWorker:
     """Runs a stage chain on one stack at a time, overlapping transfers and compute on CUDA.
+
+    With ``kind="torch"`` stages a stack is copied to the device once, stays there through every stage, and the
+    result is copied back once (counted in :data:`engines.device.transfers`). On CUDA the copy in of stack *n+1*,
+    the compute of stack *n* and the copy out of stack *n−1* run on three streams, through pinned host buffers
+    that are reused from stack to stack. On the CPU the same calls run one after the other.
 
     Parameters
     ----------
@@ -150,21 +200,21 @@ class StageWorker:
         if self.cuda:
             t = self._torch
             self._s_in, self._s_comp, self._s_out = t.cuda.Stream(), t.cuda.Stream(), t.cuda.Stream()
+            self._pool = _PinnedPool(t)
 
-    # Host-side conversions between the stage kinds; on CUDA they are enqueued on the compute stream.
+    # Conversions between the stage kinds at stage boundaries (a value may be a tuple, e.g. split-views' views).
     def _to_torch(self, x: Any) -> Any:
-        t = self._torch
-        if isinstance(x, t.Tensor):
-            return x
-        x = t.from_numpy(np.ascontiguousarray(x))
-        if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        return x
+        from engines.device import to_device
+
+        if isinstance(x, (tuple, list)):
+            return type(x)(self._to_torch(v) for v in x)
+        return to_device(x, self.device)
 
     def _to_numpy(self, x: Any) -> Any:
-        # Between stages a value may be a tuple (e.g. the two views of split-views); only tensors are converted.
         if self._torch is not None and isinstance(x, self._torch.Tensor):
-            return x.detach().cpu().numpy()
+            from engines.device import to_host
+
+            return to_host(x)
         if isinstance(x, (tuple, list)):
             return type(x)(self._to_numpy(v) for v in x)
         return x
@@ -188,6 +238,21 @@ class StageWorker:
                 item.host_times[st.name] = time.perf_counter() - t0
         return x
 
+    def _upload(self, array: np.ndarray, item: _InFlight) -> Any:
+        """Copy a stack into a reused pinned buffer and on to the device, on the copy-in stream."""
+        from engines.device import transfers
+
+        t = self._torch
+        arr = np.ascontiguousarray(array)
+        widen = arr.dtype == np.uint16  # few uint16 kernels on CUDA: move 2 bytes as int16, widen on the device
+        src = t.from_numpy(arr.view(np.int16) if widen else arr)
+        host = self._pool.take(src.shape, src.dtype)
+        item.buffers.append(host)
+        host.copy_(src)
+        transfers.add("h2d", host.element_size() * host.numel())
+        dev = host.to(self.device, non_blocking=True)
+        return dev.to(t.int32).bitwise_and_(0xFFFF) if widen else dev
+
     def submit(self, array: np.ndarray, token: Any) -> list[tuple[Any, np.ndarray]]:
         """Start processing ``array``; returns the ``(token, result)`` pairs that finished meanwhile, in order."""
         item = _InFlight(token, None)
@@ -196,24 +261,28 @@ class StageWorker:
             self._pending.append(item)
             return self._collect(block=True)
         t = self._torch
+        first_torch = bool(self.stages) and self.stages[0].kind == "torch"
         with t.cuda.stream(self._s_in):
-            host = t.from_numpy(np.ascontiguousarray(array)).pin_memory()
-            dev = host.to(self.device, non_blocking=True)
+            dev = self._upload(array, item) if first_torch else array
             ready = t.cuda.Event()
             ready.record()
-        item.keep = host
         with t.cuda.stream(self._s_comp):
             self._s_comp.wait_event(ready)
-            dev.record_stream(self._s_comp)
+            if isinstance(dev, t.Tensor):
+                dev.record_stream(self._s_comp)
             out = self._run_chain(dev, item, token)
             computed = t.cuda.Event()
             computed.record()
         with t.cuda.stream(self._s_out):
             self._s_out.wait_event(computed)
             if isinstance(out, t.Tensor):
+                from engines.device import transfers
+
                 out.record_stream(self._s_out)
-                pinned = t.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                pinned = self._pool.take(out.shape, out.dtype)
+                item.buffers.append(pinned)
                 pinned.copy_(out, non_blocking=True)
+                transfers.add("d2h", pinned.element_size() * pinned.numel())
                 item.out = pinned
             else:
                 item.out = out
@@ -232,7 +301,14 @@ class StageWorker:
                 item.done_event.synchronize()
                 for name, e0, e1 in item.events:
                     self.observe(name, e0.elapsed_time(e1) / 1e3)
-                result = np.asarray(self._to_numpy(item.out))
+                out = item.out
+                if isinstance(out, self._torch.Tensor) and out.is_pinned():
+                    result = out.numpy().copy()  # the pinned buffer goes back to the pool for the next stack
+                else:
+                    result = np.asarray(self._to_numpy(out))
+                for buf in item.buffers:
+                    self._pool.give(buf)
+                item.buffers.clear()
             else:
                 for name, s in item.host_times.items():
                     self.observe(name, s)

@@ -1,12 +1,21 @@
-"""The consumer behind the recording: decode → assemble → stage chain → sinks, shared by ``serve`` and ``replay``.
+"""The consumer behind the recording: decode → assemble → route → stage chain → outputs, for ``serve`` and ``replay``.
 
 One :class:`StackProcessor` runs in one thread. It is fed messages in recording order (``handle``) and clock ticks
 (``tick``); it has no socket and no clock of its own, so an offline replay of a recording produces exactly the volumes
-the live run did. Every rejected message is counted by error type and logged (rate-limited), never raised: the
-service never crashes on input. A *critical* sink failing raises :class:`CriticalOutputError`, which stops the run.
+the live run did. The parts, each in its module:
 
-Resume after a crash: each stack whose outputs are written is appended to ``done.log``; on restart, records of stacks
-in that log are skipped by header (their payloads are not even read) and every other stack is processed again.
+* :mod:`streamer.decoding` — total decoding and range checks: a malformed message is counted and logged, never raised;
+* :mod:`streamer.router` — one run per open acquisition (its start, stage worker and outputs), bounded in number;
+* :mod:`streamer.outputs` — an acquisition's outputs with one failure policy and done-confirmation;
+* :mod:`streamer.ledger` — the resume ledger: ``done.log`` and ``quarantine.log`` beside the recording;
+* :mod:`streamer.status` — the frozen :class:`~streamer.status.ProcessorStatus` that readers get.
+
+Anything that fails while processing one stack or acquisition (other than the disk) is *quarantined*: counted,
+reported with its reason and written to the ledger, so a restart and an offline replay skip it with the same reason.
+A critical output failing on the disk raises :class:`CriticalOutputError`, which stops the run.
+
+Resume after a crash: a stack is marked done when every critical output has durably written it (a callback from the
+writer); on restart, records of done or quarantined stacks are skipped by header (their payloads are not even read).
 """
 
 from __future__ import annotations
@@ -14,74 +23,35 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from streamer.assembly import AssembledStack, StackAssembler, StackKey, StackOutOfRange, StackTooLarge
-from streamer.pipeline import PipelineError, Stage, StageWorker
-from streamer.sinks.base import Sink, SinkError, SinkStats, VolumeIndex, VolumeMeta
-from streamer.wire import AcquisitionEnd, AcquisitionStart, Frame, Stack, WireError, decode, decode_header
+from streamer.decoding import decode_message, out_of_range, ranges
+from streamer.ledger import ResumeLedger
+from streamer.outputs import CriticalOutputError, OutputSet, VolumeRejected
+from streamer.pipeline import PipelineError
+from streamer.router import AcquisitionRouter, Run, SinkFactory, StageFactory
+from streamer.sinks.base import SinkError, VolumeIndex
+from streamer.sinks.factory import volume_meta
+from streamer.sinks.npy_sink import NpyDirSink
+from streamer.status import MAX_LISTED, ProcessorStatus, RunState
+from streamer.textlimits import clip
+from streamer.wire import AcquisitionEnd, AcquisitionStart, Frame, Stack, WireError, decode_header
 
 log = logging.getLogger(__name__)
+summary_log = logging.getLogger("streamer.summary")
 
-SinkFactory = Callable[[VolumeMeta], Sequence[tuple[Sink, bool]]]  # → (sink, critical) pairs
-StageFactory = Callable[[AcquisitionStart], Sequence[Stage]]
+__all__ = ["CriticalOutputError", "NpyDirSink", "SinkFactory", "StackProcessor", "StageFactory", "WorkCheck"]
 
-
-class CriticalOutputError(RuntimeError):
-    """A critical output (recording, disk writer) failed; the run stops cleanly, the recording stays intact."""
-
-
-class NpyDirSink:
-    """Each volume as ``DIR/<acquisition>/t00000_c0.npy`` (written under a temporary name, then renamed).
-
-    The simplest resumable output: a restarted service rewrites exactly the files that are missing, and tests
-    compare live and replayed outputs file by file.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
-        self.name = "npy"
-        self.stats = SinkStats()
-        self._dir: Path | None = None
-
-    def setup(self, meta: VolumeMeta) -> None:
-        self._dir = self.directory / meta.acquisition_id
-        self._dir.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, index: VolumeIndex, suffix: str) -> Path:
-        assert self._dir is not None
-        return self._dir / f"t{index.timepoint:05d}_c{index.channel}{suffix}"
-
-    def append(self, volume: np.ndarray, index: VolumeIndex) -> None:
-        path = self._path(index, ".npy")
-        tmp = path.with_suffix(".npy.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, volume)
-        os.replace(tmp, path)
-        self.stats.written += 1
-        self.stats.bytes_written += volume.nbytes
-
-    def skip(self, index: VolumeIndex, reason: str) -> None:
-        self._path(index, ".skipped.txt").write_text(reason + "\n")
-        self.stats.skipped[index] = reason
-
-    def close(self) -> None:
-        self._dir = None
-
-
-@dataclass
-class _Outputs:
-    meta: VolumeMeta
-    sinks: list[tuple[Sink, bool]]
-    handed: int = 0  # volumes (or skips) handed to the sinks
-    waiting: deque[tuple[int, StackKey, bool]] = field(default_factory=deque)  # (handed no., key, complete)
+# (shape of a stack, its acquisition's start or None) → why it is too big to process, or None
+WorkCheck = Callable[[tuple[int, ...], AcquisitionStart | None], str | None]
 
 
 class StackProcessor:
@@ -97,345 +67,453 @@ class StackProcessor:
         A :class:`streamer.metrics.Metrics` (counters, stage timings).
     timeout_s, max_open
         Assembly: incomplete-stack timeout and memory bound (see :class:`StackAssembler`).
-    done_log
-        File recording which stacks are fully output (for resume); None disables resume.
+    ledger
+        The resume ledger (done and quarantined stacks); None keeps one in memory only.
     device
-        Compute device of the stage worker.
+        Compute device of the stage workers.
+    max_acquisitions, idle_s
+        Acquisitions open at once, and the silence after which one is closed (see :class:`AcquisitionRouter`).
+    work_check
+        Refuses a stack whose processing would not fit the memory budget, before anything is allocated for it.
     worker_factory
-        ``AcquisitionStart → worker`` with :class:`StageWorker`'s interface, used instead of ``stage_factory`` (e.g.
-        :class:`streamer.distributed.live.DaskStageWorker`); it may hand back an exception as a stack's result.
+        ``AcquisitionStart → worker`` with :class:`StageWorker`'s interface and a ``chain`` attribute, used instead of
+        ``stage_factory`` (:class:`streamer.distributed.live.DaskStageWorker`); it may hand back an exception as a
+        stack's result.
     """
 
     def __init__(
         self, stage_factory: StageFactory, sink_factory: SinkFactory, metrics: Any, *, timeout_s: float = 5.0,
-        max_open: int = 64, done_log: str | os.PathLike[str] | None = None, device: str | None = None,
-        process_incomplete: bool = False, max_stack_bytes: int = 8 << 30,
-        worker_factory: Callable[[AcquisitionStart], Any] | None = None,
+        max_open: int = 64, ledger: ResumeLedger | None = None, device: str | None = None,
+        process_incomplete: bool = False, max_stack_bytes: int = 8 << 30, max_acquisitions: int = 16,
+        idle_s: float = 600.0, work_check: WorkCheck | None = None,
+        done_log: str | os.PathLike[str] | None = None, worker_factory: Callable[[AcquisitionStart], Any] | None = None,
     ) -> None:
-        self.stage_factory = stage_factory
-        self.worker_factory = worker_factory
-        self.sink_factory = sink_factory
         self.metrics = metrics
         self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes)
-        self.device = device
+        self.router = AcquisitionRouter(stage_factory, sink_factory, device=device, observe=metrics.observe,
+                                        max_open=max_acquisitions, idle_s=idle_s, worker_factory=worker_factory)
+        if ledger is None:  # done_log: the older spelling, a path to done.log inside the recording folder
+            ledger = ResumeLedger(Path(done_log).parent if done_log is not None else None)
+        self.ledger = ledger
         self.process_incomplete = process_incomplete
-        self.starts: dict[str, AcquisitionStart] = {}
-        self.workers: dict[str, StageWorker] = {}
-        self.outputs: dict[str, _Outputs] = {}
+        self.work_check = work_check
+        self._lock = threading.Lock()  # writer threads report rejections and confirmations concurrently
         self.errors: Counter[str] = Counter()
         self.last_errors: deque[str] = deque(maxlen=20)
-        self.incomplete: deque[dict[str, Any]] = deque(maxlen=100_000)  # bounded: a flood must not exhaust memory
-        self.summaries: list[dict[str, Any]] = []
-        self.done: set[StackKey] = set()
+        self.incomplete: deque[dict[str, Any]] = deque(maxlen=MAX_LISTED)  # the latest; the total is counted
+        self.incomplete_total = 0
+        self.summaries: deque[dict[str, Any]] = deque(maxlen=MAX_LISTED)
+        self.summaries_total = 0
         self.latencies: deque[float] = deque(maxlen=4096)  # last message received → volume output (s)
-        self._done_fh = None
-        if done_log is not None:
-            self.done = _read_done(Path(done_log))
-            self._done_fh = open(done_log, "a", buffering=1)
+        self._reported_skips: set[str] = set()
+        self._finished = False
         for name in ("messages_processed", "messages_rejected", "stacks_complete", "stacks_incomplete",
-                     "volumes_output", "display_errors", "stage_errors"):
+                     "volumes_output", "display_errors", "stage_errors", "quarantined", "quarantine_skipped",
+                     "acquisitions_closed_idle", "acquisitions_closed_full"):
             metrics.declare(name)
+
+    @property
+    def done(self) -> set[StackKey]:
+        return self.ledger.done
 
     # --- input ------------------------------------------------------------------------------------------------
 
     def handle(self, parts: Sequence[Any], *, record: int = -1, received_at: float | None = None) -> None:
-        """Process one received message; a malformed one is counted and logged, never raised."""
+        """Process one received message; bad input is counted, logged or quarantined, never raised.
+
+        Raises
+        ------
+        CriticalOutputError
+            Only when a critical output fails on the disk.
+        """
         now = time.time() if received_at is None else received_at
         self._expire(now)
         try:
-            header, array = decode(parts, strict=True)
-            self.metrics.inc("messages_processed")
-            if isinstance(header, Frame):
-                ready = self.assembler.add_frame(header, array, now=now, record=record)
-            elif isinstance(header, Stack):
-                ready = [self.assembler.add_stack(header, array, now=now, record=record)]
-            elif isinstance(header, AcquisitionStart):
-                self._start(header)
-                ready = []
-            else:
-                assert isinstance(header, AcquisitionEnd)
-                ready = self.assembler.end(header.acquisition_id, "acquisition ended before this stack was whole")
+            header, array = decode_message(parts, strict=True)
         except WireError as err:
             self._reject(err, record)
             return
+        why = self.ledger.skip_reason(record=record, acquisition=header.acquisition_id,
+                                      key=StackKey(header.acquisition_id, header.timepoint, header.channel)
+                                      if isinstance(header, (Frame, Stack)) else None)
+        if why is not None and why != "done":
+            self._skip_quarantined(f"record {record}", why)
+            return
+        self.metrics.inc("messages_processed")
+        try:
+            self._dispatch(header, array, now, record)
+        except CriticalOutputError:
+            raise
+        except WireError as err:
+            self._reject(err, record)
         except MemoryError:  # a plausible-looking stack that still does not fit: reject it, keep serving
             self._reject(StackTooLarge("not enough memory to assemble this stack"), record)
-            return
+        except Exception as err:  # anything else: this message is quarantined, the service goes on
+            self._quarantine(f"record {record}: {type(err).__name__}: {err}", record=record)
+
+    def _dispatch(self, header: Any, array: np.ndarray | None, now: float, record: int) -> None:
+        if isinstance(header, Frame):
+            self._check_work((header.z_count, *header.shape), header.acquisition_id, header.label())
+            ready = self.assembler.add_frame(header, array, now=now, record=record)
+        elif isinstance(header, Stack):
+            ready = [self.assembler.add_stack(header, array, now=now, record=record)]
+        elif isinstance(header, AcquisitionStart):
+            self.router.remember(header)
+            ready = []
+        else:
+            assert isinstance(header, AcquisitionEnd)
+            ready = self.assembler.end(header.acquisition_id, "acquisition ended before this stack was whole")
         for st in ready:
-            self._process(st)
+            self._process_safely(st)
         if isinstance(header, AcquisitionEnd):
             self._finish_acquisition(header.acquisition_id, header)
 
-    def skip_if_done(self, head: bytes) -> bool:
-        """For resume: True if this record's stack is already output (so its payload need not be read)."""
-        if not self.done:
+    def _check_work(self, shape: tuple[int, ...], acq: str, label: str) -> None:
+        if self.work_check is None:
+            return
+        why = self.work_check(tuple(shape), self.router.start_of(acq))
+        if why is not None:
+            raise StackTooLarge(f"{acq} {label}: {why}")
+
+    def skip_if_done(self, head: bytes, record: int = -1) -> bool:
+        """For resume: True if this record is already output or quarantined (so its payload need not be read)."""
+        if not self.ledger.done and not self.ledger.n_quarantined:
             return False
         try:
             h = decode_header(head)
-        except WireError:
+        except Exception:  # WireError, or worse: the decoder reports it when the record is handled
+            if record in self.ledger.records:
+                self._skip_quarantined(f"record {record}", self.ledger.records[record])
+                return True
             return False
-        if isinstance(h, (Frame, Stack)):
-            return StackKey(h.acquisition_id, h.timepoint, h.channel) in self.done
-        return False
+        key = StackKey(h.acquisition_id, h.timepoint, h.channel) if isinstance(h, (Frame, Stack)) else None
+        why = self.ledger.skip_reason(record=record, key=key,
+                                      acquisition=h.acquisition_id if key is None else None)
+        if why is None:
+            return False
+        if key is None and why == "done":
+            return False
+        if why != "done":
+            self._skip_quarantined(f"record {record}", why)
+        return True
 
     def tick(self, now: float | None = None) -> None:
-        """Flag stacks whose planes stopped arriving; collect finished GPU work."""
-        self._expire(time.time() if now is None else now)
-        for worker in list(self.workers.values()):
-            for token, volume in worker.poll():
-                self._deliver(token, volume)
+        """Flag stacks whose planes stopped arriving; close idle acquisitions; collect finished GPU work."""
+        now = time.time() if now is None else now
+        self._expire(now)
+        for acq in self.router.idle(now):
+            self.metrics.inc("acquisitions_closed_idle")
+            log.warning("acquisition %s: nothing received for %g s; closing its outputs (a later message reopens "
+                        "them)", acq, self.router.idle_s)
+            self._finish_acquisition(acq, None, reason="idle")
+        for run in list(self.router.runs.values()):
+            if run.worker is not None:
+                for token, volume in run.worker.poll():
+                    self._deliver_safely(token, volume)
 
     def _expire(self, now: float) -> None:
         for st in self.assembler.expire(now):
-            self._process(st)
+            self._process_safely(st)
+
+    # --- reporting ----------------------------------------------------------------------------------------------
+
+    def _note(self, msg: str) -> str:
+        msg = clip(msg)
+        with self._lock:
+            self.last_errors.append(msg)
+        return msg
 
     def _reject(self, err: WireError, record: int) -> None:
         kind = type(err).__name__
-        self.errors[kind] += 1
+        with self._lock:
+            self.errors[kind] += 1
+            n = self.errors[kind]
         self.metrics.inc("messages_rejected", labels={"error": kind})
         self.metrics.inc("messages_rejected")
-        msg = f"record {record}: {kind}: {err}"
-        self.last_errors.append(msg)
-        n = self.errors[kind]
+        msg = self._note(f"record {record}: {kind}: {err}")
         # One line per error type while they are rare, then every 1000th: a flood must not flood the log.
         if n <= 10 or n % 1000 == 0:
             log.warning("rejected message (%s of this kind so far) %s", n, msg)
 
-    def _start(self, start: AcquisitionStart) -> None:
-        if start.acquisition_id in self.starts:
-            log.info("acquisition %s started again (restart or replay); keeping its outputs", start.acquisition_id)
-        self.starts[start.acquisition_id] = start
+    def _quarantine(self, reason: str, *, record: int = -1, stack: StackKey | None = None,
+                    acquisition: str | None = None) -> None:
+        self.metrics.inc("quarantined")
+        with self._lock:
+            self.errors["Quarantined"] += 1
+        msg = self._note(f"quarantined: {reason}")
+        log.error("%s", msg)
+        self.ledger.quarantine(reason, record=record, stack=stack, acquisition=acquisition)
 
-    def _start_of(self, key: StackKey, data: np.ndarray) -> AcquisitionStart:
-        s = self.starts.get(key.acquisition_id)
-        if s is None:  # frames without a start message: default optics, said once
-            log.warning("acquisition %s: no acquisition_start received; using default optics", key.acquisition_id)
-            s = AcquisitionStart(acquisition_id=key.acquisition_id, seq=0, z_count=data.shape[0],
-                                 frame_shape=data.shape[1:], dtype=data.dtype.name)
-            self.starts[key.acquisition_id] = s
-        return s
+    def _skip_quarantined(self, what: str, why: str) -> None:
+        self.metrics.inc("quarantine_skipped")
+        if why not in self._reported_skips and len(self._reported_skips) < 1000:
+            self._reported_skips.add(why)
+            log.warning("%s skipped: quarantined by an earlier run (%s)", what, why)
+
+    def _stage_error(self, msg: str) -> str:
+        self.metrics.inc("stage_errors")
+        msg = self._note(msg)
+        log.error("%s", msg)
+        return msg
 
     # --- processing -------------------------------------------------------------------------------------------
 
-    def _out_of_range(self, key: StackKey) -> str | None:
-        """Why a stack lies outside what its acquisition announced (the OME writers cannot place it), or None."""
-        start = self.starts.get(key.acquisition_id)
-        if start is None:
-            return None
-        n_c = len(start.channels)
-        if key.channel >= n_c:
-            return f"{key.label()}: channel {key.channel}, but the acquisition announced {n_c} channel{'s' * (n_c > 1)}"
-        n_t = start.n_timepoints
-        if n_t is not None and key.timepoint >= n_t:
-            return (f"{key.label()}: timepoint {key.timepoint}, but the acquisition announced {n_t} "
-                    f"timepoint{'s' * (n_t > 1)}")
-        return None
+    def _process_safely(self, st: AssembledStack) -> None:
+        try:
+            self._process(st)
+        except CriticalOutputError:
+            raise
+        except VolumeRejected as err:
+            self._quarantine(str(err), stack=st.key)
+        except Exception as err:
+            self._quarantine(f"{st.key.label()}: {type(err).__name__}: {err}", stack=st.key)
+            self._skip(st, f"quarantined: {type(err).__name__}: {clip(str(err))}", quiet=True)
+
+    def _deliver_safely(self, st: AssembledStack, volume: np.ndarray) -> None:
+        try:
+            self._deliver(st, volume)
+        except CriticalOutputError:
+            raise
+        except VolumeRejected as err:
+            self._quarantine(str(err), stack=st.key)
+        except Exception as err:
+            self._quarantine(f"{st.key.label()}: {type(err).__name__}: {err}", stack=st.key)
+            self._skip(st, f"quarantined: {type(err).__name__}: {clip(str(err))}", quiet=True)
 
     def _process(self, st: AssembledStack) -> None:
-        why = self._out_of_range(st.key)
+        why = out_of_range(st.key, self.router.start_of(st.key.acquisition_id))
         if why is not None:
             # rejected before any output sees it: a critical writer refusing it would stop the whole service
             self._reject(StackOutOfRange(why), st.records[1])
-            self._mark_done(st.key, False)
+            self.ledger.mark_done(st.key, False)
             return
         if st.complete:
             self.metrics.inc("stacks_complete")
         else:
             self.metrics.inc("stacks_incomplete")
-            info = {"stack": st.key.label(), "missing_planes": list(st.missing), "reason": st.reason,
+            missing = ranges(st.missing)
+            info = {"stack": clip(st.key.label(), 200), "missing_planes": [int(z) for z in st.missing[:64]],
+                    "n_missing": len(st.missing), "missing": missing, "reason": clip(st.reason, 200),
                     "records": list(st.records)}
-            self.incomplete.append(info)
-            log.warning("stack %s incomplete (%s): missing planes %s", st.key.label(), st.reason,
-                        _ranges(st.missing))
+            with self._lock:
+                self.incomplete.append(info)
+                self.incomplete_total += 1
+                n = self.incomplete_total
+            if n <= 20 or n % 1000 == 0:
+                log.warning("stack %s incomplete (%s): missing planes %s (%d so far)", info["stack"], st.reason,
+                            missing, n)
             if not self.process_incomplete:
-                self._skip(st, f"incomplete: {st.reason}; missing planes {_ranges(st.missing)}")
+                self._skip(st, f"incomplete: {st.reason}; missing planes {missing}", quiet=True)
                 return
-        acq = st.key.acquisition_id
-        worker = self.workers.get(acq)
-        if worker is None:
-            try:
-                if self.worker_factory is not None:
-                    self.workers[acq] = worker = self.worker_factory(self._start_of(st.key, st.data))
-                else:
-                    stages = self.stage_factory(self._start_of(st.key, st.data))
-            except Exception as err:  # missing weights, unusable optics...: say so for every stack, keep recording
-                self.metrics.inc("stage_errors")
-                msg = f"cannot build the reconstruction for {acq}: {type(err).__name__}: {err}"
-                self.last_errors.append(msg)
-                log.error("%s", msg)
-                self._skip(st, msg)
+        run = self._open_run(st.key.acquisition_id, st.received_at)
+        if run.stages_error is not None:
+            self._skip(st, run.stages_error, quiet=True)
+            return
+        if self.work_check is not None:
+            why = self.work_check(tuple(st.data.shape), run.start)
+            if why is not None:
+                self._reject(StackTooLarge(f"{st.key.label()}: {why}"), st.records[1])
+                self._skip(st, f"refused: {why}", quiet=True)
                 return
-            if worker is None:
-                worker = self.workers[acq] = StageWorker(stages, device=self.device, observe=self.metrics.observe)
+        try:
+            worker = self.router.worker(run, st.key, st.data)
+        except Exception as err:  # missing weights, unusable optics...: say so for every stack, keep recording
+            msg = self._stage_error(
+                f"cannot build the reconstruction for {st.key.acquisition_id}: {type(err).__name__}: {err}")
+            self._skip(st, msg, quiet=True)
+            return
         try:
             finished = worker.submit(st.data, st)
-        except PipelineError as err:  # one bad stack must not stop the stream: count it, say which, go on
+        except PipelineError as err:  # one bad stack must not stop the stream: quarantined, said which, go on
             self.metrics.inc("stage_errors")
-            self.last_errors.append(str(err))
-            log.error("%s", err)
-            self._skip(st, f"processing failed: {err}")
+            self._quarantine(str(err), stack=st.key)
+            self._skip(st, f"processing failed: {clip(str(err))}", quiet=True)
             return
         for token, volume in finished:
-            self._deliver(token, volume)
+            self._deliver_safely(token, volume)
 
-    def _outputs_for(self, key: StackKey, shape: tuple[int, ...], dtype: str) -> _Outputs:
-        out = self.outputs.get(key.acquisition_id)
-        if out is None:
-            start = self.starts.get(key.acquisition_id)
-            meta = VolumeMeta.from_start(start, shape=tuple(shape), dtype=dtype) if start else VolumeMeta(
-                key.acquisition_id, tuple(shape), dtype, (1.0, 1.0, 1.0))
-            sinks = list(self.sink_factory(meta))
-            for sink, critical in sinks:
-                self._guard(sink, critical, "setup", lambda s=sink: s.setup(meta))
-            out = self.outputs[key.acquisition_id] = _Outputs(meta, sinks)
-        return out
+    def _open_run(self, acq: str, now: float) -> Run:
+        run, evict = self.router.open(acq, now)
+        for old in evict:
+            self.metrics.inc("acquisitions_closed_full")
+            log.warning("more than %d acquisitions open: closing %s (idle longest; a later message reopens it)",
+                        self.router.max_open, old)
+            self._finish_acquisition(old, None, reason="too many open")
+        return run
 
-    def _guard(self, sink: Sink, critical: bool, what: str, call: Callable[[], Any]) -> None:
-        try:
-            call()
-        except (SinkError, OSError) as err:
-            if critical:
-                raise CriticalOutputError(f"output '{sink.name}' failed at {what}: {err}") from err
-            self.metrics.inc("display_errors")
-            log.warning("output '%s' %s failed (non-critical, skipped): %s", sink.name, what, err)
+    def _outputs_for(self, run: Run, key: StackKey, shape: tuple[int, ...], dtype: str) -> OutputSet:
+        if run.outputs is None:
+            meta = volume_meta(run.chain, run.start, key.acquisition_id, shape, dtype)
+            try:
+                sinks = self.router.sink_factory(meta)
+            except (OSError, SinkError) as err:
+                raise CriticalOutputError(f"cannot open the outputs of {key.acquisition_id}: {clip(str(err))}") \
+                    from err
+            except Exception as err:  # e.g. metadata the writers cannot take: this acquisition only
+                msg = f"cannot open the outputs of {key.acquisition_id}: {type(err).__name__}: {clip(str(err))}"
+                run.stages_error = msg
+                self._quarantine(msg, acquisition=key.acquisition_id)
+                raise VolumeRejected(msg) from err
+            out = run.outputs = OutputSet(meta, sinks, on_done=self.ledger.mark_done,
+                                          on_rejected=self._writer_rejected, metrics=self.metrics)
+            try:
+                out.open()
+            except VolumeRejected as err:
+                out.close_quietly()
+                run.outputs = None
+                run.stages_error = f"outputs refused this acquisition: {err}"
+                self._quarantine(str(err), acquisition=key.acquisition_id)
+                raise
+        return run.outputs
+
+    def _writer_rejected(self, key: StackKey, reason: str) -> None:
+        """A writer thread refused one volume (not a disk error): quarantine that stack."""
+        self._quarantine(reason, stack=key)
 
     def _deliver(self, st: AssembledStack, volume: np.ndarray | BaseException) -> None:
-        if isinstance(volume, BaseException):  # a remote worker's failure on this stack: as a stage error here
+        run_now = self.router.get(st.key.acquisition_id)
+        fitter = getattr(run_now.chain, "fitter", None) if run_now is not None else None
+        placement = fitter.pop() if fitter is not None else None  # one per volume the chain made, in order
+        if isinstance(volume, BaseException):  # a remote worker's failure on this stack: a stage error, as here
             self.metrics.inc("stage_errors")
-            self.last_errors.append(str(volume))
-            log.error("%s", volume)
-            self._skip(st, f"processing failed: {volume}")
+            self._quarantine(str(volume), stack=st.key)
+            self._skip(st, f"processing failed: {clip(str(volume))}", quiet=True)
             return
         if volume.ndim != 3:  # the outputs cannot even be described by it: a stage error, not a service failure
-            self.metrics.inc("stage_errors")
-            msg = (f"stack {st.key.label()}: the reconstruction returned a {volume.ndim}D array "
-                   f"{'×'.join(map(str, volume.shape))}, not a (z, y, x) volume")
-            self.last_errors.append(msg)
-            log.error("%s", msg)
+            msg = self._stage_error(f"stack {st.key.label()}: the reconstruction returned a {volume.ndim}D array "
+                                    f"{'×'.join(map(str, volume.shape))}, not a (z, y, x) volume")
             self._skip(st, msg)
             return
-        out = self._outputs_for(st.key, volume.shape, volume.dtype.name)
-        index = VolumeIndex(st.key.timepoint, st.key.channel)
+        run = self._open_run(st.key.acquisition_id, st.received_at)
+        if run.stages_error is not None:
+            self._skip(st, run.stages_error, quiet=True)
+            return
+        out = self._outputs_for(run, st.key, volume.shape, volume.dtype.name)
         if tuple(volume.shape) != tuple(out.meta.shape) or volume.dtype != np.dtype(out.meta.dtype):
             # e.g. a sender that changed the frame size mid-acquisition: this stack is refused, the output goes on
-            self.metrics.inc("stage_errors")
-            msg = (f"stack {st.key.label()}: volume is {'×'.join(map(str, volume.shape))} {volume.dtype}, but this "
-                   f"acquisition's output was set up for {'×'.join(map(str, out.meta.shape))} {out.meta.dtype}")
-            self.last_errors.append(msg)
-            log.error("%s", msg)
+            msg = self._stage_error(
+                f"stack {st.key.label()}: volume is {'×'.join(map(str, volume.shape))} {volume.dtype}, but this "
+                f"acquisition's output was set up for {'×'.join(map(str, out.meta.shape))} {out.meta.dtype}")
             self._skip(st, msg)
             return
-        for sink, critical in out.sinks:
-            self._guard(sink, critical, f"append {index.label()}", lambda s=sink: s.append(volume, index))
+        if placement is not None and out.meta.placements is not None:
+            out.meta.placements.record(VolumeIndex(st.key.timepoint, st.key.channel), placement.as_dict())
+        out.append(volume, st.key)
         self.metrics.inc("volumes_output")
         if st.received_at:
             self.latencies.append(time.time() - st.received_at)
-        self._handed(out, st.key, True)
 
-    def _skip(self, st: AssembledStack, reason: str) -> None:
+    def _skip(self, st: AssembledStack, reason: str, quiet: bool = False) -> None:
         # the geometry of the fused volume is not known before the first one; a skip before it needs no output
-        out = self.outputs.get(st.key.acquisition_id)
-        if out is None:
-            self._mark_done(st.key, False)
+        run = self.router.get(st.key.acquisition_id)
+        if run is None or run.outputs is None:
+            self.ledger.mark_done(st.key, False)
             return
-        index = VolumeIndex(st.key.timepoint, st.key.channel)
-        for sink, critical in out.sinks:
-            self._guard(sink, critical, f"skip {index.label()}", lambda s=sink: s.skip(index, reason))
-        self._handed(out, st.key, False)
+        run.outputs.skip(st.key, clip(reason))
 
-    def _handed(self, out: _Outputs, key: StackKey, complete: bool) -> None:
-        out.handed += 1
-        out.waiting.append((out.handed, key, complete))
-        self._confirm(out)
+    def _finish_acquisition(self, acq: str, end: AcquisitionEnd | None, reason: str = "ended") -> None:
+        run = self.router.get(acq)
+        if run is not None and run.worker is not None:
+            for token, volume in run.worker.drain():
+                self._deliver_safely(token, volume)
+        run = self.router.pop(acq)
+        if run is not None and run.outputs is not None:
+            try:
+                run.outputs.close()
+            except VolumeRejected as err:
+                self._quarantine(str(err), acquisition=acq)
+        if reason != "ended" and run is None:
+            return
+        summary = self.summary(acq, end)
+        summary["closed"] = reason
+        with self._lock:
+            self.summaries.append(summary)
+            self.summaries_total += 1
+        log.debug("acquisition %s finished: %s", clip(acq, 140), json.dumps(summary))
+        n = self.summaries_total
+        if run is not None or end is not None and (n <= 100 or n % 1000 == 0):  # a flood of ends: not a flood of lines
+            # its own logger, which the CLI shows at normal verbosity (see streamer.cli)
+            summary_log.info("%s", format_summary(summary))
 
-    def _confirm(self, out: _Outputs) -> None:
-        """Write done.log entries for stacks every critical sink has written (or recorded as skipped)."""
-        criticals = [s for s, c in out.sinks if c]
-        level = min((s.stats.written + len(s.stats.skipped) for s in criticals), default=out.handed)
-        while out.waiting and out.waiting[0][0] <= level:
-            _, key, complete = out.waiting.popleft()
-            self._mark_done(key, complete)
-
-    def _mark_done(self, key: StackKey, complete: bool) -> None:
-        self.done.add(key)
-        if self._done_fh is not None:
-            self._done_fh.write(json.dumps([key.acquisition_id, key.timepoint, key.channel, complete]) + "\n")
-
-    def _finish_acquisition(self, acq: str, end: AcquisitionEnd | None) -> None:
-        worker = self.workers.pop(acq, None)
-        if worker is not None:
-            for token, volume in worker.drain():
-                self._deliver(token, volume)
-        out = self.outputs.pop(acq, None)
-        if out is not None:
-            for sink, critical in out.sinks:
-                self._guard(sink, critical, "close", sink.close)
-            self._confirm(out)
-        self.summaries.append(self.summary(acq, end))
-        log.info("acquisition %s finished: %s", acq, json.dumps(self.summaries[-1]))
+    # --- status ---------------------------------------------------------------------------------------------------
 
     def summary(self, acq: str | None = None, end: AcquisitionEnd | None = None) -> dict[str, Any]:
-        """End-of-acquisition report: stacks, incomplete ones with their missing planes, rejects, stage latency."""
+        """End-of-acquisition report (bounded): stacks, incomplete ones, rejects, quarantined, stage latency."""
         snap = self.metrics.snapshot()
         lat = np.asarray(self.latencies) * 1e3
+        with self._lock:
+            incomplete = [i for i in list(self.incomplete) if acq is None or i["stack"].startswith(acq + " ")]
+            by_error = dict(self.errors)
+            total_incomplete = self.incomplete_total
         return {
             "acquisition_id": acq,
             "sender_messages": end.n_messages if end else None,
             "counters": snap["counters"],
             "stages": snap["stages"],
-            # list() copies in one step: the control thread may ask while the processor appends
-            "incomplete_stacks": [i for i in list(self.incomplete) if acq is None or i["stack"].startswith(acq + " ")],
-            "rejected_by_error": dict(self.errors),
+            "incomplete_stacks": incomplete[-MAX_LISTED:],
+            "incomplete_total": total_incomplete,
+            "rejected_by_error": by_error,
+            "quarantined": self.ledger.quarantined(MAX_LISTED),
+            "quarantined_total": self.ledger.n_quarantined,
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
             if lat.size else {},
         }
 
+    def status(self) -> ProcessorStatus:
+        """A consistent, bounded snapshot for the service's status reply, ``rllsm status`` and the demo."""
+        runs = list(self.router.runs.items())
+        drops: dict[str, int] = {}
+        for acq, run in runs[-MAX_LISTED:]:
+            if run.outputs is not None:
+                drops.update({clip(k, 200): v for k, v in run.outputs.drops(acq).items()})
+        with self._lock:
+            errors, last = dict(self.errors), tuple(self.last_errors)
+            incomplete, n_inc = tuple(self.incomplete), self.incomplete_total
+            summaries, n_sum = tuple(self.summaries), self.summaries_total
+        state = RunState.finished if self._finished else (RunState.running if runs else RunState.idle)
+        return ProcessorStatus(
+            state=state, errors_by_type=errors, last_errors=last, incomplete_stacks=incomplete,
+            incomplete_total=n_inc, quarantined=tuple(self.ledger.quarantined(MAX_LISTED)),
+            quarantined_total=self.ledger.n_quarantined, open_stacks=self.assembler.n_open,
+            open_acquisitions=tuple(clip(a, 140) for a, _ in runs[-MAX_LISTED:]),
+            gpu_in_flight=self.router.in_flight, output_drops=drops, done_stacks=len(self.ledger.done),
+            summaries=summaries, summaries_total=n_sum,
+        )
+
     def finish(self, reason: str = "service stopped") -> None:
-        """Flush open stacks (flagged incomplete), drain the workers, close every output."""
+        """Flush open stacks (flagged incomplete), drain the workers, close every output and the ledger."""
         for st in self.assembler.flush(reason):
-            self._process(st)
-        for acq in list(self.workers) + [a for a in self.outputs if a not in self.workers]:
-            if acq in self.workers or acq in self.outputs:
-                self._finish_acquisition(acq, None)
-        if self._done_fh is not None:
-            self._done_fh.close()
-            self._done_fh = None
+            self._process_safely(st)
+        for acq in list(self.router.runs):
+            self._finish_acquisition(acq, None)
+        self._finished = True
+        self.ledger.close()
 
     def close_outputs_after_error(self) -> None:
         """After a critical failure: close what can be closed, ignoring further errors."""
-        for out in self.outputs.values():
-            for sink, _ in out.sinks:
-                try:
-                    sink.close()
-                except Exception as err:  # already failing; say so and go on closing the rest
-                    log.warning("closing output '%s' after an error: %s", sink.name, err)
-        self.outputs.clear()
-        if self._done_fh is not None:
-            self._done_fh.close()
-            self._done_fh = None
+        for run in list(self.router.runs.values()):
+            if run.outputs is not None:
+                run.outputs.close_quietly()
+        self.router.runs.clear()
+        self.ledger.close()
 
 
-def _read_done(path: Path) -> set[StackKey]:
-    done: set[StackKey] = set()
-    if not path.exists():
-        return done
-    for line in path.read_text().splitlines():
-        try:  # the last line may be torn by a kill; it is simply redone
-            acq, t, c, _ = json.loads(line)
-            done.add(StackKey(str(acq), int(t), int(c)))
-        except (ValueError, TypeError):
-            continue
-    return done
+def format_summary(s: dict[str, Any]) -> str:
+    """One human-readable paragraph for the end of an acquisition."""
+    c = s.get("counters", {})
+    lat = s.get("latency_ms") or {}
+    parts = [f"acquisition {clip(str(s.get('acquisition_id')), 140)} closed ({s.get('closed', 'ended')}):",
+             f"{c.get('volumes_output', 0):g} volumes output, {c.get('stacks_complete', 0):g} stacks complete, "
+             f"{c.get('stacks_incomplete', 0):g} incomplete, {c.get('messages_rejected', 0):g} messages rejected, "
+             f"{s.get('quarantined_total', 0)} quarantined"]
+    if s.get("sender_messages") is not None:
+        parts.append(f"(sender sent {s['sender_messages']} messages)")
+    if lat:
+        parts.append(f"latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms")
+    for inc in s.get("incomplete_stacks", [])[-3:]:
+        parts.append(f"\n  incomplete {inc['stack']}: missing planes {inc.get('missing', '')} ({inc['reason']})")
+    for q in s.get("quarantined", [])[-3:]:
+        parts.append(f"\n  quarantined {q.get('stack') or q.get('acquisition') or 'record ' + str(q.get('record'))}: "
+                     f"{q['reason']}")
+    return " ".join(parts)
 
-
-def _ranges(zs: Sequence[int]) -> str:
-    """[0,1,2,5,7,8] → '0-2,5,7-8' (readable lists of missing planes)."""
-    out, i = [], 0
-    zs = list(zs)
-    while i < len(zs):
-        j = i
-        while j + 1 < len(zs) and zs[j + 1] == zs[j] + 1:
-            j += 1
-        out.append(str(zs[i]) if i == j else f"{zs[i]}-{zs[j]}")
-        i = j + 1
-    return ",".join(out)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engines.errors import RllsmIOError
+
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "rllsm-recording"
@@ -44,7 +46,7 @@ FLAG_PARTS_MERGED = 1
 DATA_NAME, INDEX_NAME, FORMAT_FILE = "messages.dat", "messages.idx", "format.json"
 
 
-class RecordingError(OSError):
+class RecordingError(RllsmIOError):
     """The recording cannot be opened, read or appended to; the text says which file and why."""
 
 

@@ -16,15 +16,17 @@ from typing import Any
 
 import zmq
 
+from engines.errors import RllsmRuntimeError
 from streamer.metrics import Metrics
 from streamer.pipeline import PipelineMode, build_stages
-from streamer.processor import NpyDirSink, SinkFactory, StackProcessor, StageFactory
+from streamer.ledger import ResumeLedger
+from streamer.processor import SinkFactory, StackProcessor, StageFactory
 from streamer.recording import RecordingReader
 
 log = logging.getLogger(__name__)
 
 
-class ReplayError(RuntimeError):
+class ReplayError(RllsmRuntimeError):
     """The replay cannot go on; the text says why."""
 
 
@@ -103,26 +105,38 @@ def replay_offline(
     mode: PipelineMode | str = PipelineMode.classical, stage_factory: StageFactory | None = None,
     sink_factory: SinkFactory | None = None, device: str | None = None, timeout_s: float = 5.0,
     max_open: int = 64, process_incomplete: bool = False, weights: str | os.PathLike[str] | None = None,
-    backend: Any = None,
+    backend: Any = None, sources: Any = None, output_format: str = "npy", fused_depth: int | None = None,
 ) -> dict[str, Any]:
     """Process a recording in this process, without sockets; returns the end-of-run summary.
 
     With the same stages and backend as the live run, the volumes equal the live ones bit for bit: the processor
-    sees the same messages in the same order with the same recorded arrival times.  ``backend``
-    (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode.
+    sees the same messages in the same order with the same recorded arrival times. Whatever the live run (or this
+    replay) quarantined is skipped with its reason and listed in the summary; the replay goes on.  ``backend``
+    (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode; ``sources``
+    (:class:`engines.sources.ReconSources`) names the model files as for ``rllsm reconstruct``.
+
+    ``output_format`` (``zarr``, ``tiff`` or ``npy``) writes under ``out`` exactly as ``rllsm serve`` does (the same
+    code opens the outputs, :func:`streamer.sinks.factory.disk_outputs`), so a replay into the folder of an
+    interrupted live run completes its datasets instead of duplicating them.
     """
     metrics = Metrics()
     if stage_factory is None:
         w = str(weights) if weights is not None else None
         stage_factory = lambda start: build_stages(mode, start.optics, device=device, weights=w,  # noqa: E731
-                                                   backend=backend)
+                                                   backend=backend, sources=sources, fused_depth=fused_depth)
     if sink_factory is None:
         if out is None:
             raise ReplayError("offline replay needs --out DIR (or a sink factory)")
+        from streamer.sinks.factory import FORMATS, disk_outputs
+
+        if output_format not in FORMATS:
+            raise ReplayError(f"output format must be one of {', '.join(FORMATS)}, got {output_format!r}")
         out_dir = Path(out)
-        sink_factory = lambda meta: [(NpyDirSink(out_dir), True)]  # noqa: E731
+        sink_factory = lambda meta: disk_outputs(output_format, out_dir, meta, threaded=False)  # noqa: E731
+    # The live run's quarantine is honoured (same items skipped, same reasons); its ledger is read, never written.
+    ledger = ResumeLedger(recording, write=False)
     proc = StackProcessor(stage_factory, sink_factory, metrics, timeout_s=timeout_s, max_open=max_open,
-                          device=device, process_incomplete=process_incomplete)
+                          device=device, process_incomplete=process_incomplete, ledger=ledger)
     try:
         with RecordingReader(recording) as rec:
             if rec.torn_data_bytes or rec.torn_entry_bytes:

@@ -28,10 +28,12 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from engines.errors import RllsmRuntimeError
+
 log = logging.getLogger(__name__)
 
 
-class SecurityError(RuntimeError):
+class SecurityError(RllsmRuntimeError):
     """The requested endpoint or key setup is not safe or not usable; the text says what to do."""
 
 

@@ -21,13 +21,14 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.errors import RllsmRuntimeError
 from streamer.wire import AcquisitionEnd, AcquisitionStart, encode, pixels_header
 
 log = logging.getLogger(__name__)
 SENDER_CONFIG_VERSION = 1
 
 
-class SenderError(RuntimeError):
+class SenderError(RllsmRuntimeError):
     """The sender cannot be created (bad endpoint); sending itself never raises."""
 
 

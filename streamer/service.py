@@ -29,9 +29,14 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.select import BackendConfig
+from engines.sources import ReconSources
+from engines.errors import RllsmRuntimeError
 from streamer.metrics import Metrics, MetricsError
 from streamer.pipeline import PipelineMode, Stage, build_stages
-from streamer.processor import CriticalOutputError, NpyDirSink, SinkFactory, StackProcessor, StageFactory
+from streamer.decoding import make_work_check
+from streamer.ledger import ResumeLedger
+from streamer.processor import CriticalOutputError, SinkFactory, StackProcessor, StageFactory
+from streamer.textlimits import clip
 from streamer.recording import RecordingError, RecordingWriter
 from streamer.security import CurveServer, SecurityError, check_bind, secure_server_socket
 
@@ -44,7 +49,7 @@ _BATCH = 16
 _BATCH_BYTES = 256 << 10
 
 
-class ServiceError(RuntimeError):
+class ServiceError(RllsmRuntimeError):
     """The service cannot start or had to stop; the text says why."""
 
 
@@ -63,12 +68,32 @@ class ServiceConfig(BaseModel):
     mode: PipelineMode = PipelineMode.classical
     device: str | None = Field(None, description="cpu, cuda, cuda:1; default: CUDA if torch sees one.")
     weights: Path | None = Field(None, description="Network weights folder for mode 'full' (default: demo weights).")
+    sources: ReconSources = Field(default_factory=ReconSources,
+                                  description="Model files as for `rllsm reconstruct`: VSI-SR checkpoint, OTF folder, "
+                                  "RL-DFN weights, measured PSFs (and/or a weights folder).")
+    fused_depth: int | None = Field(None, ge=1, le=100_000,
+                                    description="Planes of the fused output grid (default: fixed from the optics and "
+                                    "the first stack; later stacks are placed into it, anchored on the mirror).")
     backend: BackendConfig = Field(default_factory=BackendConfig,
                                    description="What runs the networks in mode 'full' (torch, onnxruntime, tensorrt).")
     stack_timeout_s: float = Field(5.0, gt=0, le=3600, description="Flag a stack incomplete after this silence.")
     max_open_stacks: int = Field(64, ge=1, le=100_000)
     max_stack_gb: float = Field(8.0, gt=0, le=4096, description="Largest stack accepted; bigger ones are rejected.")
     cache_messages: int = Field(256, ge=1, le=1_000_000, description="Messages kept in memory for the processor.")
+    cache_mb: float = Field(64.0, gt=0, le=1 << 20,
+                            description="Bytes of messages kept in memory for the processor (the rest is read back "
+                            "from the recording).")
+    max_message_mb: float = Field(2048.0, gt=0, le=1 << 22,
+                                  description="Largest message part accepted; a bigger one is refused by ZMQ before "
+                                  "it is allocated (the sender is disconnected).")
+    memory_budget_gb: float | None = Field(None, gt=0, le=1 << 14,
+                                           description="Memory one stack's reconstruction may use; a stack needing "
+                                           "more is refused before anything is allocated (default: the larger of "
+                                           "8 GB and half the RAM).")
+    max_acquisitions: int = Field(16, ge=1, le=4096, description="Acquisitions open at once (outputs, workers).")
+    acquisition_idle_s: float = Field(600.0, gt=0, le=1e7,
+                                      description="Close an acquisition's outputs after this silence (reopened by "
+                                      "its next message).")
     rcvhwm: int = Field(1000, ge=1, le=1_000_000, description="ZMQ receive high-water mark of the ingest socket.")
     fsync_every: int = Field(0, ge=0, description="fsync the recording every N messages (0: never).")
     keys: Path | None = Field(None, description="CURVE key folder (see `rllsm serve --gen-keys`).")
@@ -110,7 +135,8 @@ class Service:
         self._stop = threading.Event()
         self._ingest_done = threading.Event()  # the ingest thread has recorded and published its last message
         self._cond = threading.Condition()
-        self._cache: deque[tuple[int, list[Any], float]] = deque()
+        self._cache: deque[tuple[int, list[Any], float, int]] = deque()
+        self._cache_bytes = 0
         self._cursor = 0  # next record the processor handles
         self._stamp: float | None = None  # arrival time of the oldest message received but not yet handed over
         self._published = 0  # records [0, _published) are written and may be processed
@@ -121,6 +147,7 @@ class Service:
         self.processor: StackProcessor | None = None
         self.ingest_endpoint = self.control_endpoint = self.display_endpoint = ""
         self.final_summary: dict[str, Any] | None = None
+        self.datasets: dict[str, str] = {}  # acquisition id -> OME-Zarr/OME-TIFF path, for viewers (status)
         for c in ("messages_received", "bytes_received", "messages_spilled"):
             self.metrics.declare(c)
 
@@ -129,28 +156,20 @@ class Service:
     def _default_stages(self, start: Any) -> list[Stage]:
         weights = str(self.config.weights) if self.config.weights is not None else None
         return build_stages(self.config.mode, start.optics, device=self.config.device, weights=weights,
-                            backend=self.config.backend)
+                            backend=self.config.backend, sources=self.config.sources,
+                            fused_depth=self.config.fused_depth)
 
     def default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
-        from streamer.sinks import OmeTiffConfig, OmeZarrConfig, ThreadedSink, open_sink
+        from streamer.sinks import ThreadedSink
+        from streamer.sinks.factory import disk_outputs
 
-        out: list[tuple[Any, bool]] = []
         cfg = self.config
-        if cfg.output is not None:
-            if cfg.output_format == "npy":
-                out.append((NpyDirSink(cfg.output), True))
-            else:
-                if cfg.output_format == "zarr":
-                    path = cfg.output / f"{meta.acquisition_id}.ome.zarr"
-                    k = 2
-                    while path.exists():  # a resumed run continues in a new part rather than overwrite
-                        path = cfg.output / f"{meta.acquisition_id}.part{k}.ome.zarr"
-                        k += 1
-                    inner = open_sink(OmeZarrConfig(path=path))
-                else:
-                    inner = open_sink(OmeTiffConfig(directory=cfg.output / meta.acquisition_id, overwrite=True))
-                # block, not drop: processing may lag (the recording holds the raw data), the outputs must be whole
-                out.append((ThreadedSink(inner, on_full="block", critical=True, metrics=self.metrics), True))
+        # one place opens the disk outputs for serve, replay and demo (a restart resumes the same dataset)
+        out = disk_outputs(cfg.output_format, cfg.output, meta, threaded=True, metrics=self.metrics)
+        if cfg.output is not None and cfg.output_format != "npy":  # named in status, for viewers to follow
+            from streamer.sinks.factory import output_path
+
+            self.datasets[meta.acquisition_id] = str(output_path(cfg.output_format, cfg.output, meta.acquisition_id))
         if self._display_pub is not None:
             from streamer.display import DisplaySink
 
@@ -174,26 +193,34 @@ class Service:
                 import engines.reconstruct  # noqa: F401  (fail at start, not at the first stack)
             except ImportError as err:
                 raise ServiceError(f"mode '{cfg.mode}' needs engines.reconstruct: {err}") from None
+        self._dask, workers = None, None
+        if cfg.scheduler is not None and reconstructing:  # the stage chain runs on the cluster's workers
+            from streamer.distributed.live import connect_live
+
+            self._dask, workers = connect_live(cfg, self.metrics, self._close_resources)
         try:
             self.recording = RecordingWriter(cfg.recording, fsync_every=cfg.fsync_every)
         except RecordingError as err:
             self._close_resources()
             raise ServiceError(str(err)) from None
         self.metrics.set_gauge("recording_recovered_bytes", self.recording.recovered_bytes)
-        self._dask = None
-        if cfg.scheduler is not None and reconstructing:  # the stage chain runs on the cluster's workers
-            from streamer.distributed.live import connect_live
-
-            self._dask, workers = connect_live(cfg, self.metrics, self._close_resources)
+        budget = int(memory_budget_bytes(cfg.memory_budget_gb))
+        try:
+            ledger = ResumeLedger(cfg.recording)
+        except OSError as err:
+            self._close_resources()
+            raise ServiceError(f"cannot open the resume ledger in {cfg.recording}: {err}") from None
         self.processor = StackProcessor(
             self.stage_factory, self.sink_factory, self.metrics, timeout_s=cfg.stack_timeout_s,
-            max_open=cfg.max_open_stacks, done_log=cfg.recording / "done.log", device=cfg.device,
-            process_incomplete=cfg.process_incomplete, max_stack_bytes=int(cfg.max_stack_gb * 1e9),
-            worker_factory=workers if self._dask is not None else None,
+            max_open=cfg.max_open_stacks, ledger=ledger, device=cfg.device,
+            process_incomplete=cfg.process_incomplete, max_stack_bytes=min(int(cfg.max_stack_gb * 1e9), budget),
+            max_acquisitions=cfg.max_acquisitions, idle_s=cfg.acquisition_idle_s,
+            work_check=make_work_check(cfg.mode, budget), worker_factory=workers,
         )
         self._resume_from = self._published = len(self.recording)
         pull = self.ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, cfg.rcvhwm)
+        pull.setsockopt(zmq.MAXMSGSIZE, int(cfg.max_message_mb * (1 << 20)))
         pull.setsockopt(zmq.LINGER, 0)
         rep = self.ctx.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 0)
@@ -304,6 +331,7 @@ class Service:
         rec = self.recording
         assert rec is not None
         cache_max = self.config.cache_messages
+        cache_max_bytes = int(self.config.cache_mb * (1 << 20))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         try:
@@ -337,9 +365,14 @@ class Service:
                         n += len(batch)
                         nbytes += size
                         with self._cond:
-                            room = max(0, cache_max - len(self._cache))
-                            self._cache.extend((first + k, batch[k], times[k]) for k in range(min(room, len(batch))))
-                            spilled += max(0, len(batch) - room)
+                            # bounded by count and by bytes: what does not fit is read back from the recording
+                            for k, parts in enumerate(batch):
+                                nb = sum(len(p) for p in parts)
+                                if len(self._cache) >= cache_max or self._cache_bytes + nb > cache_max_bytes:
+                                    spilled += 1
+                                    continue
+                                self._cache.append((first + k, parts, times[k], nb))
+                                self._cache_bytes += nb
                             self._published = first + len(batch)
                             self._stamp = None
                             self._cond.notify()
@@ -373,9 +406,10 @@ class Service:
         assert rec is not None
         with self._cond:
             while self._cache and self._cache[0][0] < self._cursor:
-                self._cache.popleft()
+                self._cache_bytes -= self._cache.popleft()[3]
             if self._cache and self._cache[0][0] == self._cursor:
-                _, parts, t = self._cache.popleft()
+                _, parts, t, nb = self._cache.popleft()
+                self._cache_bytes -= nb
                 return parts, t
             if self._cursor >= self._published:
                 return None
@@ -396,8 +430,8 @@ class Service:
         assert proc is not None and rec is not None
         try:
             while True:
-                if self._cursor < self._resume_from and proc.done:
-                    if proc.skip_if_done(rec.header(self._cursor)):
+                if self._cursor < self._resume_from and (proc.ledger.done or proc.ledger.n_quarantined):
+                    if proc.skip_if_done(rec.header(self._cursor), record=self._cursor):
                         self._cursor += 1
                         continue
                 # Read before _next(): once ingest is done, every record it will ever publish is visible to _next(),
@@ -428,7 +462,7 @@ class Service:
             self._fail(err)
         finally:
             self.final_summary = proc.summary()
-            self.final_summary["stopped_by_error"] = str(self.error) if self.error else None
+            self.final_summary["stopped_by_error"] = clip(str(self.error)) if self.error else None
             try:
                 (self.config.recording / "summary.json").write_text(json.dumps(self.final_summary, indent=1) + "\n")
             except OSError as err:
@@ -448,6 +482,8 @@ class Service:
                     cmd = req.get("cmd") if isinstance(req, dict) else None
                 except (ValueError, RecursionError):  # not JSON, or absurdly nested: answered, never fatal
                     cmd = None
+                except zmq.ZMQError:
+                    continue
                 if cmd in ("status", "summary"):
                     try:
                         if cmd == "status":
@@ -455,7 +491,7 @@ class Service:
                         else:
                             reply = self.final_summary or (self.processor.summary() if self.processor else {})
                     except Exception as err:  # a read racing the processor must not kill the control thread
-                        reply = {"ok": False, "error": f"{cmd} unavailable this instant ({err}); ask again"}
+                        reply = {"ok": False, "error": f"{cmd} unavailable this instant ({clip(str(err))}); ask again"}
                 elif cmd == "stop":
                     reply = {"ok": True, "stopping": True}
                     self._stop.set()
@@ -468,29 +504,47 @@ class Service:
     # --- status ---------------------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Queue depths, per-stage p50/p99, throughput, drops and errors, as plain JSON."""
+        """Queue depths, per-stage p50/p99, throughput, drops, errors and quarantined items, as plain JSON.
+
+        Read from the processor's frozen :class:`~streamer.status.ProcessorStatus`; every list is bounded, so the
+        reply stays small whatever was received.
+        """
         snap = self.metrics.snapshot()
         proc, rec = self.processor, self.recording
         n = len(rec) if rec is not None else 0
         with self._cond:
-            cache = len(self._cache)
+            cache, cache_bytes = len(self._cache), self._cache_bytes
+        ps = proc.status() if proc is not None else None
         snap["queues"] = {
             "recorded": n, "processed": self._cursor, "backlog": n - self._cursor, "cache": cache,
-            "open_stacks": proc.assembler.n_open if proc else 0,
-            "gpu_in_flight": sum(w.in_flight for w in list(proc.workers.values())) if proc else 0,
+            "cache_bytes": cache_bytes, "open_stacks": ps.open_stacks if ps else 0,
+            "open_acquisitions": len(ps.open_acquisitions) if ps else 0,
+            "gpu_in_flight": ps.gpu_in_flight if ps else 0,
         }
-        if proc is not None:
-            snap["errors"] = {"by_type": dict(proc.errors), "last": list(proc.last_errors)}
-            snap["incomplete_stacks"] = list(proc.incomplete)[-50:]
-            drops = {}
-            for acq, out in list(proc.outputs.items()):
-                for sink, _ in out.sinks:
-                    drops[f"{acq}/{sink.name}"] = sink.stats.dropped_queue_full
-            snap["output_drops"] = drops
+        if ps is not None:
+            snap["errors"] = {"by_type": ps.errors_by_type, "last": list(ps.last_errors)}
+            snap["incomplete_stacks"] = list(ps.incomplete_stacks)
+            snap["incomplete_total"] = ps.incomplete_total
+            snap["quarantined"] = list(ps.quarantined)
+            snap["quarantined_total"] = ps.quarantined_total
+            snap["output_drops"] = ps.output_drops
         snap["ingest"] = self.ingest_endpoint
+        snap["display"] = self.display_endpoint or None
+        snap["datasets"] = dict(self.datasets)
         snap["state"] = "error" if self.error else ("stopping" if self._stop.is_set() else "running")
-        snap["error"] = str(self.error) if self.error else None
+        snap["error"] = clip(str(self.error)) if self.error else None
         return snap
+
+
+def memory_budget_bytes(gb: float | None) -> float:
+    """The memory one stack's reconstruction may use: ``gb``, or the larger of 8 GB and half the RAM."""
+    if gb is not None:
+        return gb * 1e9
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        ram = 16e9
+    return max(8e9, 0.5 * ram)
 
 
 def request(endpoint: str, cmd: str, timeout_s: float = 5.0, context: zmq.Context | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ wrong in the microscopist's terms ("stack t=12 c=0: header says 101×768×768 ui
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from collections.abc import Sequence
@@ -18,13 +19,22 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from engines.config import OpticsConfig, describe_validation_error
+from engines.errors import RllsmValueError
 
 WIRE_VERSION = 1
-MAX_HEADER_BYTES = 1 << 20  # a header is metadata; anything larger is not one of ours
-MAX_DIM = 1 << 16
+# Documented limits (docs/streaming.md); a message outside them is refused with a typed error, never processed.
+MAX_HEADER_BYTES = 256 << 10  # a header is metadata; anything larger is not one of ours
+MAX_JSON_DEPTH = 32  # nesting of the header JSON, checked before it is parsed
+MAX_METADATA_BYTES = 64 << 10  # free-form metadata of a start or frame, as compact JSON
+MAX_DIM = 1 << 16  # planes per stack, pixels per frame side
+MAX_TIMEPOINTS = 1_000_000  # timepoint index < this, n_timepoints ≤ this
+MAX_SEQ = (1 << 53) - 1  # seq and n_messages: exact in every JSON implementation
+MAX_CHANNELS = 16
+MAX_CHANNEL_NAME = 64
+MAX_SENT_AT = 1e11  # seconds since epoch (year 5138)
 DTYPES = ("uint8", "uint16", "int16", "uint32", "float32")
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
@@ -39,7 +49,7 @@ class MessageKind(StrEnum):
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
-class WireError(ValueError):
+class WireError(RllsmValueError):
     """A message that does not follow the wire schema; the text says what was wrong."""
 
 
@@ -74,6 +84,15 @@ class ChecksumMismatch(WireError):
 # --- models -----------------------------------------------------------------------------------------------------
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+ChannelName = Annotated[str, Field(min_length=1, max_length=MAX_CHANNEL_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(value, separators=(",", ":")))
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {size / 1024:.0f} KiB of JSON, more than the {MAX_METADATA_BYTES // 1024} KiB "
+                         "allowed (send big metadata as a file beside the data)")
+    return value
 
 
 class _Header(BaseModel):
@@ -81,8 +100,9 @@ class _Header(BaseModel):
 
     version: Literal[1] = WIRE_VERSION
     acquisition_id: str = Field(pattern=ID_PATTERN, description="Identifies one acquisition across all its messages.")
-    seq: int = Field(ge=0, description="Sequence number of this message within the acquisition's stream.")
-    sent_at: float = Field(default_factory=time.time, ge=0, description="Sender's wall clock (s since epoch).")
+    seq: int = Field(ge=0, le=MAX_SEQ, description="Sequence number of this message within the acquisition's stream.")
+    sent_at: float = Field(default_factory=time.time, ge=0, le=MAX_SENT_AT, allow_inf_nan=False,
+                           description="Sender's wall clock (s since epoch).")
 
 
 class AcquisitionStart(_Header):
@@ -93,13 +113,17 @@ class AcquisitionStart(_Header):
     z_count: int = Field(ge=1, le=MAX_DIM, description="Planes per stack.")
     frame_shape: tuple[Annotated[int, Field(ge=1, le=MAX_DIM)], Annotated[int, Field(ge=1, le=MAX_DIM)]]
     dtype: Literal["uint8", "uint16", "int16", "uint32", "float32"] = "uint16"
-    n_timepoints: int | None = Field(None, ge=1, description="Timepoints planned; None for open-ended.")
-    channels: tuple[str, ...] = Field(("488",), min_length=1, max_length=16)
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form microscope metadata (JSON).")
+    n_timepoints: int | None = Field(None, ge=1, le=MAX_TIMEPOINTS,
+                                     description="Timepoints planned; None for open-ended.")
+    channels: tuple[ChannelName, ...] = Field(("488",), min_length=1, max_length=MAX_CHANNELS)
+    metadata: dict[str, Any] = Field(default_factory=dict, description=f"Free-form microscope metadata (JSON, at most "
+                                     f"{MAX_METADATA_BYTES // 1024} KiB).")
+
+    _metadata_size = field_validator("metadata")(classmethod(lambda cls, v: _check_metadata(v)))
 
 
 class _Pixels(_Header):
-    timepoint: int = Field(ge=0)
+    timepoint: int = Field(ge=0, lt=MAX_TIMEPOINTS)
     channel: int = Field(0, ge=0, lt=16)
     dtype: Literal["uint8", "uint16", "int16", "uint32", "float32"] = "uint16"
     byte_order: Literal["<", ">", "|"] = "<"
@@ -124,6 +148,8 @@ class Frame(_Pixels):
     shape: tuple[Annotated[int, Field(ge=1, le=MAX_DIM)], Annotated[int, Field(ge=1, le=MAX_DIM)]]
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    _metadata_size = field_validator("metadata")(classmethod(lambda cls, v: _check_metadata(v)))
+
     def label(self) -> str:
         return f"frame t={self.timepoint} c={self.channel} z={self.z_index}/{self.z_count}"
 
@@ -146,7 +172,7 @@ class AcquisitionEnd(_Header):
     """Closes an acquisition; ``n_messages`` lets the receiver tell whether it saw everything."""
 
     kind: Literal["acquisition_end"] = "acquisition_end"
-    n_messages: int = Field(ge=0, description="Messages the sender sent before this one, start included.")
+    n_messages: int = Field(ge=0, le=MAX_SEQ, description="Messages the sender sent before this one, start included.")
     reason: Literal["complete", "aborted", "error"] = "complete"
 
 
@@ -221,34 +247,119 @@ def _buffer(part: Any) -> memoryview:
     return memoryview(buf).cast("B")
 
 
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[``/``{`` in a JSON text, strings ignored (linear time, no recursion)."""
+    bare = _STRINGS.sub(b"", raw)
+    if b"[" not in bare and b"{" not in bare:
+        return 0
+    step = np.zeros(256, np.int8)
+    step[ord("[")] = step[ord("{")] = 1
+    step[ord("]")] = step[ord("}")] = -1
+    return int(np.cumsum(step[np.frombuffer(bare, np.uint8)], dtype=np.int64).max(initial=0))
+
+
+def _walk(doc: Any, path: str = "") -> None:
+    """Refuse what JSON allows but this schema does not: lone surrogates, ``true`` for a version number."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            _walk(k, path)
+            if k == "version" and isinstance(v, bool):
+                raise InvalidHeader(f"{path + k}: version must be the number 1, not {json.dumps(v)}")
+            _walk(v, f"{path}{_clip(k, 40)}.")
+    elif isinstance(doc, list):
+        for v in doc:
+            _walk(v, path)
+    elif isinstance(doc, str):
+        try:
+            doc.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidHeader(f"{path.rstrip('.') or 'header'}: text contains a lone UTF-16 surrogate "
+                                f"({_clip(doc.encode('utf-8', 'backslashreplace').decode(), 40)}), which no file "
+                                "format can store") from None
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… [{len(text) - limit} more characters]"
+
+
+def _reject_constant(name: str) -> Any:
+    raise MalformedHeader(f"header is not valid JSON: {name} is not a JSON number")
+
+
 def decode_header(part: Any, *, strict: bool = True) -> _Header:
-    """Parse and validate the header part alone (cheap: the payload is not touched)."""
+    """Parse and validate the header part alone (cheap: the payload is not touched).
+
+    Total: size and nesting depth are checked before parsing, types are checked exactly as the committed JSON Schema
+    states (no ``"5"`` for 5, no ``true`` for 1), and every error text is bounded.
+    """
     raw = _buffer(part)
     if len(raw) > MAX_HEADER_BYTES:
-        raise MalformedHeader(f"header is {_megabytes(len(raw))}, larger than the {_megabytes(MAX_HEADER_BYTES)} limit")
+        raise MalformedHeader(f"header is {_megabytes(len(raw))}, larger than the {MAX_HEADER_BYTES // 1024} KiB limit")
+    data = bytes(raw)
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise MalformedHeader(f"header nests {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed")
+    integral = [False]
+
+    def number(s: str) -> float | int:
+        # JSON Schema counts 5.0 as an integer: so does this receiver (and 5.5 stays a float, refused for an int)
+        f = float(s)
+        if f.is_integer():
+            integral[0] = True
+            return int(f)
+        return f
+
     try:
-        doc = json.loads(bytes(raw).decode("utf-8"))
+        text = data.decode("utf-8")
+        doc = json.loads(text, parse_constant=_reject_constant, parse_float=number)
     except UnicodeDecodeError:
         raise MalformedHeader("header is not UTF-8 text (was the payload sent first?)") from None
     except json.JSONDecodeError as err:
         raise MalformedHeader(f"header is not valid JSON: {err.msg} at character {err.pos}") from None
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise MalformedHeader("header nests too deeply") from None
     if not isinstance(doc, dict):
         raise MalformedHeader(f"header must be a JSON object, got {type(doc).__name__}")
     kind = doc.get("kind")
     if not isinstance(kind, str) or kind not in MODELS:
-        raise UnknownKind(f"unknown message kind {kind!r}; expected one of {', '.join(MODELS)}")
+        raise UnknownKind(f"unknown message kind {_clip(repr(kind), 60)}; expected one of {', '.join(MODELS)}")
     version = doc.get("version", WIRE_VERSION)
-    if version != WIRE_VERSION:
-        raise UnsupportedVersion(f"{kind} message has wire version {version!r}; this receiver speaks {WIRE_VERSION}")
+    if isinstance(version, bool) or version != WIRE_VERSION:
+        raise UnsupportedVersion(f"{kind} message has wire version {_clip(json.dumps(version), 60)}; this receiver "
+                                 f"speaks {WIRE_VERSION}")
+    _walk(doc)
     model = MODELS[kind]
     if not strict:
         known = set(model.model_fields)
-        doc = {k: v for k, v in doc.items() if k in known}
+        if set(doc) - known:
+            doc = {k: v for k, v in doc.items() if k in known}
+            integral[0] = True
+    if integral[0]:
+        text = json.dumps(doc)
     try:
-        return model.model_validate(doc)
+        # JSON mode, strict: types as the JSON Schema states them (arrays are tuples, no string→number coercion)
+        return model.model_validate_json(text, strict=True)
     except ValidationError as err:
-        label = f"{kind} seq={doc.get('seq', '?')}"
-        raise InvalidHeader(describe_validation_error(err, label)) from None
+        seq = doc.get("seq", "?")
+        label = f"{kind} seq={seq if isinstance(seq, int) else '?'}"
+        text = describe_validation_error(err, label)
+        raise InvalidHeader(text if len(text) <= 600 else _describe(err, label)) from None
+
+
+def _describe(err: ValidationError, label: str, limit: int = 5) -> str:
+    """Field, short value and reason of each problem (values clipped: a 60 KB field must not make a 60 KB reply)."""
+    out = []
+    for e in err.errors()[:limit]:
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) and field != "<root>" and len(repr(value)) > 60 else \
+            f" = {_clip(repr(value), 60)}"
+        out.append(f"field '{_clip(field, 80)}'{shown}: {_clip(e['msg'], 200)}")
+    more = len(err.errors()) - limit
+    return f"{label}: " + "; ".join(out) + (f" (and {more} more)" if more > 0 else "")
 
 
 def decode(parts: Sequence[Any], *, strict: bool = True) -> tuple[_Header, np.ndarray | None]:

@@ -15,7 +15,7 @@ import torch
 
 from engines.backends import BackendConfig
 from engines.backends.ort_backend import OnnxRuntimeBackend
-from engines.reconstruct import Reconstructor, ReconstructParams, load_models, stage_chain
+from engines.reconstruct import ReconstructError, Reconstructor, ReconstructParams, load_models, stage_chain
 from engines.simulate.config import make_sim_config
 from engines.simulate.microscope import simulate_stack
 
@@ -77,10 +77,23 @@ def torch_result(weights, beads):
 
 
 def test_reconstructor_full_mode_on_onnxruntime_matches_torch(weights, cache, beads, torch_result) -> None:
+    from engines.backends.networks import set_default_exporter
+    from export.cache import onnx_exporter
+
     optics, raw = beads
-    cfg = BackendConfig(backend="onnxruntime", onnx_cache=str(cache))
-    models = load_models(vsisr_checkpoint=weights / "vsi-sr.pt", rldfn_weights=weights / "rl-dfn.pt", optics=optics,
-                         backend=cfg)
+    # the engines never import export: a checkpoint asked to run on ONNX Runtime needs an installed exporter
+    previous = set_default_exporter(None)
+    try:
+        with pytest.raises(ReconstructError, match="rllsm export --model vsi-sr"):
+            load_models(vsisr_checkpoint=weights / "vsi-sr.pt", optics=optics,
+                        backend=BackendConfig(backend="onnxruntime", onnx_cache=str(cache)))
+        assert not list(cache.glob("*/manifest.json"))
+        set_default_exporter(onnx_exporter)
+        cfg = BackendConfig(backend="onnxruntime", onnx_cache=str(cache))
+        models = load_models(vsisr_checkpoint=weights / "vsi-sr.pt", rldfn_weights=weights / "rl-dfn.pt",
+                             optics=optics, backend=cfg)
+    finally:
+        set_default_exporter(previous)
     # Both networks really run on ONNX Runtime (the RL step of RL-DFN stays in torch).
     assert isinstance(models.vsisr, OnnxRuntimeBackend) and isinstance(models.rldfn, OnnxRuntimeBackend)
     assert len(list(cache.glob("*/manifest.json"))) == 2
@@ -172,6 +185,7 @@ def test_service_with_onnxruntime_backend_matches_torch_chain(weights, cache, be
     for _, fn in stage_chain("full", optics, device="cpu", weights=str(weights),
                              memory_budget_gb=memory_budget_gb("cpu")):
         vol = fn(vol)
+    vol = np.asarray(vol)  # the stages hand device tensors along; the runner copies the last one back
     assert got.shape == vol.shape
     assert _rel_err(got, vol) <= TOL
 

@@ -80,7 +80,7 @@ def test_rldfn_cli_tiled(files):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ([], "needs --model"),
+        (["--mode", "rldfn"], "needs --model"),
         (["--model", "MISSING"], "RL-DFN weights not found"),
         (["--model", "MODEL", "--tile", "30"], "multiple of 4"),
         (["--model", "MODEL", "--memory-budget", "0.01"], "memory budget"),
@@ -108,7 +108,7 @@ def test_cli_shape_mismatch(files, tmp_path, capsys):
     from streamer.cli import main
 
     odd = tmp_path / "odd.tif"
-    tifffile.imwrite(odd, np.ones((12, 20, 20), np.uint16))
+    tifffile.imwrite(odd, np.random.default_rng(0).integers(1, 100, (12, 20, 20), dtype=np.uint16))
     code = main(["fuse", str(files["a"]), str(odd), str(tmp_path / "x.tif"), "--mode", "classical", "--psf-a",
                  str(files["pa"]), "--psf-b", str(files["pb"]), "--no-progress"])
     err = capsys.readouterr().err
@@ -127,7 +127,9 @@ def test_cli_single_psf_is_rotated_into_both_views(files, tmp_path, capsys):
     pa, pb = dual_view_psfs(clean_psf(tifffile.imread(files["pa"])), 25.0, (0.2, 0.1, 0.1), (0.1, 0.1, 0.1))
     want = classical_fuse(tifffile.imread(files["a"]), tifffile.imread(files["b"]), pa, pb, iterations=2)
     np.testing.assert_allclose(tifffile.imread(out), want, rtol=1e-5, atol=1e-5)
-    for extra, message in (([], "the views' PSFs are needed"),
-                           (["--psf", str(files["pa"]), "--psf-a", str(files["pa"])], "not both")):
+    for extra, message in ((["--psf-a", str(files["pa"])], "give both --psf-a and --psf-b"),
+                           (["--psf", str(files["pa"]), "--psf-a", str(files["pa"])], "not both"),
+                           ([], "record no voxel size"),
+                           (["--view-voxel", "0.1", "0.1", "0.1"], "already exists")):
         assert main(["fuse", str(files["a"]), str(files["b"]), str(out), "--mode", "classical", *extra]) == 2
         assert message in capsys.readouterr().err

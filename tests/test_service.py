@@ -7,7 +7,7 @@ import pytest
 
 from streamer.cli.status_cmd import format_status
 from streamer.pipeline import PipelineError, Stage, StageWorker
-from streamer.processor import NpyDirSink
+from streamer.sinks.npy_sink import NpyDirSink
 from streamer.recording import RecordingReader
 from streamer.service import Service, ServiceConfig, request, wait_for
 from streamer.sinks import ThreadedSink
@@ -270,7 +270,7 @@ def test_failed_start_releases_the_recording_and_the_ports(tmp_path):
     with pytest.raises(SecurityError, match="no server key"):
         bad.start()
     assert bad.recording is not None and bad.recording._data_fd == -1
-    assert bad.processor is not None and bad.processor._done_fh is None
+    assert bad.processor is not None and not bad.processor.ledger.is_open
     with Service(config(tmp_path), stage_factory=scale_stages) as svc:
         assert svc.status()["state"] == "running"
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from engines.errors import RllsmError
+
 #: How to get TensorRT; repeated wherever its absence is reported so nobody has to search for it.
 TENSORRT_INSTALL_HINT = "pip install tensorrt --extra-index-url https://pypi.nvidia.com"
 
 
-class BackendError(Exception):
+class BackendError(RllsmError):
     """Base class of every error raised by :mod:`engines.backends`."""
 
 
@@ -49,3 +51,7 @@ class EngineMismatchError(BackendError):
 
 class ModelSourceError(BackendError, FileNotFoundError):
     """The model file or export directory handed to a backend is missing or of the wrong kind."""
+
+
+class ExportFailedError(BackendError):
+    """Exporting a checkpoint for a runtime backend failed (raised by an installed exporter)."""

@@ -6,8 +6,9 @@ The chain (:mod:`engines.reconstruct`, the CLI commands, the service) accepts, f
 * ``auto``/``torch`` with a torch checkpoint → the ``nn.Module`` itself, so the default path is the one the
   parity tests pin down bit for bit (a :class:`~engines.backends.torch_backend.TorchBackend` only when
   torch-specific options — compile, CUDA graphs, reduced precision — ask for it);
-* an ONNX Runtime backend with a torch checkpoint → the checkpoint is exported once into a cache folder
-  (:func:`export.cache.cached_export`, the same validated export as ``rllsm export``) and run from there;
+* an ONNX Runtime backend with a torch checkpoint → the checkpoint is exported once into a cache folder by the
+  installed :class:`Exporter` (the command line and the service install ``export.cache.cached_export``, the same
+  validated export as ``rllsm export``; this package never imports ``export``) and run from there;
 * an export folder, ``.onnx`` or ``.engine`` → :func:`engines.backends.select.make_backend` as given.
 """
 
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from engines.backends.errors import BackendUnavailableError
+from engines.backends.errors import BackendUnavailableError, ExportFailedError
 from engines.backends.manifest import MANIFEST_NAME, Precision
 from engines.backends.models import get_model
 from engines.backends.select import BackendConfig, BackendName, find_sources, make_backend
@@ -39,7 +40,29 @@ def _wants_torch_backend(cfg: BackendConfig) -> bool:
     return cfg.torch_compile or cfg.cuda_graphs or Precision(cfg.precision) is not Precision.FP32
 
 
-def open_network(kind: str, source: str | Path, config: BackendConfig | None = None) -> Any:
+class Exporter(Protocol):
+    """Turns a torch checkpoint into an export folder (``manifest.json`` + ONNX) and returns the folder.
+
+    Raises :class:`ExportFailedError` when the export or its validation fails. The offline tool chain
+    (:func:`export.cache.cached_export`) provides one; the command line and the service install it with
+    :func:`set_default_exporter`, so that this package never imports the exporter.
+    """
+
+    def __call__(self, kind: str, checkpoint: Path, cache_dir: str | None, precision: Precision) -> Path: ...
+
+
+_default_exporter: Exporter | None = None
+
+
+def set_default_exporter(exporter: Exporter | None) -> Exporter | None:
+    """Install the exporter :func:`open_network` uses when none is passed; returns the previous one."""
+    global _default_exporter
+    previous, _default_exporter = _default_exporter, exporter
+    return previous
+
+
+def open_network(kind: str, source: str | Path, config: BackendConfig | None = None,
+                 exporter: Exporter | None = None) -> Any:
     """Open network *kind* from *source* for the backend in *config*.
 
     Parameters
@@ -50,6 +73,9 @@ def open_network(kind: str, source: str | Path, config: BackendConfig | None = N
         A torch checkpoint (file or RL-DFN folder), an ``rllsm export`` folder, an ``.onnx`` or ``.engine`` file.
     config
         Backend choice and options (default: ``auto``).
+    exporter
+        Exports a checkpoint for an ONNX Runtime backend (default: the one installed with
+        :func:`set_default_exporter`; without one, such a request is refused with the command that exports).
 
     Returns
     -------
@@ -82,15 +108,16 @@ def open_network(kind: str, source: str | Path, config: BackendConfig | None = N
                          f"--model {kind} --checkpoint {src.checkpoint} --format engine --out DIR` and give DIR "
                          "instead of the checkpoint"},
             headline=f"backend 'tensorrt' cannot run {kind} from a checkpoint")
-    from export.cache import (
-        cached_export,  # export/ only when an export is actually needed
-    )
-    from export.onnx_export import ExportError
-    from export.validate import ExportValidationError
-
+    export = exporter or _default_exporter
+    if export is None:
+        raise BackendUnavailableError(
+            {choice.value: f"needs an ONNX export of {src.checkpoint}: create one with `rllsm export --model {kind} "
+                           "--format onnx --out DIR` and give DIR, or run through the rllsm command line or service, "
+                           "which export on first use"},
+            headline=f"backend '{choice.value}' cannot run {kind} from a checkpoint")
     try:
-        folder = cached_export(kind, src.checkpoint, cfg.onnx_cache, cfg.precision)
-    except (ExportError, ExportValidationError) as err:
+        folder = Path(export(kind, src.checkpoint, cfg.onnx_cache, Precision(cfg.precision)))
+    except ExportFailedError as err:
         raise BackendUnavailableError({choice.value: f"exporting {src.checkpoint} to ONNX failed: {err}"},
                                       headline=f"backend '{choice.value}' cannot run {kind}") from None
     backend = make_backend(kind, folder, choice, cfg, enforce_ranges=False)

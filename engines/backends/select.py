@@ -7,6 +7,8 @@ backend and its reason (the ndv pattern), instead of the first import error that
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -98,53 +100,111 @@ def find_sources(source: str | Path) -> ModelSources:
     return ModelSources(checkpoint=path)
 
 
+@dataclass(frozen=True)
+class BackendProvider:
+    """One runtime backend, registered as data: its name, why it cannot run (or None), and how to build it.
+
+    ``unavailable(kind, sources, config)`` returns a reason a user can act on, or None when the backend can run;
+    ``factory(kind, sources, config, strict, enforce_ranges)`` builds the :class:`Backend` (and may still raise
+    :class:`BackendUnavailableError`, e.g. for an engine built for another GPU).
+    """
+
+    name: str
+    unavailable: Callable[[str, ModelSources, BackendConfig], str | None]
+    factory: Callable[[str, ModelSources, BackendConfig, bool, bool], Backend]
+
+
+def _torch_unavailable(kind: str, src: ModelSources, cfg: BackendConfig) -> str | None:
+    if src.checkpoint is None:
+        return "needs the torch checkpoint (.pth/.pt or weights folder); an exported model was given"
+    return None
+
+
+def _torch_factory(kind: str, src: ModelSources, cfg: BackendConfig, strict: bool, enforce: bool) -> Backend:
+    from engines.backends.torch_backend import TorchBackend
+
+    model = get_model(kind)
+    assert src.checkpoint is not None
+    return TorchBackend(model.load(src.checkpoint), model.spec, precision=cfg.precision, device=cfg.device,
+                        compile=cfg.torch_compile, cuda_graphs=cfg.cuda_graphs)
+
+
+def _ort_unavailable(kind: str, src: ModelSources, cfg: BackendConfig) -> str | None:
+    if src.onnx is None:
+        return f"needs an exported ONNX model; create one with `rllsm export --model {kind} --format onnx`"
+    return None
+
+
+def _ort_factory(name: str) -> Callable[[str, ModelSources, BackendConfig, bool, bool], Backend]:
+    def build(kind: str, src: ModelSources, cfg: BackendConfig, strict: bool, enforce: bool) -> Backend:
+        from engines.backends.ort_backend import OnnxRuntimeBackend
+
+        assert src.onnx is not None
+        ranges = src.manifest.shape_ranges if src.manifest is not None and enforce else None
+        precision = src.manifest.precision if src.manifest is not None else Precision.FP32
+        return OnnxRuntimeBackend(src.onnx, get_model(kind).spec, ranges, precision=precision, backend=name,
+                                  threads=cfg.threads, device_id=cfg.device_id)
+
+    return build
+
+
+def _trt_unavailable(kind: str, src: ModelSources, cfg: BackendConfig) -> str | None:
+    from engines.backends.trt_build import import_tensorrt
+
+    try:
+        import_tensorrt()  # "not installed, here is how" comes before "no engine file"
+    except BackendUnavailableError as err:
+        return "; ".join(err.reasons.values()) or str(err)
+    if src.engine is None:
+        return f"needs a TensorRT engine; build one with `rllsm export --model {kind} --format engine` on this GPU"
+    return None
+
+
+def _trt_factory(kind: str, src: ModelSources, cfg: BackendConfig, strict: bool, enforce: bool) -> Backend:
+    from engines.backends.trt_backend import TensorRTBackend
+
+    assert src.engine is not None
+    rebuild = _engine_rebuilder(src, cfg) if cfg.rebuild_engine else None
+    try:
+        return TensorRTBackend(src.engine, get_model(kind).spec, device_id=cfg.device_id, rebuild=rebuild,
+                               onnx_sha256=src.manifest.onnx_sha256 if src.manifest is not None else None)
+    except (EngineFileError, EngineMismatchError) as err:
+        if strict:
+            raise  # asked for TensorRT, no fallback: the message says how to rebuild
+        raise BackendUnavailableError({"tensorrt": str(err)}) from None
+
+
+#: Every runtime backend, by ``--backend`` name; :func:`make_backend` asks each why it cannot run.
+PROVIDERS: dict[str, BackendProvider] = {
+    p.name: p for p in (
+        BackendProvider("torch", _torch_unavailable, _torch_factory),
+        *(BackendProvider(n, _ort_unavailable, _ort_factory(n))
+          for n in ("onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")),
+        BackendProvider("tensorrt", _trt_unavailable, _trt_factory),
+    )
+}
+
+
 def _try_backend(name: str, kind: str, src: ModelSources, cfg: BackendConfig, strict: bool = False,
                  enforce_ranges: bool = True) -> Backend:
-    """Instantiate backend *name* or raise :class:`BackendUnavailableError` with one reason.
+    """Instantiate backend *name* through its provider or raise :class:`BackendUnavailableError` with one reason.
 
     *strict* (an explicit choice without fallback) lets a damaged/stale engine raise its own error, which says how
     to rebuild; otherwise it is one more reason to try the next backend.
     """
-    model = get_model(kind)
-    spec = model.spec
+    get_model(kind)  # an unknown network name is the first thing to say
     if src.manifest is not None and src.manifest.model_kind != kind:
         raise ModelSourceError(f"the exported model is a '{src.manifest.model_kind}', not a '{kind}'")
-    ranges = src.manifest.shape_ranges if src.manifest is not None and enforce_ranges else None
-    if name == "torch":
-        if src.checkpoint is None:
-            raise BackendUnavailableError({name: "needs the torch checkpoint (.pth/.pt or weights folder); "
-                                                 "an exported model was given"})
-        from engines.backends.torch_backend import TorchBackend
-
-        return TorchBackend(model.load(src.checkpoint), spec, precision=cfg.precision, device=cfg.device,
-                            compile=cfg.torch_compile, cuda_graphs=cfg.cuda_graphs)
-    if name.startswith("onnxruntime"):
-        if src.onnx is None:
-            raise BackendUnavailableError({name: "needs an exported ONNX model; create one with "
-                                                 f"`rllsm export --model {kind} --format onnx`"})
-        from engines.backends.ort_backend import OnnxRuntimeBackend
-
-        precision = src.manifest.precision if src.manifest is not None else Precision.FP32
-        return OnnxRuntimeBackend(src.onnx, spec, ranges, precision=precision, backend=name, threads=cfg.threads,
-                                  device_id=cfg.device_id)
-    if name == "tensorrt":
-        from engines.backends.trt_build import import_tensorrt
-
-        import_tensorrt()  # "not installed, here is how" comes before "no engine file"
-        if src.engine is None:
-            raise BackendUnavailableError({name: "needs a TensorRT engine; build one with "
-                                                 f"`rllsm export --model {kind} --format engine` on this GPU"})
-        from engines.backends.trt_backend import TensorRTBackend
-
-        rebuild = _engine_rebuilder(src, cfg) if cfg.rebuild_engine else None
-        try:
-            return TensorRTBackend(src.engine, spec, device_id=cfg.device_id, rebuild=rebuild,
-                                   onnx_sha256=src.manifest.onnx_sha256 if src.manifest is not None else None)
-        except (EngineFileError, EngineMismatchError) as err:
-            if strict:
-                raise  # asked for TensorRT, no fallback: the message says how to rebuild
-            raise BackendUnavailableError({name: str(err)}) from None
-    raise BackendUnavailableError({name: "unknown backend"})
+    provider = PROVIDERS.get(name)
+    if provider is None:
+        raise BackendUnavailableError({name: f"unknown backend; known: {', '.join(PROVIDERS)}"})
+    reason = provider.unavailable(kind, src, cfg)
+    if reason is not None:
+        raise BackendUnavailableError({name: reason})
+    backend = provider.factory(kind, src, cfg, strict, enforce_ranges)
+    if not isinstance(backend, Backend):  # one backend type, whatever the provider
+        raise TypeError(f"backend provider {name!r} returned {type(backend).__name__}, not an engines Backend")
+    return backend
 
 
 def _engine_rebuilder(src: ModelSources, cfg: BackendConfig) -> Any:

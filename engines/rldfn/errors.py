@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from engines.errors import RllsmValueError
 
-class FusionError(ValueError):
+
+class FusionError(RllsmValueError):
     """Base class: the fusion inputs or settings cannot produce a result."""
 
 

@@ -15,12 +15,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engines.config import OpticsConfig, describe_validation_error
+from engines.errors import RllsmValueError
 
 SIM_CONFIG_VERSION = 1
 MAX_VOXELS = 400_000_000  # raw stack voxels (e.g. 101 × 1990 × 1990)
 
 
-class SimulationError(ValueError):
+class SimulationError(RllsmValueError):
     """A simulation cannot be run as configured; the text names the offending value."""
 
 

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
+from engines.errors import RllsmRuntimeError
+
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RllsmRuntimeError):
     """A training run cannot start or continue (bad checkpoint, incompatible resume state, …)."""
 
 

@@ -22,13 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from engines.errors import RllsmValueError
+
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 IN_PLANES = 7
 OUT_PLANES = 3
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(RllsmValueError):
     """A prepared data root is missing, malformed, or does not contain what a command needs."""
 
 

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
+from engines.errors import RllsmValueError
 from engines.vsisr.network import VSISR, VSISRConfig
 
 FORMAT_NAME = "rllsm-vsisr"
@@ -29,7 +30,7 @@ FORMAT_VERSION = 1
 _REF_KEY = re.compile(r"^vars\.(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RllsmValueError):
     """A checkpoint file could not be read as VSI-SR weights (wrong layout, wrong shapes, unreadable)."""
 
 

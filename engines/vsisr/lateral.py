@@ -19,16 +19,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from engines.errors import RllsmValueError
 from engines.vsisr.network import SCALE
 from engines.vsisr.otf import OTFSet, load_otfs
-from engines.vsisr.recombine import N_ANGLES, ANGLE_STEP_DEG, Recombiner, adjust_intensity, intensity_profile, minmax_norm_np
+from engines.vsisr.recombine import (
+    ANGLE_STEP_DEG,
+    N_ANGLES,
+    Recombiner,
+    adjust_intensity,
+    intensity_profile_tensor,
+    minmax_norm,
+    minmax_norm_np,
+)
 from engines.vsisr.rotate import rotate_back_and_crop, rotate_planes
 
 #: Planes the network sees at once, and how many it predicts (centre ± 1).
@@ -40,7 +49,7 @@ SMOOTH_WINDOW = 11
 Predictor = Callable[[np.ndarray], Any]
 
 
-class LateralSRError(ValueError):
+class LateralSRError(RllsmValueError):
     """The stack or the model cannot be used for lateral SR (wrong dimensions, too few planes, …)."""
 
 
@@ -58,7 +67,9 @@ class LateralSRParams(BaseModel):
     stride: Literal[1, 3] = Field(
         1, description="1: every window (each plane predicted 3× and averaged, as published); 3: each plane once."
     )
-    batch_size: int = Field(4, ge=1, le=4096, description="7-plane windows per network call.")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        4, description="7-plane windows per network call; auto: as many as half the device's free memory holds "
+        "(GPU; 4 on the CPU, where larger batches are not faster).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Network arithmetic for torch models: fp32 (published numbers), bf16 (CPU/GPU), fp16 (GPU)."
     )
@@ -103,16 +114,23 @@ class TorchPredictor:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    #: Takes and returns tensors on :attr:`device` (the chain then never leaves the device for the network).
+    accepts_tensors = True
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """numpy in → numpy out; a tensor in → a float32 tensor out on :attr:`device`."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         amp = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         # TF32 would silently drop float32 convolutions to a 10-bit mantissa on recent GPUs
         tf32 = _no_tf32() if self.device.type == "cuda" and dtype is None else contextlib.nullcontext()
+        as_numpy = not isinstance(x, torch.Tensor)
         with torch.inference_mode(), amp, tf32:
-            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if as_numpy else x
+            t = t.to(self.device, torch.float32)
             if self.channels_last:
                 t = t.contiguous(memory_format=torch.channels_last)
-            return self.model(t).float().cpu().numpy()
+            y = self.model(t).float()
+        return y.cpu().numpy() if as_numpy else y
 
 
 def as_predictor(
@@ -130,14 +148,25 @@ def as_predictor(
     raise LateralSRError(f"model must be a torch nn.Module or a callable, got {type(model).__name__}")
 
 
-def _run(predict: Predictor, x: np.ndarray) -> np.ndarray:
-    y = predict(x)
-    if isinstance(y, torch.Tensor):
-        y = y.detach().float().cpu().numpy()
-    y = np.asarray(y, dtype=np.float32)
+def _run(predict: Predictor, x: torch.Tensor) -> torch.Tensor:
+    """One network call on a batch of windows already on the device; the result stays there (float32)."""
+    from engines.backends.base import Backend
+    from engines.device import to_device, to_host
+
+    if getattr(predict, "accepts_tensors", False) or isinstance(predict, Backend):
+        y = predict(x)
+    elif x.device.type == "cpu":
+        y = predict(x.numpy())  # a plain callable takes numpy; on the CPU that is a view, not a copy
+    else:
+        # A host-only runtime in a GPU chain costs a round trip per batch; counted so a report shows it.
+        y = predict(to_host(x))
+    if not isinstance(y, torch.Tensor):
+        y = np.asarray(y, dtype=np.float32)
+        y = torch.from_numpy(y) if x.device.type == "cpu" else to_device(y, x.device)
+    y = y.detach().to(x.device, torch.float32)
     want = (x.shape[0], N_ANGLES, int(x.shape[2] * SCALE), int(x.shape[3] * SCALE))
-    if y.shape != want:
-        raise LateralSRError(f"network returned shape {y.shape} for input {x.shape}; expected {want}")
+    if tuple(y.shape) != want:
+        raise LateralSRError(f"network returned shape {tuple(y.shape)} for input {tuple(x.shape)}; expected {want}")
     return y
 
 
@@ -171,18 +200,92 @@ def _check_volume(volume: np.ndarray) -> np.ndarray:
     return vol
 
 
-def _rotator(device: torch.device) -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
-    """Move arrays to CuPy for the rotations when on CUDA and CuPy is installed, else stay in numpy."""
-    if device.type == "cuda":
-        try:
-            import cupy  # noqa: PLC0415 - optional GPU dependency
+def _check_tensor(volume: torch.Tensor) -> torch.Tensor:
+    if volume.ndim != 3:
+        raise LateralSRError(
+            f"stack must be 3-D (z, y, x), got {volume.ndim}-D shape {tuple(volume.shape)}; "
+            "split channels and time points before Step 2"
+        )
+    nz, ny, nx = volume.shape
+    if nz < WINDOW:
+        raise LateralSRError(f"stack has {nz} planes; lateral SR needs at least {WINDOW} (it drops 3 at each end)")
+    if ny < 8 or nx < 8:
+        raise LateralSRError(f"planes of {ny}×{nx} pixels are too small (need at least 8×8)")
+    vol = volume.to(torch.float32)
+    if not bool(torch.isfinite(vol).all()):
+        raise LateralSRError("stack contains NaN or infinite values")
+    return vol
 
-            # CuPy works on its current device (GPU 0 unless the caller selected another); the
-            # rotations are independent of where the network runs, so this is only a placement choice.
-            return cupy.asarray, cupy.asnumpy
+
+_warned_no_cupy = False
+
+
+def rotate_tensor(t: torch.Tensor, angle_deg: float, back_crop: tuple[int, int] | None = None) -> torch.Tensor:
+    """The published cubic-spline in-plane rotation of a tensor, on its device where that gives scipy's numbers.
+
+    CPU: scipy on a view of the tensor's memory. CUDA: ``cupyx.scipy.ndimage`` (the same algorithm) on the
+    tensor's memory through DLPack, no copy; without CuPy the planes make a counted round trip to scipy on the
+    host. ``back_crop=(h, w)`` undoes a rotation and cuts the original field of view
+    (:func:`rotate_back_and_crop`).
+    """
+    global _warned_no_cupy
+
+    def apply(a: Any) -> Any:
+        return rotate_planes(a, angle_deg) if back_crop is None else rotate_back_and_crop(a, angle_deg, *back_crop)
+
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(apply(t.contiguous().numpy())))
+    if t.device.type == "cuda":
+        try:
+            import cupy  # noqa: PLC0415 - optional GPU dependency (the `gpu` extra)
         except ImportError:
-            pass
-    return np.asarray, np.asarray
+            cupy = None
+        if cupy is not None:
+            with cupy.cuda.Device(t.device.index or 0), cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream):
+                out = apply(cupy.from_dlpack(t.contiguous()))
+                return torch.from_dlpack(cupy.ascontiguousarray(out))
+        if not _warned_no_cupy:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "CuPy is not installed: the 60°/120° rotations of Step 2 run on the CPU (install the `gpu` extra)")
+            _warned_no_cupy = True
+    from engines.device import to_device, to_host
+
+    return to_device(np.ascontiguousarray(apply(to_host(t))), t.device)
+
+
+def _group_by_shape(stacks: list[torch.Tensor]) -> list[list[int]]:
+    """Orientations whose rotated canvases have the same size (60° and 120°) share network batches."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for a, st in enumerate(stacks):
+        groups.setdefault(tuple(st.shape[1:]), []).append(a)
+    return list(groups.values())
+
+
+def auto_batch_size(plane_shape: tuple[int, int], budget_bytes: int, features: int = 64) -> int:
+    """Windows per network call that fit ``budget_bytes`` of activations (at least 1, at most 4096).
+
+    In inference mode VSI-SR holds at most about three ``features``-channel planes at the input size (block
+    input, output, attention-scaled copy) and, after the 1.5× resize, a ``features``- and a 256-channel plane at
+    2.25× the pixels; float32 throughout (autocast keeps some float32 copies), plus 50 % for the allocator.
+    """
+    h, w = plane_shape
+    per_window = int(1.5 * 4 * h * w * (3 * features + 2.25 * (features + 256)))
+    return int(max(1, min(4096, budget_bytes // max(1, per_window))))
+
+
+def resolve_batch_size(batch_size: int | str, plane_shape: tuple[int, int], device: torch.device) -> int:
+    """Windows per network call: an int as given; ``"auto"`` from half the free GPU memory (4 on the CPU)."""
+    if batch_size != "auto":
+        return int(batch_size)
+    if device.type != "cuda":
+        return 4
+    from engines.device import default_memory_budget_gb
+    from engines.vsisr.rotate import rotated_shape
+
+    canvas = rotated_shape(*plane_shape, ANGLE_STEP_DEG)  # the rotated planes are the largest network inputs
+    return auto_batch_size(canvas, int(0.5 * default_memory_budget_gb(device) * 2**30))
 
 
 def lateral_sr(
@@ -223,72 +326,96 @@ def lateral_sr(
         Stack not 3-D, fewer than 7 planes, planes smaller than 8×8, non-finite values, or a network
         output of the wrong shape.
     """
-    from engines.device import pick_device
+    from engines.device import pick_device, to_device, to_host
 
-    p = params or LateralSRParams()
-    vol = minmax_norm_np(_check_volume(volume))
-    nz, ny, nx = vol.shape
+    vol = _check_volume(volume)
     dev = pick_device(str(device) if device is not None else None)
+    return to_host(lateral_sr_tensor(to_device(vol, dev), model, otfs, params, progress=progress))
+
+
+def lateral_sr_tensor(
+    volume: torch.Tensor,
+    model: nn.Module | Predictor,
+    otfs: OTFSet | str | Path,
+    params: LateralSRParams | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """:func:`lateral_sr` on a tensor's device: returns a float32 tensor there, same numbers.
+
+    Only the per-plane brightness profile (one number per plane) is read back to the host.
+    """
+    p = params or LateralSRParams()
+    if not isinstance(volume, torch.Tensor):
+        raise LateralSRError(f"lateral_sr_tensor takes a torch tensor, got {type(volume).__name__}")
+    dev = volume.device
+    vol = minmax_norm(_check_tensor(volume), (0, 1, 2))
+    nz, ny, nx = vol.shape
     if not isinstance(otfs, OTFSet):
         otfs = load_otfs(otfs, p.wavelength_nm)
     predict = as_predictor(model, dev, p.precision)
     out_h, out_w = int(ny * SCALE), int(nx * SCALE)
     recombine = Recombiner(otfs, out_h, out_w, p.otf_weight, p.wiener, p.apo_factor, dev)
 
-    to_backend, to_numpy = _rotator(dev)
     angles = [i * ANGLE_STEP_DEG for i in range(N_ANGLES)]
-    # Rotating the whole stack once replaces the published per-window rotation (7× the work).
-    stacks = [vol] + [to_numpy(rotate_planes(to_backend(vol), a)) for a in angles[1:]]
+    batch_size = resolve_batch_size(p.batch_size, (ny, nx), dev)
+    with torch.no_grad():
+        # Rotating the whole stack once replaces the published per-window rotation (7× the work).
+        stacks = [vol] + [rotate_tensor(vol, a) for a in angles[1:]]
 
-    planes = list(range(HALF, nz - HALF))  # output planes, in input indices
-    centres = window_centres(nz, p.stride)
-    contributors = {z: [k for k, c in enumerate(centres) if abs(c - z) <= 1] for z in planes}
-    last_needed = {z: max(ks) for z, ks in contributors.items()}
-    levels = None
-    if p.adjust_intensity:
-        levels = intensity_profile(vol[HALF : nz - HALF], p.adjust_threshold, SMOOTH_WINDOW)
+        planes = list(range(HALF, nz - HALF))  # output planes, in input indices
+        centres = window_centres(nz, p.stride)
+        contributors = {z: [k for k, c in enumerate(centres) if abs(c - z) <= 1] for z in planes}
+        last_needed = {z: max(ks) for z, ks in contributors.items()}
+        levels = None
+        if p.adjust_intensity:
+            levels = intensity_profile_tensor(vol[HALF : nz - HALF], p.adjust_threshold, SMOOTH_WINDOW)
 
-    sums: list[dict[int, np.ndarray]] = [{} for _ in angles]
-    counts: dict[int, int] = {}
-    out = np.empty((len(planes), out_h, out_w), dtype=np.float32)
-    done = 0
-    pending = sorted(planes)
-    for start in range(0, len(centres), p.batch_size):
-        batch = centres[start : start + p.batch_size]
-        for a, stack in enumerate(stacks):
-            x = np.stack([stack[c - HALF : c + HALF + 1] for c in batch])
-            y = _run(predict, x)
-            # Each window's three outputs share one min–max scale before averaging (as published).
-            y = minmax_norm_np(y, axis=(1, 2, 3))
-            for c, pred in zip(batch, y):
-                for k in range(3):
-                    z = c - 1 + k
-                    if z not in last_needed:
-                        continue
-                    acc = sums[a].get(z)
-                    sums[a][z] = pred[k].astype(np.float64) if acc is None else acc + pred[k]
-                    if a == 0:
-                        counts[z] = counts.get(z, 0) + 1
-        finished_upto = start + len(batch) - 1
-        ready = [z for z in pending if last_needed[z] <= finished_upto]
-        if not ready:
-            continue
-        pending = [z for z in pending if z not in set(ready)]
-        bands = np.empty((len(ready), N_ANGLES, out_h, out_w), dtype=np.float64)
-        for a, angle in enumerate(angles):
-            avg = np.stack([sums[a].pop(z) / counts[z] for z in ready])
-            if angle:
-                avg = to_numpy(rotate_back_and_crop(to_backend(avg), angle, out_h, out_w))
-            bands[:, a] = avg
-        for z in ready:
-            counts.pop(z)
-        wf = torch.from_numpy(vol[ready].astype(np.float64))
-        sr = recombine(wf, torch.from_numpy(bands))
-        if levels is not None:
-            lv = torch.as_tensor(levels[[z - HALF for z in ready]], dtype=torch.float64, device=sr.device)
-            sr = adjust_intensity(sr, lv, p.adjust_threshold)
-        out[[z - HALF for z in ready]] = sr.float().cpu().numpy()
-        done += len(ready)
-        if progress is not None:
-            progress(done, len(planes))
-    return minmax_norm_np(out)
+        sums: list[dict[int, torch.Tensor]] = [{} for _ in angles]
+        counts: dict[int, int] = {}
+        out = torch.empty((len(planes), out_h, out_w), dtype=torch.float32, device=dev)
+        done = 0
+        pending = sorted(planes)
+        groups = _group_by_shape(stacks)
+        for start in range(0, len(centres), batch_size):
+            batch = centres[start : start + batch_size]
+            for group in groups:
+                # Orientations of one canvas size go through the network together, batch_size windows per call.
+                jobs = [(a, c) for a in group for c in batch]
+                for j0 in range(0, len(jobs), batch_size):
+                    part = jobs[j0 : j0 + batch_size]
+                    x = torch.stack([stacks[a][c - HALF : c + HALF + 1] for a, c in part])
+                    # Each window's three outputs share one min–max scale before averaging (as published).
+                    y = minmax_norm(_run(predict, x), (1, 2, 3))
+                    for (a, c), pred in zip(part, y):
+                        for k in range(3):
+                            z = c - 1 + k
+                            if z not in last_needed:
+                                continue
+                            acc = sums[a].get(z)
+                            sums[a][z] = pred[k].to(torch.float64) if acc is None else acc.add_(pred[k])
+                            if a == 0:
+                                counts[z] = counts.get(z, 0) + 1
+            finished_upto = start + len(batch) - 1
+            ready = [z for z in pending if last_needed[z] <= finished_upto]
+            if not ready:
+                continue
+            ready_set = set(ready)
+            pending = [z for z in pending if z not in ready_set]
+            bands = torch.empty((len(ready), N_ANGLES, out_h, out_w), dtype=torch.float64, device=dev)
+            for a, angle in enumerate(angles):
+                avg = torch.stack([sums[a].pop(z).div_(counts[z]) for z in ready])
+                if angle:
+                    avg = rotate_tensor(avg, angle, back_crop=(out_h, out_w))
+                bands[:, a] = avg
+            for z in ready:
+                counts.pop(z)
+            idx = torch.tensor(ready, device=dev)
+            sr = recombine(vol.index_select(0, idx).to(torch.float64), bands)
+            if levels is not None:
+                lv = levels[[z - HALF for z in ready]].to(torch.float64)
+                sr = adjust_intensity(sr, lv, p.adjust_threshold)
+            out[idx - HALF] = sr.to(torch.float32)
+            done += len(ready)
+            if progress is not None:
+                progress(done, len(planes))
+        return minmax_norm(out, (0, 1, 2))

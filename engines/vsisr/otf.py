@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.config import OpticsConfig
+from engines.errors import RllsmValueError
 from engines.vsisr.network import SCALE
 
 #: Excitation lines for which the reference ships OTFs; others fall back to the nearest.
@@ -29,7 +30,7 @@ KNOWN_LINES_NM = (488, 560, 642)
 APO_NAME = "apo_0.9_1.5.tif"
 
 
-class OTFError(ValueError):
+class OTFError(RllsmValueError):
     """OTF files missing, unreadable or of the wrong shape."""
 
 

@@ -13,6 +13,8 @@ recipe).  The filters depend only on the image size, so they are built once per 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -75,6 +77,40 @@ def intensity_profile(widefield: np.ndarray, threshold_pct: float, window: int =
     prof = smooth_matlab(prof, window)
     top = prof.max()
     return prof / top if top > 0 else np.ones_like(prof)
+
+
+def percentile_rows(flat: torch.Tensor, pct: float) -> torch.Tensor:
+    """``numpy.percentile(flat, pct, axis=1)`` (linear method) of a 2-D tensor, on its device.
+
+    Two order statistics per row (``kthvalue``) instead of a sort; no size limit (``torch.quantile`` refuses
+    more than 2**24 elements).
+    """
+    n = flat.shape[1]
+    pos = pct / 100.0 * (n - 1)
+    lo = int(math.floor(pos))
+    frac = pos - lo
+    v_lo = flat.kthvalue(lo + 1, dim=1).values
+    if frac == 0.0 or lo + 1 >= n:
+        return v_lo
+    v_hi = flat.kthvalue(lo + 2, dim=1).values
+    return torch.lerp(v_lo, v_hi, frac)
+
+
+def intensity_profile_tensor(widefield: torch.Tensor, threshold_pct: float, window: int = 11) -> torch.Tensor:
+    """:func:`intensity_profile` of a tensor: the per-pixel work on its device, the smoothing of the
+    (one number per plane) profile on the host; returns a float64 tensor on the input's device."""
+    from engines.device import probe_to_host
+
+    flat = widefield.reshape(widefield.shape[0], -1).to(torch.float64)
+    thresh = percentile_rows(flat, threshold_pct)[:, None]
+    above = flat > thresh
+    # A flat plane has no pixel strictly above its percentile; fall back to ≥ so it gets its own level.
+    above = torch.where(above.any(dim=1, keepdim=True), above, flat >= thresh)
+    prof = (flat * above).sum(dim=1) / above.sum(dim=1)
+    prof = smooth_matlab(probe_to_host(prof), window)
+    top = prof.max()
+    prof = prof / top if top > 0 else np.ones_like(prof)
+    return torch.from_numpy(prof).to(widefield.device)
 
 
 class Recombiner:

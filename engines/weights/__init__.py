@@ -14,13 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from engines.errors import RllsmFileNotFoundError
+
 __all__ = ["DEMO_FILES", "DemoWeightsError", "demo_weights_path"]
 
 #: File of each kind of demo weights, inside this package.
 DEMO_FILES: dict[str, str] = {"vsi-sr": "vsisr_demo.pt", "rl-dfn": "rldfn_demo.pt"}
 
 
-class DemoWeightsError(FileNotFoundError):
+class DemoWeightsError(RllsmFileNotFoundError):
     """The requested demo weights are unknown or missing from this installation."""
 
 

@@ -43,6 +43,9 @@ def backend_config_from_args(args: argparse.Namespace, base: BackendConfig | Non
 
     from engines.config import describe_validation_error
     from streamer.cli import CLIError
+    from streamer.pipeline import install_exporter
+
+    install_exporter()  # a checkpoint asked to run on ONNX Runtime is exported on first use
 
     data = (base or BackendConfig()).model_dump()
     for field, attr in (("backend", "backend"), ("precision", "precision"), ("allow_fallback", "allow_fallback"),

@@ -86,9 +86,9 @@ def choose_mode(requested: str, optics: Any) -> str:
     if requested != "auto":
         return requested
     try:
-        from engines.reconstruct import demo_models
+        from engines.support import resolve_mode  # the one default-mode rule of every command
 
-        return "sr-rl" if demo_models(optics) is not None else "classical"
+        return resolve_mode(requested)
     except ImportError:
         return "deskew"
 
@@ -142,7 +142,7 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
     try:
         sent = stream_simulation(mic, svc.ingest_endpoint, timepoints, per_frame=True, acquisition_id=acq)
         finished = wait_for(
-            lambda: svc.error is not None or any(s["acquisition_id"] == acq for s in svc.processor.summaries),
+            lambda: svc.error is not None or svc.processor.status().summary_of(acq) is not None,
             timeout_s - (time.monotonic() - t_start), interval_s=0.2,
         )
     finally:
@@ -151,10 +151,11 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
         raise RuntimeError(f"the service stopped: {svc.error}")
     if not finished:
         raise RuntimeError(f"reconstruction did not finish within {timeout_s:g} s")
-    acq_summary = next(s for s in svc.processor.summaries if s["acquisition_id"] == acq)
+    acq_summary = svc.processor.status().summary_of(acq)
+    assert acq_summary is not None
     n_out = int(acq_summary["counters"].get("volumes_output", 0))
     if n_out < timepoints:
-        errors = "; ".join(list(svc.processor.last_errors)[-3:]) or "see the log"
+        errors = "; ".join(svc.processor.status().last_errors[-3:]) or "see the log"
         raise RuntimeError(f"only {n_out} of {timepoints} stacks were reconstructed in mode '{mode}': {errors}")
     import torch
 
@@ -162,6 +163,7 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
         "acquisition_id": acq, "mode": mode, "timepoints": timepoints, "raw_shape": list(shape),
         "messages_sent": sent["sent"], "wall_s": round(time.monotonic() - t_start, 2),
         "outputs": {"ome_zarr": str(out / f"{acq}.ome.zarr"), "mips": str(out / "mips"), "recording": str(rec)},
+        "fused_voxel_size_um": _fused_voxel(out / f"{acq}.ome.zarr"),
         "per_stage_ms": acq_summary["stages"],
         "end_to_end_latency_ms": acq_summary["latency_ms"],
         "incomplete_stacks": acq_summary["incomplete_stacks"],
@@ -179,6 +181,15 @@ def run_demo(out: Path, *, timepoints: int = 3, shape: tuple[int, int, int] | No
         log.warning("demo: %s", w)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _fused_voxel(dataset: Path) -> list[float] | None:
+    """(z, y, x) voxel size the OME-Zarr dataset declares (read back, so the summary says what a viewer will see)."""
+    try:
+        doc = json.loads((dataset / "zarr.json").read_text())
+        return doc["attributes"]["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][2:]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,5 +216,8 @@ def run(args: argparse.Namespace) -> int:
     lat = summary["end_to_end_latency_ms"]
     if lat:
         print(f"  end to end (last frame → fused volume out): p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms")
+    vox = summary.get("fused_voxel_size_um")
+    if vox:
+        print(f"  fused voxel (z, y, x): {', '.join(f'{v * 1000:.1f}' for v in vox)} nm")
     print(f"outputs: {summary['outputs']['ome_zarr']}, {summary['outputs']['mips']}/, {args.out / 'summary.json'}")
     return 0

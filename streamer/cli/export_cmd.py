@@ -27,12 +27,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--streams", type=int, default=1, metavar="N",
                    help="TensorRT: optimisation profiles = CUDA streams served concurrently")
     p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace")
+    from streamer.cli.paths import add_overwrite_arg
+
+    add_overwrite_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamer.cli import CLIError
+    from pathlib import Path
 
+    from streamer.cli import CLIError
+    from streamer.cli.paths import check_input_file, check_output_dir
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():  # an RL-DFN reference checkpoint is a folder
+        check_input_file(checkpoint, "--checkpoint")
+    check_output_dir(Path(args.out), (f"{args.model}.onnx", "golden.npz", "manifest.json"),
+                     overwrite=args.overwrite, what="export folder")
     try:
         from engines.backends.errors import BackendError
         from export.api import export_model, parse_shape, resolve_ranges
@@ -44,12 +56,15 @@ def run(args: argparse.Namespace) -> int:
         ranges = resolve_ranges(args.model, shapes["min"], shapes["opt"], shapes["max"])
         manifest = export_model(args.model, args.checkpoint, args.out, fmt=args.format, precision=args.precision,
                                 ranges=ranges, opset=args.opset, seed=args.seed, n_profiles=args.streams,
-                                workspace_gib=args.workspace_gib)
+                                workspace_gib=args.workspace_gib, overwrite=args.overwrite,
+                                progress=not args.no_progress)
     except (BackendError, ExportError, ExportValidationError) as err:
         raise CLIError(str(err)) from None
     except ValueError as err:  # the networks' own CheckpointError subclasses ValueError
         raise CLIError(str(err)) from None
     worst = max((c.max_abs_error for c in manifest.validation.cases), default=float("nan"))
+    worst_rel = max((c.max_rel_error or 0.0 for c in manifest.validation.cases), default=float("nan"))
     print(f"exported {args.model} ({manifest.precision.value}, opset {manifest.opset}) to {args.out}: "
-          f"{len(manifest.validation.cases)} golden cases passed, worst max abs error {worst:.3g}")
+          f"{len(manifest.validation.cases)} golden cases passed, worst max abs error {worst:.3g} "
+          f"({worst_rel:.2g} of the output's range)")
     return 0

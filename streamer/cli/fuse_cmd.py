@@ -32,34 +32,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fuse the two views of a stack into one isotropic volume (step 4)",
         description="Fuse view A and view B (registered onto one grid, TIFF Z×Y×X) into one volume, either with "
         "RL-DFN (one Richardson–Lucy step + trained network; needs --model) or by classical joint "
-        "Richardson–Lucy deconvolution (no network). Writes a float32 TIFF.",
+        "Richardson–Lucy deconvolution (no network). Without measured PSFs the detection PSF is computed from "
+        "the optics (as `rllsm reconstruct` does) on the views' voxel, which the view files record. Writes a "
+        "float32 TIFF recording the same voxel size.",
     )
     p.add_argument("view_a", type=Path, metavar="VIEW_A", help="view A, TIFF (Z, Y, X)")
     p.add_argument("view_b", type=Path, metavar="VIEW_B", help="view B, TIFF (Z, Y, X), same grid as view A")
     p.add_argument("out", type=Path, metavar="OUT", help="output TIFF (float32)")
-    p.add_argument("--mode", choices=["rldfn", "classical"], default="rldfn",
-                   help="rldfn: trained network (default); classical: joint RL deconvolution, no weights needed")
+    p.add_argument("--mode", choices=["auto", "rldfn", "classical"], default="auto",
+                   help="rldfn: trained network; classical: joint RL deconvolution, no weights needed; auto: rldfn "
+                   "when --model is given, else classical (the rule every command uses, see README)")
     p.add_argument("--model", type=Path, metavar="PATH",
                    help="RL-DFN weights: a reference checkpoint folder (net_FA.pth, net_FB.pth, net_G.pth), an "
                         "rllsm .pt file, or (with --backend onnxruntime/tensorrt) an `rllsm export` folder")
-    psfs = p.add_argument_group("PSFs (either --psf-a and --psf-b, or --psf to be rotated into both)")
+    psfs = p.add_argument_group("PSFs (--psf-a and --psf-b, or --psf to be rotated into both; "
+                                "default: computed from the optics)")
     psfs.add_argument("--psf-a", type=Path, metavar="TIF", help="PSF of view A on the views' grid")
     psfs.add_argument("--psf-b", type=Path, metavar="TIF", help="PSF of view B on the views' grid")
     psfs.add_argument("--psf", type=Path, metavar="TIF",
                       help="one measured detection PSF (bead stack); background removed, centred, then rotated by "
                            "±--angle into view A's and view B's PSFs")
-    psfs.add_argument("--angle", type=float, default=30.8, metavar="DEG",
-                      help="objective angle for --psf (degrees, default 30.8)")
+    psfs.add_argument("--angle", type=float, default=None, metavar="DEG",
+                      help="objective angle for --psf or the computed PSF (degrees; default: the optics' "
+                      "--objective-angle-deg, 30.8)")
     psfs.add_argument("--psf-voxel", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
                       help="voxel size of --psf in µm (default: --view-voxel)")
     psfs.add_argument("--view-voxel", type=float, nargs=3, default=None, metavar=("DZ", "DY", "DX"),
-                      help="voxel size of the views in µm (needed with --psf when it differs from --psf-voxel)")
+                      help="voxel size of the views in µm (default: what the view files record)")
     p.add_argument("--tile", type=_tile_arg, default="none", metavar="none|auto|N",
                    help="rldfn: 'none' = whole volume in one pass (default); N = tiles of N³ voxels (multiple of 4); "
-                        "'auto' = largest tile within --memory-budget")
+                        "'auto' = largest tile within --memory-budget (default: as rllsm reconstruct, from the "
+                        "device's memory)")
     p.add_argument("--overlap", type=int, default=None, metavar="N",
                    help="rldfn: voxels shared by neighbouring tiles (default 24; rounded up to a multiple of 4)")
-    p.add_argument("--memory-budget", type=float, default=None, metavar="MiB",
+    p.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
                    help="rldfn: refuse (or, with --tile auto, size tiles for) patches estimated above this memory")
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="rldfn: tiles run together (faster on a GPU, N× the memory; default 1)")
@@ -70,46 +76,61 @@ def register(sub: argparse._SubParsersAction) -> None:
     from streamer.cli.backend_options import add_backend_args
 
     add_backend_args(p, device=False)  # --backend runs the network; the RL step stays in torch (FFT, FP32)
+    from streamer.cli.options import add_optics_args
+    from streamer.cli.paths import add_overwrite_arg
+
+    add_optics_args(p)  # emission wavelength, NA, refractive index of the computed PSF
+    add_overwrite_arg(p)
     p.set_defaults(func=run)
 
 
-def _read_volume(path: Path, what: str):
+def _read_volume(path: Path, what: str, check_values: bool = True):
     import numpy as np
-    import tifffile
 
+    from streamer.cli.geometry_io import read_stack
+
+    return read_stack(path, what, check_values=check_values).astype(np.float32, copy=False)
+
+
+def psfs_from_args(args: argparse.Namespace, view_voxel: tuple[float, float, float] | None = None):
+    """The two views' PSFs from ``--psf-a/--psf-b``, from one ``--psf`` rotated by ±angle, or computed.
+
+    Computed (no PSF given): the widefield detection PSF of the optics (emission, NA, refractive index) on the
+    views' voxel, rotated into both views exactly as :func:`engines.reconstruct.view_psfs` does.
+    """
+    from engines.rldfn.errors import FusionError
+    from engines.rldfn.psf import clean_psf, computed_psf, dual_view_psfs
     from streamer.cli import CLIError
+    from streamer.cli.options import optics_from_args
 
-    if not path.is_file():
-        raise CLIError(f"{what} file not found: {path}")
-    try:
-        arr = np.squeeze(tifffile.imread(path))
-    except Exception as err:  # tifffile raises many types for non-TIFF or truncated files
-        raise CLIError(f"{what} {path}: not a readable TIFF ({type(err).__name__}: {err})") from None
-    if arr.ndim != 3:
-        raise CLIError(f"{what} {path}: need a 3-D stack (Z, Y, X), the file holds shape {arr.shape}")
-    return arr.astype(np.float32, copy=False)
-
-
-def psfs_from_args(args: argparse.Namespace):
-    """The two views' PSFs from ``--psf-a/--psf-b`` or from one ``--psf`` rotated by ±``--angle``."""
-    from streamer.cli import CLIError
-
+    optics = optics_from_args(args)
+    angle = args.angle if args.angle is not None else optics.objective_angle_deg
     pair = args.psf_a is not None, args.psf_b is not None
     if args.psf is not None:
         if any(pair):
             raise CLIError("give either --psf-a and --psf-b, or --psf, not both")
-        from engines.rldfn.errors import FusionError
-        from engines.rldfn.psf import clean_psf, dual_view_psfs
-
-        view_voxel = args.view_voxel or args.psf_voxel or (1.0, 1.0, 1.0)
-        psf_voxel = args.psf_voxel or view_voxel
+        view_voxel = tuple(args.view_voxel) if args.view_voxel else view_voxel
+        view_voxel = view_voxel or (tuple(args.psf_voxel) if args.psf_voxel else (1.0, 1.0, 1.0))
+        psf_voxel = tuple(args.psf_voxel) if args.psf_voxel else view_voxel
         try:
-            return dual_view_psfs(clean_psf(_read_volume(args.psf, "PSF")), args.angle, psf_voxel, view_voxel)
+            return dual_view_psfs(clean_psf(_read_volume(args.psf, "PSF", check_values=False)), angle, psf_voxel,
+                                  view_voxel)
         except FusionError as err:
             raise CLIError(f"--psf {args.psf}: {err}") from None
-    if not all(pair):
-        raise CLIError("the views' PSFs are needed: --psf-a TIF and --psf-b TIF, or one --psf TIF to rotate")
-    return _read_volume(args.psf_a, "PSF A"), _read_volume(args.psf_b, "PSF B")
+    if any(pair) and not all(pair):
+        raise CLIError("give both --psf-a and --psf-b (or one --psf to rotate, or none to compute them)")
+    if all(pair):
+        return _read_volume(args.psf_a, "PSF A", False), _read_volume(args.psf_b, "PSF B", False)
+    from engines.reconstruct import PSF_BOX
+
+    voxel = tuple(args.view_voxel) if args.view_voxel else view_voxel
+    if voxel is None:
+        raise CLIError("the view files record no voxel size: give --view-voxel DZ DY DX to compute the PSFs, "
+                       "or measured ones (--psf-a/--psf-b or --psf)")
+    v = float(voxel[2])
+    box = (PSF_BOX, PSF_BOX, PSF_BOX)
+    psf = computed_psf(box, (v, v, v), optics.emission_nm, optics.na_detection, optics.refractive_index)
+    return dual_view_psfs(psf, angle, (v, v, v), (v, v, v), box)
 
 
 def fuse_files(
@@ -128,6 +149,7 @@ def fuse_files(
     progress: bool = True,
     batch: int = 1,
     backend: object = None,
+    overwrite: bool = False,
 ) -> Path:
     """Read the views (and PSFs given as paths), fuse them, write ``out`` as a float32 TIFF; returns ``out``.
 
@@ -137,25 +159,34 @@ def fuse_files(
     Raises :class:`streamer.cli.CLIError` for anything the user can fix (missing files, wrong shapes,
     unknown checkpoint layout, memory budget too small, a backend that cannot run here).
     """
+    import numpy as np
     import torch
     from tqdm import tqdm
 
     from engines.device import pick_device
     from engines.rldfn.errors import FusionError
     from streamer.cli import CLIError
-    from streamer.cli.geometry_io import write_stack
+    from streamer.cli.geometry_io import read_stack, write_stack
 
     if mode not in ("rldfn", "classical"):
         raise CLIError(f"--mode must be rldfn or classical, got {mode!r}")
+    if mode == "auto":
+        mode = "rldfn" if model is not None else "classical"
     if mode == "rldfn" and model is None:
         raise CLIError("--mode rldfn needs --model (RL-DFN weights); without weights use --mode classical")
     try:
         dev = pick_device(device)
     except (RuntimeError, ValueError) as err:
         raise CLIError(str(err)) from None
-    a, b = _read_volume(view_a, "view A"), _read_volume(view_b, "view B")
-    pa = _read_volume(psf_a, "PSF A") if isinstance(psf_a, Path) else psf_a
-    pb = _read_volume(psf_b, "PSF B") if isinstance(psf_b, Path) else psf_b
+    from streamer.cli.geometry_io import read_stack_voxel
+    from streamer.cli.paths import check_output_file
+
+    check_output_file(out, inputs=[view_a, view_b], overwrite=overwrite)
+    a, voxel = read_stack_voxel(view_a, "view A")
+    b = read_stack(view_b, "view B")
+    a, b = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
+    pa = _read_volume(psf_a, "PSF A", False) if isinstance(psf_a, Path) else psf_a
+    pb = _read_volume(psf_b, "PSF B", False) if isinstance(psf_b, Path) else psf_b
     bar = tqdm(total=None, desc=f"fuse ({mode})", unit="step", disable=not progress, leave=False)
 
     def tick(done: int, total: int) -> None:
@@ -179,11 +210,17 @@ def fuse_files(
             else:
                 from engines.backends import BackendError
                 from engines.backends.networks import open_network
+                from streamer.pipeline import install_exporter
 
+                install_exporter()  # --backend onnxruntime with a checkpoint: export it on first use
                 try:
                     net = open_network("rl-dfn", model, backend)  # type: ignore[arg-type]
                 except BackendError as err:
                     raise CLIError(f"--model {model}: {err}") from None
+            if memory_budget_mib is None and tile == "auto":
+                from engines.device import default_memory_budget_gb
+
+                memory_budget_mib = default_memory_budget_gb(dev) * 1024
             budget = None if memory_budget_mib is None else int(memory_budget_mib * 2**20)
             with torch.inference_mode():
                 fused = fuse_rldfn(a, b, RLDFN(net, pa, pb), tile=tile,  # type: ignore[arg-type]
@@ -194,29 +231,38 @@ def fuse_files(
     finally:
         bar.close()
     log.info("fused %s in %.2f s on %s", "×".join(map(str, fused.shape)), time.perf_counter() - t0, dev)
-    write_stack(out, fused, "float32")
+    write_stack(out, fused, "float32", voxel_um=voxel)
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     from streamer.cli import CLIError
 
+    if args.mode == "auto":  # the one default rule: the network when its weights are given
+        args.mode = "rldfn" if args.model is not None else "classical"
     if args.mode == "classical" and (args.tile != "none" or args.overlap is not None or args.model is not None
                                      or args.batch != 1):
         raise CLIError("--tile, --overlap, --batch and --model apply to --mode rldfn only")
+    if args.mode == "rldfn" and args.model is None:
+        raise CLIError("--mode rldfn needs --model (RL-DFN weights); without weights use --mode classical")
     if args.batch < 1:
         raise CLIError(f"--batch must be ≥ 1, got {args.batch}")
     if args.iterations < 1:
         raise CLIError(f"--iterations must be ≥ 1, got {args.iterations}")
-    if args.tile == "auto" and args.memory_budget is None:
-        raise CLIError("--tile auto needs --memory-budget MiB")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise CLIError(f"--memory-budget must be > 0 MiB, got {args.memory_budget}")
     from streamer.cli.backend_options import backend_config_from_args
+    from streamer.cli.geometry_io import read_voxel
+    from streamer.cli.paths import check_input_file, check_output_file
 
-    backend = backend_config_from_args(args) if args.mode == "rldfn" else None
-    psf_a, psf_b = psfs_from_args(args)
+    for path, what in ((args.view_a, "view A"), (args.view_b, "view B")):
+        check_input_file(path, what)
+    psf_a, psf_b = psfs_from_args(args, read_voxel(args.view_a))  # flag mistakes first; a PSF is small
+    check_output_file(args.out, inputs=[args.view_a, args.view_b], overwrite=args.overwrite)
+    backend = backend_config_from_args(args) if args.mode != "classical" and args.model is not None else None
     out = fuse_files(args.view_a, args.view_b, args.out, psf_a, psf_b, mode=args.mode, model=args.model,
                      tile=args.tile, overlap=args.overlap, memory_budget_mib=args.memory_budget,
                      iterations=args.iterations, device=args.device, progress=not args.no_progress,
-                     batch=args.batch, backend=backend)
+                     batch=args.batch, backend=backend, overwrite=args.overwrite)
     print(out)
     return 0

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from engines.config import ConfigError, OpticsConfig, load_optics
+from pydantic import ValidationError
+
+from engines.config import ConfigError, OpticsConfig, describe_validation_error, load_optics, read_optics_mapping
+from streamer.cli import CLIError
+
+log = logging.getLogger(__name__)
 
 
 def add_optics_args(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +25,9 @@ def add_optics_args(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         ann = field.annotation
-        kwargs: dict[str, Any] = {"dest": f"optics_{name}", "default": None, "help": field.description}
+        default = field.default.value if isinstance(field.default, Enum) else field.default
+        kwargs: dict[str, Any] = {"dest": f"optics_{name}", "default": None,
+                                  "help": f"{field.description} (default: {default})"}
         if isinstance(ann, type) and issubclass(ann, Enum):
             kwargs["choices"] = [m.value for m in ann]
         else:
@@ -29,8 +38,6 @@ def add_optics_args(parser: argparse.ArgumentParser) -> None:
 
 def optics_from_args(args: argparse.Namespace) -> OpticsConfig:
     """Resolve the config file and flag overrides into one validated :class:`OpticsConfig`."""
-    from streamer.cli import CLIError
-
     overrides = {
         name: getattr(args, f"optics_{name}")
         for name in OpticsConfig.model_fields
@@ -39,4 +46,44 @@ def optics_from_args(args: argparse.Namespace) -> OpticsConfig:
     try:
         return load_optics(getattr(args, "config", None), overrides)
     except ConfigError as err:
-        raise CLIError(str(err)) from None
+        text = " ".join(str(err).split())
+        for name in overrides:  # a value from a flag is named as the flag the user typed
+            text = text.replace(f"field '{name}' =", f"--{name.replace('_', '-')} =")
+        raise CLIError(text) from None
+
+
+def explicit_optics(args: argparse.Namespace) -> set[str]:
+    """Optics fields the user stated: a flag, or a key of the ``--config`` file (not a default)."""
+    given = {name for name in OpticsConfig.model_fields if getattr(args, f"optics_{name}", None) is not None}
+    if getattr(args, "config", None):
+        try:
+            given |= set(read_optics_mapping(Path(args.config)))
+        except ConfigError:
+            pass  # optics_from_args has reported it already
+    return given
+
+
+def optics_with_voxel(args: argparse.Namespace, optics: OpticsConfig, voxel: tuple[float, float, float] | None,
+                      what: str) -> OpticsConfig:
+    """Fill pixel size and stage step from a raw stack's recorded voxel (z = stage step, x = pixel).
+
+    What the user stated (flag or config file) wins; a contradiction with the file is logged as a warning.
+    """
+    if voxel is None:
+        return optics
+    stated = explicit_optics(args)
+    update: dict[str, float] = {}
+    for field, value in (("stage_step_um", voxel[0]), ("pixel_size_um", voxel[2])):
+        if field in stated:
+            if abs(getattr(optics, field) - value) > 1e-3 * value:
+                log.warning("%s records %s = %.4g µm but %.4g µm was given; using the given value", what, field,
+                            value, getattr(optics, field))
+        else:
+            update[field] = value
+    if not update:
+        return optics
+    try:
+        return OpticsConfig.model_validate({**optics.model_dump(), **update})
+    except ValidationError as err:
+        raise CLIError(f"{what}: recorded voxel size {voxel} µm is not usable: {describe_validation_error(err)}; "
+                       "give --pixel-size-um/--stage-step-um") from None

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress messages")
     add_model_args(p, BackgroundParams, "band removal")
     add_optics_args(p)
+    from streamer.cli.paths import add_overwrite_arg
+
+    add_overwrite_arg(p)
     p.set_defaults(func=run)
 
 
@@ -43,7 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from streamer.cli.geometry_io import (engine_errors, model_from_args, progress_printer, read_stack,
                                           write_report, write_stack)
 
-    optics = optics_from_args(args)
+    from streamer.cli.geometry_io import read_voxel
+    from streamer.cli.options import optics_with_voxel
+    from streamer.cli.paths import check_input_file, check_output_file
+
+    check_input_file(args.input, "raw stack")
+    check_output_file(args.output, inputs=[args.input], overwrite=args.overwrite)
+    if args.report is not None:
+        check_output_file(args.report, inputs=[args.input], overwrite=args.overwrite, what="--report")
+    optics = optics_with_voxel(args, optics_from_args(args), read_voxel(args.input), str(args.input))
     params = model_from_args(args, BackgroundParams, dict(PRESETS[args.preset]), source="preprocess")
 
     say = progress_printer("preprocess", args.no_progress)
@@ -56,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         say(f"band at {b.position_px:.1f} px, tilt {b.tilt_deg:.2f}°, drift {b.drift_px_per_plane:.3f} px/plane "
             f"({b.groups_used} groups); real/virtual ratio {report.intensity_ratio:.3f}")
     data = vol if args.float32 else np.round(vol * 65535.0)
-    write_stack(args.output, data, "float32" if args.float32 else "uint16")
+    dx = optics.pixel_size_um
+    write_stack(args.output, data, "float32" if args.float32 else "uint16",
+                voxel_um=(optics.deskewed_pixel_z_um, dx, dx))
     if args.report is not None:
         write_report(args.report, report)
     print(f"wrote {args.output} ({vol.shape[0]}×{vol.shape[1]}×{vol.shape[2]}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from streamer.cli.geometry_io import read_stack, write_stack
@@ -17,15 +18,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reconstruct",
         help="raw sample-scan stack(s) → fused volume(s): preprocess, lateral SR, split views, fuse",
-        description="Run the four Meta-rLLS-VSIM steps on one raw TIFF stack or on every *.tif in a folder. "
-        "Mode 'full' needs a VSI-SR checkpoint, OTFs and RL-DFN weights (the shipped demo weights, trained on "
-        "simulated data only, are used when none are given); mode 'classical' needs no network.",
+        description="Run the four Meta-rLLS-VSIM steps on one raw TIFF stack or on the raw stacks of a folder "
+        "(--pattern; the simulator's ground_truth_* files and our own outputs are skipped). "
+        "Mode 'full' needs a VSI-SR checkpoint, OTFs and RL-DFN weights; 'sr-rl' a VSI-SR checkpoint (the "
+        "shipped demo weights, trained on simulated data only, are used when none are given); 'classical' no "
+        "network. The default 'auto' picks the best that the available weights support: full with --checkpoint "
+        "and --model, sr-rl with --checkpoint or the demo weights, else classical. Outputs record their voxel "
+        "size; existing outputs are never replaced without --overwrite.",
     )
     p.add_argument("input", type=Path, metavar="IN", help="raw stack (3-D TIFF) or a folder of them")
     p.add_argument("output", type=Path, metavar="OUT", help="output TIFF (for one input) or folder")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical"], default="full",
-                   help="full: VSI-SR + RL-DFN (default); sr-rl: VSI-SR + joint Richardson–Lucy fusion (no RL-DFN "
-                   "weights needed); classical: joint Richardson–Lucy fusion, no network")
+    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical"], default="auto",
+                   help="full: VSI-SR + RL-DFN; sr-rl: VSI-SR + joint Richardson–Lucy fusion (no RL-DFN weights "
+                   "needed); classical: joint Richardson–Lucy fusion, no network; auto: the best that the "
+                   "available weights support")
+    from streamer.cli.paths import DEFAULT_PATTERN, add_overwrite_arg
+
+    p.add_argument("--pattern", default=DEFAULT_PATTERN, metavar="GLOB",
+                   help="folder input: which files are raw stacks (ground_truth_* and our outputs are always skipped)")
+    add_overwrite_arg(p)
     p.add_argument("--checkpoint", type=Path, metavar="PTH", help="VSI-SR checkpoint (reference .pth or ours)")
     p.add_argument("--otf-dir", type=Path, metavar="DIR",
                    help="OTF folder in the reference layout (<wavelength>/OTF0.tif, OTF1.tif, apo_*.tif); "
@@ -36,9 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="voxel size of --psf (default: the views' voxel)")
     p.add_argument("--psf-a", type=Path, metavar="TIF", help="measured view-A PSF on the views' grid")
     p.add_argument("--psf-b", type=Path, metavar="TIF", help="measured view-B PSF on the views' grid")
-    p.add_argument("--iterations", type=int, default=10, metavar="K", help="joint RL iterations (sr-rl, classical; default 10)")
+    p.add_argument("--iterations", type=int, default=10, metavar="K", help="joint RL iterations (sr-rl, classical)")
     p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stride", type=int, choices=[1, 3], default=1, help="VSI-SR window stride (3: faster)")
     p.add_argument("--keep-intermediates", action="store_true",
                    help="also write preprocessed, lateral-SR and view A/B stacks beside each output")
@@ -69,30 +81,64 @@ def _tile(value: str) -> str | int:
     return n
 
 
+def output_paths(src: Path, dst: Path, keep: bool) -> list[Path]:
+    """Every file :func:`reconstruct_file` writes for *src* into *dst*."""
+    names = [dst, dst.with_suffix(".json")]
+    if keep:
+        names += [dst.with_name(f"{dst.stem}.{n}.tif") for n in ("preprocessed", "lateral_sr", "view_a", "view_b")]
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from engines.config import describe_validation_error
+    from engines.support import resolve_mode
     from streamer.cli import CLIError
+    from streamer.cli.paths import check_input_file, check_output_dir, check_output_file, folder_inputs
 
     optics = optics_from_args(args)
-    inputs = sorted(args.input.glob("*.tif*")) if args.input.is_dir() else [args.input]
-    if not inputs:
-        raise CLIError(f"no *.tif stacks in {args.input}")
-    many = args.input.is_dir() or len(inputs) > 1
-    if args.workers is not None or args.scheduler is not None:
+    args.mode = resolve_mode(args.mode, vsisr=args.checkpoint is not None, rldfn=args.model is not None)
+    many = args.input.is_dir()
+    inputs = folder_inputs(args.input, args.pattern) if many else [check_input_file(args.input, "raw stack")]
+    from streamer.cli.geometry_io import read_voxel
+    from streamer.cli.options import optics_with_voxel
+
+    optics = optics_with_voxel(args, optics, read_voxel(inputs[0]), str(inputs[0]))  # stated values win
+    if args.workers is not None or args.scheduler is not None:  # one OME-Zarr on a Dask cluster
         from streamer.distributed.cli import run_reconstruct
 
-        return run_reconstruct(args, inputs)
+        return run_reconstruct(args, inputs, optics)
+    # Every output is checked before any weights load or any stack is read: nothing computed is then lost.
+    if many:
+        if args.output.is_dir() and args.output.samefile(args.input):
+            raise CLIError(f"output folder {args.output} is the input folder; choose another folder for the results")
+        check_output_dir(args.output, [p.name for src in inputs
+                                       for p in output_paths(src, args.output / f"{src.stem}.tif",
+                                                             args.keep_intermediates)],
+                         inputs=inputs, overwrite=args.overwrite)
+    else:
+        for out in output_paths(args.input, args.output, args.keep_intermediates):
+            check_output_file(out, inputs=inputs, overwrite=args.overwrite)
     try:
         rec = build_reconstructor(args, optics)
     except ValidationError as err:  # a ValueError too, but pydantic's own text spans several lines
         raise CLIError(describe_validation_error(err, "reconstruct")) from None
     except (ValueError, FileNotFoundError) as err:  # every engine error is a ValueError subclass
         raise CLIError(str(err)) from None
-    for path in inputs:
-        out = args.output / f"{path.stem}.tif" if many else args.output
-        reconstruct_file(rec, path, out, keep=args.keep_intermediates, float32=args.float32)
+    from tqdm import tqdm
+
+    with tqdm(total=len(inputs), unit="stack", desc=f"reconstruct ({args.mode})", disable=args.no_progress,
+              leave=False) as bar:
+        for path in inputs:
+            out = args.output / f"{path.stem}.tif" if many else args.output
+
+            def step(name: str, stack: str = path.name) -> None:
+                bar.set_postfix_str(f"{stack}: {name}")
+
+            reconstruct_file(rec, path, out, keep=args.keep_intermediates, float32=args.float32,
+                             progress=None if args.no_progress else step)
+            bar.update(1)
     return 0
 
 
@@ -133,12 +179,25 @@ def build_reconstructor(args: argparse.Namespace, optics):
     return Reconstructor(optics, params, models, device=args.device)
 
 
-def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: bool = False) -> dict:
-    """Reconstruct one raw TIFF into ``dst``; writes ``<dst>.json`` with reports and per-step timings."""
+def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: bool = False,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """Reconstruct one raw TIFF into ``dst``; writes ``<dst>.json`` with reports and per-step timings.
+
+    The raw stack is checked first (3-D, numeric, finite, not blank, enough planes for the mode). The fused volume
+    and the intermediates record their voxel size.
+    """
     import numpy as np
 
-    raw = read_stack(src, "raw stack")
-    res = rec(raw, keep_intermediates=keep)
+    from engines.errors import RllsmError
+    from engines.support import min_planes, planes_reason
+    from streamer.cli import CLIError
+
+    mode = rec.params.mode
+    raw = read_stack(src, "raw stack", min_planes=min_planes(mode), needed_by=planes_reason(mode))
+    try:
+        res = rec(raw, keep_intermediates=keep, progress=progress)
+    except RllsmError as err:
+        raise CLIError(f"{src}: {err}") from None
     dtype = "float32" if float32 else "uint16"
 
     def scaled(v: np.ndarray) -> np.ndarray:
@@ -147,9 +206,14 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
         peak = float(v.max())
         return v * (65535.0 / peak) if peak > 0 else v
 
-    write_stack(dst, scaled(res.fused), dtype)
+    v = float(res.voxel_um)
+    write_stack(dst, scaled(res.fused), dtype, voxel_um=(v, v, v))
     for name, vol in res.intermediates.items():
-        write_stack(dst.with_name(f"{dst.stem}.{name}.tif"), scaled(vol), dtype)
+        # Views share the fused voxel; the stacks before the split keep the deskewed frame's own spacing.
+        dz = rec.optics.deskewed_pixel_z_um
+        dx = rec.optics.pixel_size_um / (1.5 if name == "lateral_sr" else 1.0)
+        voxel = (v, v, v) if name.startswith("view") else (dz, dx, dx)
+        write_stack(dst.with_name(f"{dst.stem}.{name}.tif"), scaled(vol), dtype, voxel_um=voxel)
     summary = {
         "input": str(src),
         "output": str(dst),
@@ -159,7 +223,10 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
         "timings_s": res.timings_s,
         "reports": {k: v.model_dump(mode="json") for k, v in res.reports.items()},
     }
-    dst.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        dst.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as err:
+        raise CLIError(f"cannot write {dst.with_suffix('.json')}: {err.strerror or err}") from None
     print(f"{src.name} → {dst} {'×'.join(map(str, res.fused.shape))} voxel {res.voxel_um * 1000:.1f} nm "
           + " ".join(f"{k} {v:.2f}s" for k, v in res.timings_s.items()))
     return summary

@@ -46,10 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--display", metavar="ENDPOINT", default="tcp://127.0.0.1:5556",
                    help="PUB endpoint of the live display stream: volumes + MIPs, latest wins (default %(default)s; "
                    "'none' turns it off)")
-    p.add_argument("--mode", choices=["full", "sr-rl", "classical", "deskew", "none"], default="classical",
-                   help="what to do with each stack (default %(default)s; docs/streaming.md)")
+    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical", "deskew", "none"], default="auto",
+                   help="what to do with each stack (default %(default)s: the best that the available weights "
+                   "support, as every command; docs/streaming.md)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
-    p.add_argument("--weights", type=Path, help="network weights folder for --mode full (default: demo weights)")
+    p.add_argument("--fused-depth", type=int, metavar="N",
+                   help="planes of the fused output grid (default: fixed from the optics and the first stack)")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S",
                    help="flag a stack incomplete after S seconds without a plane (default %(default)s)")
     p.add_argument("--process-incomplete", action="store_true", help="also reconstruct incomplete stacks")
@@ -58,24 +60,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-keys", type=Path, metavar="DIR", help="create server/client CURVE keys in DIR and exit")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this loopback port")
     p.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    p.add_argument("--max-message-mb", type=float, default=2048.0, metavar="MB",
+                   help="largest message part accepted; ZMQ refuses a bigger one before allocating it (%(default)s)")
+    p.add_argument("--cache-mb", type=float, default=64.0, metavar="MB",
+                   help="received messages kept in memory for the processor; the rest is read back from the "
+                   "recording (%(default)s)")
+    p.add_argument("--memory-budget-gb", type=float, metavar="GB",
+                   help="memory one stack's reconstruction may use; bigger stacks are refused before anything is "
+                   "allocated (default: the larger of 8 GB and half the RAM)")
+    p.add_argument("--max-acquisitions", type=int, default=16, metavar="N",
+                   help="acquisitions open at once; one more closes the one idle longest (%(default)s)")
+    p.add_argument("--acquisition-idle", type=float, default=600.0, metavar="S",
+                   help="close an acquisition's outputs after S seconds without a message (%(default)s)")
     from streamer.distributed.cli import add_cluster_args
 
     add_cluster_args(p, "", workers=False)
     p.add_argument("--max-in-flight", type=int, default=4, metavar="N",
                    help="with --scheduler: stacks out on the cluster at most (default %(default)s)")
     from streamer.cli.backend_options import add_backend_args
+    from streamer.cli.model_options import add_model_args
 
+    add_model_args(p)  # the same model sources as `rllsm reconstruct` (plus a --weights folder)
     add_backend_args(p, device=False)  # mode full: what runs VSI-SR and RL-DFN
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.support import resolve_mode
     from streamer.cli import CLIError
     from streamer.security import SecurityError, generate_keys
     from streamer.service import Service, ServiceConfig, ServiceError
 
     if args.json_logs:
         use_json_logs()
+    # the end-of-acquisition summary is for the person at the microscope: shown at normal verbosity
+    summary_log = logging.getLogger("streamer.summary")
+    if summary_log.getEffectiveLevel() > logging.INFO:
+        summary_log.setLevel(logging.INFO)
     if args.gen_keys:
         try:
             paths = generate_keys(args.gen_keys)
@@ -89,16 +110,22 @@ def run(args: argparse.Namespace) -> int:
     if args.recording is None:
         raise CLIError("--recording DIR is required (every received message is recorded there)")
     from streamer.cli.backend_options import backend_config_from_args
+    from streamer.cli.model_options import sources_from_args
 
     backend = backend_config_from_args(args)
+    sources = sources_from_args(args)
     try:
         cfg = ServiceConfig(
             ingest=args.ingest, control=args.control, recording=args.recording, output=args.out,
             output_format=args.output_format, display=None if args.display == "none" else args.display,
-            mode=args.mode, device=args.device,
-            weights=args.weights, backend=backend,
+            mode=resolve_mode(args.mode, vsisr=sources.checkpoint is not None or sources.weights is not None,
+                              rldfn=sources.model is not None or sources.weights is not None),
+            device=args.device,
+            sources=sources, fused_depth=args.fused_depth, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
+            max_message_mb=args.max_message_mb, cache_mb=args.cache_mb, memory_budget_gb=args.memory_budget_gb,
+            max_acquisitions=args.max_acquisitions, acquisition_idle_s=args.acquisition_idle,
             scheduler=args.scheduler, max_in_flight=args.max_in_flight,
         )
     except ValidationError as err:
@@ -108,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     except (ServiceError, SecurityError) as err:
         raise CLIError(str(err)) from None
     # Scripts (and the kill -9 tests) read this line to learn the bound endpoints.
-    print(json.dumps({"ingest": svc.ingest_endpoint, "control": svc.control_endpoint}), flush=True)
+    print(json.dumps({"ingest": svc.ingest_endpoint, "control": svc.control_endpoint,
+                      "display": svc.display_endpoint or None}), flush=True)
 
     def _term(signum: int, frame: Any) -> None:
         svc._stop.set()

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-when-busy", action="store_true",
                    help="stream: never wait; drop and count messages the receiver cannot take (StreamSender)")
     p.add_argument("--checksum", action="store_true", help="stream: add a CRC-32 to every payload")
+    from streamer.cli.paths import add_overwrite_arg
+
+    add_overwrite_arg(p)
     add_optics_args(p)
     p.set_defaults(func=run)
 
@@ -136,6 +139,12 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CLIError(f"--seed must be ≥ 0, got {args.seed}")
     cfg = config_from_args(args)
+    if args.out:  # before the simulator starts: an existing simulation is not silently replaced
+        from streamer.cli.paths import check_output_dir
+
+        names = ["metadata.json"] + [f"{k}_t{t:04d}.tif" for k in ("raw", "ground_truth")
+                                     for t in range(args.timepoints)]
+        check_output_dir(Path(args.out), names, overwrite=args.overwrite)
     try:
         mic = Microscope(cfg, args.seed, device=args.device)
         if args.out:

@@ -30,20 +30,20 @@ def add_cluster_args(p: argparse.ArgumentParser, what: str, workers: bool = True
                    "rllsm-vsim[cluster]` on every worker and a filesystem they share)")
 
 
-def run_reconstruct(args: argparse.Namespace, inputs: Sequence[Path]) -> int:
+def run_reconstruct(args: argparse.Namespace, inputs: Sequence[Path], optics: Any = None) -> int:
     from streamer.cli import CLIError
     from streamer.distributed.errors import DistributedError
     from streamer.distributed.offline import reconstruct_distributed
 
     try:
-        summary = reconstruct_distributed(args, inputs)
+        summary = reconstruct_distributed(args, inputs, optics, progress=not getattr(args, "no_progress", False))
     except DistributedError as err:
         raise CLIError(str(err)) from None
     print(json.dumps(summary.as_dict(), indent=1))
     return 1 if summary.failed else 0
 
 
-def run_replay(args: argparse.Namespace, backend: Any) -> int:
+def run_replay(args: argparse.Namespace, backend: Any, sources: Any = None, mode: str | None = None) -> int:
     """Print the report; exit status 1 when a volume failed (it is named there), else 0."""
     from streamer.cli import CLIError
     from streamer.distributed.errors import DistributedError
@@ -51,7 +51,8 @@ def run_replay(args: argparse.Namespace, backend: Any) -> int:
 
     try:
         report = replay_distributed(args.recording, args.out, workers=args.workers, scheduler=args.scheduler,
-                                    mode=args.mode, device=args.device, weights=args.weights, backend=backend)
+                                    mode=str(mode or args.mode), device=args.device, backend=backend,
+                                    sources=sources, fused_depth=getattr(args, "fused_depth", None))
     except DistributedError as err:
         raise CLIError(str(err)) from None
     print(json.dumps(report, indent=1, default=str))

@@ -24,10 +24,28 @@ from typing import Any
 import numpy as np
 
 from streamer.distributed.recipe import Recipe
-from streamer.distributed.tasks import compute_array
+from streamer.distributed.tasks import compute_array, describe_chain
 from streamer.pipeline import PipelineError
 
 log = logging.getLogger(__name__)
+
+
+class _Placements:
+    """The chain's ``fitter`` as the processor reads it: one placement per delivered volume, in order."""
+
+    def __init__(self) -> None:
+        self.placements: deque[Any] = deque(maxlen=4096)
+
+    def pop(self) -> Any:
+        return self.placements.popleft() if self.placements else None
+
+
+class RemoteChain(list):
+    """Stands for the chain running on the workers: what it declares (grid, provenance) and its placements."""
+
+    def __init__(self, grid: Any, provenance: dict[str, Any]) -> None:
+        super().__init__()
+        self.grid, self.provenance, self.fitter = grid, provenance, _Placements()
 
 
 class DaskStageWorker:
@@ -58,6 +76,9 @@ class DaskStageWorker:
         self.observe = observe or (lambda name, s: None)
         self._pending: deque[tuple[Any, Any, float]] = deque()  # (token, future, submitted at)
         self.per_worker: dict[str, int] = {}
+        # what the chain declares (grid, provenance), asked of a worker once: it builds and caches the chain anyway
+        grid, provenance = client.submit(describe_chain, recipe, pure=False).result()
+        self.chain = RemoteChain(grid, provenance)
 
     def submit(self, array: np.ndarray, token: Any) -> list[tuple[Any, Any]]:
         """Send one stack; returns the results that are ready (in order), after waiting while too many are out."""
@@ -77,11 +98,13 @@ class DaskStageWorker:
             if not fut.done() and not block:
                 break
             try:
-                vol, worker, seconds, stages = fut.result()
+                vol, worker, seconds, stages, placement = fut.result()
             except Exception as err:  # noqa: BLE001 — handed to the processor, which counts and skips the stack
                 result: Any = PipelineError(f"cluster task failed on {token}: {type(err).__name__}: {err}")
+                self.chain.fitter.placements.append(None)
             else:
                 result = vol
+                self.chain.fitter.placements.append(placement)
                 self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
                 for name, s in stages.items():  # the same stage names as in-process, timed on the worker
                     self.observe(name, s)
@@ -109,15 +132,18 @@ class DaskStageWorker:
 
 
 def live_worker_factory(client: Any, *, mode: str, device: str | None, weights: str | None, backend: Any,
-                        max_in_flight: int, observe: Callable[[str, float], None] | None = None
-                        ) -> Callable[[Any], DaskStageWorker]:
+                        max_in_flight: int, observe: Callable[[str, float], None] | None = None,
+                        sources: Any = None, fused_depth: int | None = None) -> Callable[[Any], DaskStageWorker]:
     """``AcquisitionStart → DaskStageWorker`` with the service's stage chain for that acquisition's optics."""
     import torch
+
+    from streamer.distributed.recipe import source_paths
 
     def make(start: Any) -> DaskStageWorker:
         recipe = Recipe.make("streamer.distributed.recipe:service_stages",
                              {"mode": str(mode), "optics": start.optics, "device": device, "weights": weights,
-                              "backend": backend}, [weights], torch_threads=torch.get_num_threads())
+                              "backend": backend, "sources": sources, "fused_depth": fused_depth},
+                             [weights, *source_paths(sources)], torch_threads=torch.get_num_threads())
         return DaskStageWorker(client, recipe, max_in_flight=max_in_flight, observe=observe)
 
     return make
@@ -146,5 +172,6 @@ def connect_live(cfg: Any, metrics: Any, on_error: Callable[[], None]) -> tuple[
              cfg.scheduler, client.dashboard_link, cfg.max_in_flight)
     weights = str(cfg.weights) if cfg.weights is not None else None
     factory = live_worker_factory(client, mode=str(cfg.mode), device=cfg.device, weights=weights,
-                                  backend=cfg.backend, max_in_flight=cfg.max_in_flight, observe=metrics.observe)
+                                  backend=cfg.backend, max_in_flight=cfg.max_in_flight, observe=metrics.observe,
+                                  sources=cfg.sources, fused_depth=cfg.fused_depth)
     return client, factory

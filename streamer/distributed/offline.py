@@ -15,7 +15,7 @@ from typing import Any
 
 from streamer.distributed.cluster import open_client
 from streamer.distributed.errors import DistributedError
-from streamer.distributed.recipe import Recipe
+from streamer.distributed.recipe import Recipe, source_paths
 from streamer.distributed.runner import RunSummary, VolumeJob, run_volumes
 from streamer.distributed.tasks import RecordedInput, TiffInput
 from streamer.sinks.base import VolumeMeta
@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # a token between separators (or the ends): t12, c1, ch1 (lookarounds, so that neighbouring tokens share a separator)
 _TC = re.compile(r"(?<![^_\-. ])(?:t(\d+)|ch?(\d+))(?![^_\-. ])", re.IGNORECASE)
 _NOT_RECIPE = {"func", "input", "output", "workers", "scheduler", "keep_intermediates", "command", "verbose", "quiet",
-               "log_level"}
-_SOURCES = ("checkpoint", "otf_dir", "model", "psf", "psf_a", "psf_b", "config")
+               "log_level", "no_progress", "overwrite", "pattern"}
+_SOURCES = ("checkpoint", "otf_dir", "model", "psf", "psf_a", "psf_b", "weights", "config")
 
 
 def _stderr(msg: str) -> None:
@@ -58,22 +58,28 @@ def store_path(output: Path) -> Path:
     return output if output.suffix == ".zarr" else output / "reconstructed.ome.zarr"
 
 
-def reconstruct_distributed(args: argparse.Namespace, inputs: Sequence[Path], *, progress: bool = True,
-                            say: Callable[[str], None] = _stderr) -> RunSummary:
-    """``rllsm reconstruct IN OUT --workers N | --scheduler ADDRESS``: one OME-Zarr at :func:`store_path`."""
+def reconstruct_distributed(args: argparse.Namespace, inputs: Sequence[Path], optics: Any = None, *,
+                            progress: bool = True, say: Callable[[str], None] = _stderr) -> RunSummary:
+    """``rllsm reconstruct IN OUT --workers N | --scheduler ADDRESS``: one OME-Zarr at :func:`store_path`.
+
+    ``args`` are the command's parsed options (mode already resolved), ``optics`` the optics it resolved (default:
+    from the options alone).
+    """
     import torch
 
+    from engines.support import min_planes, planes_reason
     from streamer.cli.options import optics_from_args
 
     if getattr(args, "keep_intermediates", False):
         raise DistributedError("--keep-intermediates is for in-process runs; drop it with --workers/--scheduler")
-    optics = optics_from_args(args)
+    optics = optics if optics is not None else optics_from_args(args)
     kwargs = {k: v for k, v in vars(args).items() if k not in _NOT_RECIPE}
     sources = [getattr(args, k, None) for k in _SOURCES]
-    recipe = Recipe.make("streamer.distributed.recipe:reconstruct_cli", {"args": kwargs}, sources,
+    recipe = Recipe.make("streamer.distributed.recipe:reconstruct_cli", {"args": kwargs, "optics": optics}, sources,
                          torch_threads=torch.get_num_threads())
     tc = timepoint_channel([p.name for p in inputs])
-    jobs = [VolumeJob(t, c, TiffInput(str(p.resolve()))) for p, (t, c) in zip(inputs, tc)]
+    need = dict(min_planes=min_planes(args.mode), needed_by=planes_reason(args.mode))
+    jobs = [VolumeJob(t, c, TiffInput(str(p.resolve()), **need)) for p, (t, c) in zip(inputs, tc)]
     n_c = max(c for _, c in tc) + 1
     from engines.reconstruct import views_voxel_um
 
@@ -146,7 +152,8 @@ def plan_recording(recording: str | Path) -> tuple[dict[str, Any], dict[str, lis
 
 def replay_distributed(recording: str | Path, out: str | Path, *, workers: int | None = None,
                        scheduler: str | None = None, mode: str = "classical", device: str | None = None,
-                       weights: str | Path | None = None, backend: Any = None, retries: int = 2,
+                       weights: str | Path | None = None, backend: Any = None, sources: Any = None,
+                       fused_depth: int | None = None, retries: int = 2,
                        progress: bool = True, say: Callable[[str], None] = _stderr) -> dict[str, Any]:
     """``rllsm replay REC --offline --out DIR --workers N | --scheduler ADDRESS``: ``DIR/<acquisition>.ome.zarr``."""
     import torch
@@ -165,7 +172,8 @@ def replay_distributed(recording: str | Path, out: str | Path, *, workers: int |
             optics: OpticsConfig = start.optics
             recipe = Recipe.make("streamer.distributed.recipe:service_stages",
                                  {"mode": str(mode), "optics": optics, "device": device, "weights": w,
-                                  "backend": backend}, [w], torch_threads=torch.get_num_threads())
+                                  "backend": backend, "sources": sources, "fused_depth": fused_depth},
+                                 [w, *source_paths(sources)], torch_threads=torch.get_num_threads())
             n_c = max(len(start.channels), max(j.c for j in acq_jobs) + 1)
             n_t = max(start.n_timepoints or 0, max(j.t for j in acq_jobs) + 1)
 

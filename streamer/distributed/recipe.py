@@ -135,30 +135,57 @@ def to_output_dtype(volume: np.ndarray, float32: bool) -> np.ndarray:
     return np.trunc(np.clip(v, 0, 65535)).astype(np.uint16)
 
 
-def reconstruct_cli(args: dict[str, Any]) -> VolumeFn:
-    """The ``rllsm reconstruct`` chain, built from the command's own options exactly as the command builds it."""
-    from streamer.cli.options import optics_from_args
+def reconstruct_cli(args: dict[str, Any], optics: Any) -> VolumeFn:
+    """The ``rllsm reconstruct`` chain, built from the command's own options and resolved optics as it builds it."""
+    from engines.errors import RllsmError
     from streamer.cli.reconstruct_cmd import build_reconstructor
 
     ns = argparse.Namespace(**args)
-    rec = build_reconstructor(ns, optics_from_args(ns))
+    rec = build_reconstructor(ns, optics)
     float32 = bool(args.get("float32", False))
-    return lambda raw: to_output_dtype(rec(raw).fused, float32)
+
+    def run(raw: np.ndarray) -> np.ndarray:
+        try:
+            return to_output_dtype(rec(raw).fused, float32)
+        except RllsmError as err:  # the command's typed errors are about the data: the volume is rejected
+            if isinstance(err, ValueError):
+                raise
+            from streamer.distributed.errors import VolumeRejected
+
+            raise VolumeRejected(str(err)) from err
+
+    return run
 
 
 def service_stages(mode: str, optics: Any, device: str | None = None, weights: str | None = None,
-                   backend: Any = None) -> VolumeFn:
-    """The service's stage chain for ``mode`` (what ``rllsm serve`` and ``rllsm replay --offline`` run)."""
+                   backend: Any = None, sources: Any = None, fused_depth: int | None = None) -> VolumeFn:
+    """The service's stage chain for ``mode`` (what ``rllsm serve`` and ``rllsm replay --offline`` run).
+
+    The function keeps what the chain declares (``chain``: grid, provenance), the per-stage seconds of the last
+    stack (``timings_s``) and how its volume was placed into the acquisition's grid (``last_placement``).
+    """
     from streamer.pipeline import StageWorker, build_stages
 
     timings: dict[str, float] = {}
-    worker = StageWorker(build_stages(mode, optics, device=device, weights=weights, backend=backend), device=device,
-                         observe=timings.__setitem__)
+    chain = build_stages(mode, optics, device=device, weights=weights, backend=backend, sources=sources,
+                         fused_depth=fused_depth)
+    worker = StageWorker(chain, device=device, observe=timings.__setitem__)
+    fitter = getattr(chain, "fitter", None)
 
     def run(raw: np.ndarray) -> np.ndarray:
         timings.clear()
         done = worker.submit(raw, None) + worker.drain()
+        run.last_placement = fitter.pop() if fitter is not None else None  # type: ignore[attr-defined]
         return np.asarray(done[-1][1])
 
-    run.timings_s = timings  # type: ignore[attr-defined]  # per-stage seconds of the last stack, for the service
+    run.timings_s = timings  # type: ignore[attr-defined]
+    run.chain = chain  # type: ignore[attr-defined]
+    run.last_placement = None  # type: ignore[attr-defined]
     return run
+
+
+def source_paths(sources: Any) -> list[Any]:
+    """The model files named by an :class:`engines.sources.ReconSources` (hashed into the recipe's fingerprint)."""
+    if sources is None:
+        return []
+    return [getattr(sources, k, None) for k in ("checkpoint", "otf_dir", "model", "psf", "psf_a", "psf_b", "weights")]

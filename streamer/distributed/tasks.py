@@ -27,6 +27,8 @@ class TiffInput:
     """One raw (z, y, x) TIFF stack."""
 
     path: str
+    min_planes: int = 1  # the checks `rllsm reconstruct` makes before it reconstructs
+    needed_by: str = "this step"
 
     def load(self) -> np.ndarray:
         from pathlib import Path
@@ -35,7 +37,7 @@ class TiffInput:
         from streamer.cli.geometry_io import read_stack
 
         try:
-            return read_stack(Path(self.path), "raw stack")
+            return read_stack(Path(self.path), "raw stack", min_planes=self.min_planes, needed_by=self.needed_by)
         except CLIError as err:
             raise VolumeRejected(str(err)) from None
 
@@ -144,14 +146,22 @@ def check_volume(store: str, t: int, c: int, crc: str, shape: tuple[int, ...]) -
     return verify_volume(store, t, c, crc, shape)
 
 
-def compute_array(recipe: Recipe, array: np.ndarray) -> tuple[np.ndarray, str, float, dict[str, float]]:
-    """Live path: the chain on a stack shipped from the service; returns ``(volume, worker, seconds, stage times)``.
+def compute_array(recipe: Recipe, array: np.ndarray) -> tuple[np.ndarray, str, float, dict[str, float], Any]:
+    """Live path: the chain on a stack shipped from the service.
 
-    Workers run one task at a time (``threads_per_worker=1``), so the stage times read after the call are this
-    stack's.
+    Returns ``(volume, worker, seconds, stage times, placement)``. Workers run one task at a time
+    (``threads_per_worker=1``), so the stage times and placement read after the call are this stack's.
     """
     t0 = time.perf_counter()
     _set_threads(recipe)
     fn = cached_volume_fn(recipe)
     vol = fn(array)
-    return vol, worker_name(), time.perf_counter() - t0, dict(getattr(fn, "timings_s", {}))
+    return (vol, worker_name(), time.perf_counter() - t0, dict(getattr(fn, "timings_s", {})),
+            getattr(fn, "last_placement", None))
+
+
+def describe_chain(recipe: Recipe) -> tuple[Any, dict[str, Any]]:
+    """What the recipe's chain declares about its output: ``(grid, provenance)`` (built and cached on the worker)."""
+    _set_threads(recipe)
+    chain = getattr(cached_volume_fn(recipe), "chain", None)
+    return getattr(chain, "grid", None), dict(getattr(chain, "provenance", None) or {})

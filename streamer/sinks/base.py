@@ -8,16 +8,27 @@ A sink receives fused volumes ``(z, y, x)`` in the order the pipeline finishes t
 
 Sinks themselves are synchronous and single-threaded; :class:`~streamer.sinks.threaded.ThreadedSink` puts any of them
 behind a bounded queue and a writer thread so the acquisition never waits on a disk.
+
+**Done confirmation (exactly once after a kill).** The service marks a stack done in its resume ledger only when
+every critical output holds it. A sink *may* offer ``add_done_listener(fn)`` (see :class:`ConfirmingSink`):
+``fn(index: VolumeIndex, stored: bool)`` is then called — from any thread — after the volume (``stored=True``) or its
+skip (``False``) is durably written, i.e. would survive a kill -9 of the process right after the call. A sink without
+it is taken to have finished when ``append``/``skip`` returns. ``ThreadedSink`` implements it for the sink it wraps
+(after the inner call returns, in the writer thread) and forwards it to an inner sink that offers it itself (e.g. one
+that buffers chunks and knows when they are flushed). A volume that fails is never confirmed: it is redone on restart.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from engines.errors import RllsmRuntimeError
 
 if TYPE_CHECKING:
     from engines.config import OpticsConfig
@@ -27,7 +38,7 @@ if TYPE_CHECKING:
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
-class SinkError(RuntimeError):
+class SinkError(RllsmRuntimeError):
     """An output could not do its job; the text says which output, what and where."""
 
 
@@ -112,6 +123,12 @@ class VolumeMeta:
         The acquisition's optics, stored beside the data for provenance.
     metadata
         Free-form JSON-able microscope metadata (stored as-is).
+    provenance
+        How the volumes were made (mode, model files with their SHA-256, backend and precision, software version,
+        optics, grid), as the stage chain declares it; stored in the dataset attributes.
+    placements
+        Per-volume record of how each fused volume was placed into the acquisition's grid (split position, padding),
+        filled by the processor as volumes come and read by the sinks when they write that volume.
     """
 
     acquisition_id: str
@@ -123,6 +140,8 @@ class VolumeMeta:
     time_interval_s: float | None = None
     optics: OpticsConfig | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    placements: PlacementTable | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(int(s) < 1 for s in self.shape):
@@ -147,11 +166,13 @@ class VolumeMeta:
     def from_start(
         cls, start: AcquisitionStart, *, shape: tuple[int, int, int], dtype: str,
         voxel_size_um: tuple[float, float, float] | None = None, time_interval_s: float | None = None,
+        provenance: Mapping[str, Any] | None = None, placements: PlacementTable | None = None,
     ) -> VolumeMeta:
         """Build from the wire's ``AcquisitionStart`` and the fused volume's geometry.
 
-        Without ``voxel_size_um`` the deskewed geometry is assumed: z spacing ``stage_step·sin(skew angle)``, lateral
-        spacing the camera pixel size in the sample.
+        ``voxel_size_um`` is what the stage chain declares for its output grid (the fused grid is isotropic). Without
+        it — a chain that only deskews — the deskewed geometry is assumed: z spacing ``stage_step·sin(skew angle)``,
+        lateral spacing the camera pixel size in the sample.
         """
         o = start.optics
         vox = voxel_size_um or (o.deskewed_pixel_z_um, o.pixel_size_um, o.pixel_size_um)
@@ -159,7 +180,37 @@ class VolumeMeta:
             acquisition_id=start.acquisition_id, shape=tuple(int(s) for s in shape), dtype=str(np.dtype(dtype)),
             voxel_size_um=tuple(float(v) for v in vox), channels=tuple(start.channels),
             n_timepoints=start.n_timepoints, time_interval_s=time_interval_s, optics=o, metadata=dict(start.metadata),
+            provenance=dict(provenance or {}), placements=placements,
         )
+
+
+class PlacementTable:
+    """Thread-safe ``VolumeIndex → dict`` of per-volume records (how each volume was placed into the grid).
+
+    Written by the processor before it hands a volume over, read by a writer thread when it stores that volume.
+    Bounded: beyond ``max_rows`` the oldest rows are forgotten (writers read a row within a few volumes).
+    """
+
+    def __init__(self, max_rows: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[VolumeIndex, dict[str, Any]] = {}
+        self.max_rows = max_rows
+
+    def record(self, index: VolumeIndex, row: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._rows.pop(index, None)
+            self._rows[index] = dict(row)
+            while len(self._rows) > self.max_rows:
+                del self._rows[next(iter(self._rows))]
+
+    def get(self, index: VolumeIndex) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._rows.get(index)
+            return None if row is None else dict(row)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rows)
 
 
 def check_volume(meta: VolumeMeta | None, volume: np.ndarray, index: VolumeIndex, sink: str) -> None:
@@ -218,3 +269,11 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Finish the output (flush, final metadata); idempotent."""
+
+
+@runtime_checkable
+class ConfirmingSink(Sink, Protocol):
+    """A :class:`Sink` that says when each volume is durably written (see the module docstring)."""
+
+    def add_done_listener(self, fn: Callable[[VolumeIndex, bool], None]) -> None:
+        """Call ``fn(index, stored)`` after the volume at ``index`` (or its skip) is durably written."""

@@ -6,7 +6,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SINK_CONFIG_VERSION = 1
 
@@ -35,6 +35,11 @@ class OmeZarrConfig(_Base):
 
     path: Path = Field(description="Dataset to create, e.g. /data/run1.ome.zarr.")
     overwrite: bool = Field(False, description="Replace an existing dataset at 'path'.")
+    resume: bool = Field(
+        False, description="Continue an existing dataset of the same acquisition and geometry (a restarted service): "
+        "the volumes it holds are kept, each volume is stored once. A dataset of another acquisition or geometry is "
+        "refused.",
+    )
     chunk_zyx: tuple[int, int, int] | None = Field(
         None, description="Chunk shape (z, y, x); default: the whole volume in one shard of ≤64×256×256 chunks."
     )
@@ -54,14 +59,27 @@ class OmeZarrConfig(_Base):
             raise ValueError(f"chunk sizes must be ≥ 1, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _one_policy(self) -> OmeZarrConfig:
+        if self.overwrite and self.resume:
+            raise ValueError("choose overwrite (replace an existing dataset) or resume (continue it), not both")
+        return self
+
 
 class OmeTiffConfig(_Base):
     """One OME-TIFF per timepoint and channel, written under a temporary name and renamed when complete."""
 
     directory: Path = Field(description="Folder for the files <acquisition>_t00000_c0.ome.tif.")
-    overwrite: bool = Field(False, description="Replace files that already exist.")
+    overwrite: bool = Field(False, description="Replace files that already exist (a restarted service rewrites "
+                            "the volumes it reprocesses, each file atomically).")
     compression: TiffCompression = TiffCompression.none
     queue_size: int = Field(4, ge=1, le=1024)
+
+
+class NpyConfig(_Base):
+    """One ``.npy`` file per volume under ``<directory>/<acquisition>/``, written under a temporary name and renamed."""
+
+    directory: Path = Field(description="Folder; each acquisition gets a sub-folder.")
 
 
 class DisplayConfig(_Base):

@@ -9,6 +9,12 @@ Policy, stated once because it is the contract with the acquisition:
   ``on_error`` is called from the writer thread at once, and the next ``append``/``close`` raises
   :class:`~streamer.sinks.base.SinkFailed` chained to the :class:`~streamer.sinks.base.SinkWriteError`.
 * A non-critical sink (the display) counts the error, logs it once and carries on with the next volume.
+* A critical sink refusing *one volume* for a reason that is not the disk (a value its format cannot encode, a
+  volume that does not fit its setup, a bug) does not stop: the volume is recorded as skipped with the reason and
+  every *reject listener* is told ``fn(index, reason)``, so the caller can quarantine that stack.
+* Done listeners (``add_done_listener``, see :mod:`streamer.sinks.base`) are called from the writer thread once the
+  inner sink has finished a volume (``stored=True``) or its skip (``False``); a sink that offers its own
+  ``add_done_listener`` (it knows better when its data are durable) is asked to call them instead.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from streamer.sinks.base import (
 log = logging.getLogger(__name__)
 
 OnFull = Literal["drop", "drop_oldest", "block"]
+DoneListener = Callable[[VolumeIndex, bool], None]
 _STOP = object()
 
 
@@ -89,6 +96,9 @@ class ThreadedSink:
         self._skips_sent: set[VolumeIndex] = set()
         self._busy = False
         self.max_depth = 0
+        self._done_listeners: list[DoneListener] = []
+        self._reject_listeners: list[Callable[[VolumeIndex, str], None]] = []
+        self._inner_confirms = False
         if metrics is not None:
             labels = {"sink": self.name}
             for c in ("sink_volumes_written", "sink_volumes_dropped", "sink_errors"):
@@ -105,6 +115,28 @@ class ThreadedSink:
     def for_display(cls, inner: Sink, *, queue_size: int = 1, metrics: Any | None = None) -> ThreadedSink:
         """The display policy: not critical, latest wins."""
         return cls(inner, queue_size=queue_size, on_full="drop_oldest", critical=False, metrics=metrics)
+
+    # --- listeners ------------------------------------------------------------------------------------------------
+
+    def add_done_listener(self, fn: DoneListener) -> None:
+        """Call ``fn(index, stored)`` once a volume (True) or its skip (False) is written by the inner sink."""
+        inner_add = getattr(self.inner, "add_done_listener", None)
+        if callable(inner_add):
+            inner_add(fn)
+            self._inner_confirms = True
+        else:
+            self._done_listeners.append(fn)
+
+    def add_reject_listener(self, fn: Callable[[VolumeIndex, str], None]) -> None:
+        """Call ``fn(index, reason)`` when the inner sink refused one volume for a reason other than the disk."""
+        self._reject_listeners.append(fn)
+
+    def _notify(self, listeners: list[Any], *args: Any) -> None:
+        for fn in listeners:
+            try:
+                fn(*args)
+            except Exception:  # a listener's bug must not stop the writer
+                log.exception("%s: listener raised", self.name)
 
     # --- caller side ----------------------------------------------------------------------------------------------
 
@@ -277,6 +309,8 @@ class ThreadedSink:
                 self.inner.skip(index, reason)
             except Exception as err:  # a skip that cannot be recorded is an error like a write
                 self._fail(err, index)
+            else:
+                self._notify(self._done_listeners, index, False)
 
     def _do(self, op: str, a: Any, b: Any) -> None:
         try:
@@ -292,11 +326,17 @@ class ThreadedSink:
                 self.inner.skip(a, b)
         except Exception as err:
             self._fail(err, b if op == "append" else a)
+            return
+        self._notify(self._done_listeners, b if op == "append" else a, op == "append")
 
     def _fail(self, err: Exception, index: VolumeIndex | None) -> None:
         typed = err if isinstance(err, SinkError) else SinkWriteError(
-            f"{self.name}: unexpected error writing {index.label() if index else ''}: {err!r}", index=index, cause=err
+            f"{self.name}: unexpected error writing {index.label() if index else ''}: {_short(err)}", index=index,
+            cause=err,
         )
+        if self.critical and index is not None and not _is_disk_error(err):
+            self._reject(typed, index)
+            return
         if self.metrics is not None:
             self.metrics.inc("sink_errors", labels={"sink": self.name})
         first = self._error is None
@@ -321,8 +361,32 @@ class ThreadedSink:
             if first:
                 log.warning("%s (further errors are counted, not logged)", typed)
 
+    def _reject(self, typed: SinkError, index: VolumeIndex) -> None:
+        """One volume refused (not the disk): recorded as skipped, listeners told, the writer goes on."""
+        if self.metrics is not None:
+            self.metrics.inc("sink_errors", labels={"sink": self.name})
+        with self._cond:
+            self._errors += 1
+            self._last_error = str(typed)
+            self._skips[index] = f"refused: {typed}"
+        log.error("%s: refused %s (the writer goes on): %s", self.name, index.label(), typed)
+        self._notify(self._reject_listeners, index, str(typed))
+
     def _close_inner(self) -> None:
         try:
             self.inner.close()
         except Exception as err:
             self._fail(err, None)
+
+
+def _is_disk_error(err: BaseException) -> bool:
+    """The disk (or the output's storage) failed, as opposed to one volume the writer could not take."""
+    if isinstance(err, SinkStateError):
+        return False
+    # a SinkError raised by the inner sink is its own report of a storage failure, whatever caused it
+    return isinstance(err, (OSError, SinkError))
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    text = repr(err)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -6,7 +6,16 @@ names, colours and display windows), and one array ``0`` of shape ``(t, c, z, y,
 timepoints is unknown the array grows along t as volumes arrive (a metadata-only resize in Zarr v3).
 
 Volumes that never arrive are listed under ``attributes.rllsm.skipped`` with their reason; their chunks stay absent
-(the fill value 0), so a viewer shows them as empty rather than as stale data.
+(the fill value 0), so a viewer shows them as empty rather than as stale data. ``attributes.rllsm`` also holds the
+provenance (mode, model files with their SHA-256, backend, precision, software version, optics), the per-volume
+placement into the acquisition's grid (split position, padding) and ``stored``, the volumes durably written.
+
+Exactly once across kills: the dataset is created under ``<name>.partial`` and renamed to its name only after its
+first volume (or skip) is written, so a run killed earlier leaves no empty dataset (the next run removes the
+partial one). After each volume the chunk is written (atomically, by every backend) and then ``stored`` is updated
+(atomically); only then are the done listeners called. A restarted service opens the same dataset with
+``resume=True``: it checks that the dataset is this acquisition's, in the same geometry, and a volume written again
+(processed again because the kill came before its completion was recorded) lands on the same chunk: one copy.
 
 Why this design (measured in docs/benchmarks/writers.md): zarr-python creates the group, the array and the NGFF 0.5
 document (so we control the metadata and accept volumes that finish out of order, which the in-order streams of
@@ -22,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,35 +169,72 @@ class OmeZarrSink:
         self._ts: Any = None
         self._made: set[Path] = set()
         self._range: dict[int, tuple[float, float]] = {}
+        self._root = self.path  # where the dataset is now: path, or path.partial until its first volume
+        self._stored: set[VolumeIndex] = set()
+        self._placed: dict[str, Any] = {}
+        self._listeners: list[Callable[[VolumeIndex, bool], None]] = []
+        self.resumed: frozenset[VolumeIndex] = frozenset()
+
+    @property
+    def partial_path(self) -> Path:
+        """Where the dataset is built until its first volume is written."""
+        return self.path.with_name(self.path.name + ".partial")
+
+    @property
+    def present(self) -> frozenset[VolumeIndex]:
+        """Volumes durably stored in the dataset (this run's and, when resumed, the earlier runs')."""
+        return frozenset(self._stored)
+
+    def add_done_listener(self, fn: Callable[[VolumeIndex, bool], None]) -> None:
+        """``fn(index, stored)`` once a volume (stored=True) or its skip (False) is durably in the dataset."""
+        self._listeners.append(fn)
+
+    def _done(self, index: VolumeIndex, stored: bool) -> None:
+        for fn in self._listeners:
+            try:
+                fn(index, stored)
+            except Exception:  # a listener's bug must not turn a written volume into a write error
+                log.exception("%s: done listener raised for %s", self.name, index.label())
 
     def setup(self, meta: VolumeMeta) -> None:
-        """Create the dataset and write its NGFF metadata.
+        """Create the dataset (under its partial name) and write its NGFF metadata; or, with ``resume``, reopen it.
 
         Raises
         ------
         SinkSetupError
-            If the dataset exists (and ``overwrite`` is off) or its folder cannot be written.
+            If the dataset exists (and neither ``overwrite`` nor ``resume`` is set), belongs to another acquisition or
+            geometry (``resume``), or its folder cannot be written.
         """
         import zarr
 
         if self._meta is not None:
             raise SinkStateError(f"{self.name}: setup() called twice")
         p = self.path
+        try:
+            if self.partial_path.exists():  # a run stopped before its first volume: nothing in it to keep
+                log.info("%s: removing %s left by an interrupted run", self.name, self.partial_path)
+                shutil.rmtree(self.partial_path)
+        except OSError as err:
+            raise SinkSetupError(f"{self.name}: cannot remove {self.partial_path}: {describe_error(err)}") from err
+        direct = self.config.backend == "direct"
+        chunks = self.config.chunk_zyx or (direct_chunks(meta.shape) if direct else default_chunks(meta.shape))
+        chunks = tuple(min(c, s) for c, s in zip(chunks, meta.shape))
+        if direct:
+            self._check_direct(meta, chunks)
+        self._chunks = chunks
+        if p.exists() and self.config.resume:
+            self._resume(meta)
+            return
         if p.exists() and not self.config.overwrite:
             raise SinkSetupError(f"{self.name}: {p} already exists; choose another path or set overwrite")
+        root = self.partial_path
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             if p.exists():
                 shutil.rmtree(p)
             z, y, x = meta.shape
             n_t = meta.n_timepoints or 1
-            direct = self.config.backend == "direct"
-            chunks = self.config.chunk_zyx or (direct_chunks(meta.shape) if direct else default_chunks(meta.shape))
-            chunks = tuple(min(c, s) for c, s in zip(chunks, meta.shape))
-            if direct:
-                self._check_direct(meta, chunks)
-            self._chunks = chunks
-            group = zarr.open_group(store=str(p), mode="w", zarr_format=3)
+            group = zarr.open_group(store=str(root), mode="w", zarr_format=3)
             kwargs: dict[str, Any] = dict(
                 name="0", shape=(n_t, len(meta.channels), z, y, x), dtype=np.dtype(meta.dtype),
                 fill_value=0, dimension_names=list(AXES), compressors=_codecs(self.config),
@@ -199,13 +246,78 @@ class OmeZarrSink:
             else:
                 kwargs.update(chunks=(1, 1, *chunks))
             self._array = group.create_array(**kwargs)
+            self._meta = meta
             group.attrs.update({"ome": ngff_attributes(meta), "rllsm": self._provenance(meta)})
-            self._ts = None if direct else (self._open_tensorstore(p / "0") if self._use_tensorstore() else None)
+            self._ts = None if direct else (self._open_tensorstore(root / "0") if self._use_tensorstore() else None)
         except (OSError, ValueError) as err:
+            self._meta = None
             raise SinkSetupError(f"{self.name}: cannot create {p}: {describe_error(err)}") from err
         self._group = group
-        self._meta = meta
+        self._root = root
         self._n_t = n_t
+
+    def _resume(self, meta: VolumeMeta) -> None:
+        """Reopen this acquisition's dataset; refuse one of another acquisition or geometry."""
+        import zarr
+
+        p = self.path
+        try:
+            group = zarr.open_group(store=str(p), mode="r+", zarr_format=3)
+            attrs = group.attrs.asdict()
+            array = group["0"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SinkSetupError(f"{self.name}: cannot resume {p}: not a readable OME-Zarr dataset of this service "
+                                 f"({describe_error(err)}); move it away or choose another output folder") from err
+        ours = attrs.get("rllsm") or {}
+        problems = []
+        if ours.get("acquisition_id") != meta.acquisition_id:
+            problems.append(f"it holds acquisition {str(ours.get('acquisition_id'))[:80]!r}")
+        want = (len(meta.channels), *meta.shape)
+        if tuple(array.shape[1:]) != want or np.dtype(array.dtype) != np.dtype(meta.dtype):
+            problems.append(f"its volumes are {'×'.join(map(str, array.shape[1:]))} {array.dtype}, this run's "
+                            f"{'×'.join(map(str, want))} {meta.dtype}")
+        try:
+            scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+            if not np.allclose(scale[2:], meta.voxel_size_um, rtol=1e-6):
+                problems.append(f"its voxel size is {scale[2:]} µm, this run's {list(meta.voxel_size_um)} µm")
+        except (KeyError, IndexError, TypeError):
+            problems.append("it has no NGFF voxel size")
+        if problems:
+            raise SinkSetupError(f"{self.name}: cannot resume {p}: {'; '.join(problems)}. Move it away or choose "
+                                 "another output folder")
+        self._stored = {VolumeIndex(int(t), int(c)) for t, c in ours.get("stored", [])}
+        self.resumed = frozenset(self._stored)
+        for label, reason in (ours.get("skipped") or {}).items():
+            idx = _parse_label(label)
+            if idx is not None and idx not in self._stored:
+                self.stats.skipped[idx] = str(reason)
+        self._placed = dict(ours.get("placements") or {})
+        self._range = {int(c): (float(lo), float(hi)) for c, (lo, hi) in (ours.get("display_range") or {}).items()}
+        self._last_t = max([i.timepoint for i in self._stored] or [-1])
+        self._group, self._array, self._root = group, array, p
+        self._meta = meta
+        self._n_t = int(array.shape[0])
+        try:
+            direct = self.config.backend == "direct"
+            self._ts = None if direct else (self._open_tensorstore(p / "0") if self._use_tensorstore() else None)
+            group.attrs.update({"rllsm": self._provenance(meta)})
+        except (OSError, ValueError) as err:
+            raise SinkSetupError(f"{self.name}: cannot resume {p}: {describe_error(err)}") from err
+        log.info("%s: resuming %s (%d volumes already stored)", self.name, p, len(self._stored))
+
+    def _publish(self) -> None:
+        """Give the dataset its name once it holds something (atomic rename of the whole folder)."""
+        if self._root == self.path:
+            return
+        import zarr
+
+        os.replace(self.partial_path, self.path)
+        self._root = self.path
+        self._group = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
+        self._array = self._group["0"]
+        if self._ts is not None:
+            self._ts = self._open_tensorstore(self.path / "0")
+        self._made.clear()
 
     def _check_direct(self, meta: VolumeMeta, chunks: tuple[int, ...]) -> None:
         problems = []
@@ -224,7 +336,7 @@ class OmeZarrSink:
         # whole planes is contiguous in the volume, so each chunk is one write() straight from the caller's memory.
         vol = np.ascontiguousarray(volume, dtype=volume.dtype.newbyteorder("<"))
         cz = self._chunks[0]
-        folder = self.path / "0" / "c" / str(index.timepoint) / str(index.channel)
+        folder = self._root / "0" / "c" / str(index.timepoint) / str(index.channel)
         for k, z0 in enumerate(range(0, vol.shape[0], cz)):
             slab = vol[z0:z0 + cz]
             if slab.shape[0] < cz:  # edge chunks are stored full size, padded with the fill value
@@ -285,9 +397,13 @@ class OmeZarrSink:
             "acquisition_id": meta.acquisition_id,
             "optics": meta.optics.model_dump(mode="json") if meta.optics is not None else None,
             "metadata": json.loads(json.dumps(dict(meta.metadata), default=str)),
-            "written": self.stats.written,
+            "provenance": json.loads(json.dumps(dict(meta.provenance), default=str)),
+            "written": len(self._stored),
             "complete": self._closed,
-            "skipped": {f"t={i.timepoint} c={i.channel}": r for i, r in sorted(self.stats.skipped.items())},
+            "stored": sorted([i.timepoint, i.channel] for i in self._stored),
+            "skipped": {i.label(): r for i, r in sorted(self.stats.skipped.items())},
+            "placements": self._placed,
+            "display_range": {str(c): list(r) for c, r in self._range.items()},
         }
 
     def append(self, volume: np.ndarray, index: VolumeIndex) -> None:
@@ -323,21 +439,60 @@ class OmeZarrSink:
         lo, hi = float(sample.min()), float(sample.max())
         old = self._range.get(index.channel)
         self._range[index.channel] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        self._stored.add(index)
+        self.stats.skipped.pop(index, None)
+        row = self._meta.placements.get(index) if self._meta.placements is not None else None
+        if row is not None:
+            self._placed[index.label()] = row
+        self._commit(index, "writing")
         self.stats.written += 1
         self.stats.bytes_written += volume.nbytes
+        self._done(index, True)
+
+    def _commit(self, index: VolumeIndex, what: str) -> None:
+        """Record ``index`` in the dataset's attributes (atomically), then give the dataset its name."""
+        assert self._meta is not None
+        try:
+            self._group.attrs.update({"rllsm": self._provenance(self._meta)})
+            self._publish()
+        except (OSError, ValueError) as err:
+            self._stored.discard(index)
+            self.stats.errors += 1
+            msg = f"{self.name}: {describe_error(err)} while {what} {index.label()} to {self.path}"
+            self.stats.last_error = msg
+            raise SinkWriteError(msg, index=index, cause=err) from err
 
     def skip(self, index: VolumeIndex, reason: str) -> None:
-        """Record a volume that will not come; listed in ``attributes.rllsm.skipped`` at close."""
+        """Record a volume that will not come, durably, under ``attributes.rllsm.skipped``.
+
+        A volume already stored (by an earlier run) stays: a skip never hides data that exists.
+        """
+        if self._closed:
+            raise SinkStateError(f"{self.name}: skip({index.label()}) after close()")
+        if self._meta is None:
+            raise SinkStateError(f"{self.name}: skip({index.label()}) before setup()")
+        if index in self._stored:
+            self._done(index, True)
+            return
         self.stats.skipped[index] = reason
+        self._commit(index, "recording the skip of")
+        self._done(index, False)
 
     def close(self) -> None:
-        """Trim the t axis to the last timepoint seen and write the final metadata (windows, skips)."""
+        """Trim the t axis to the last timepoint seen and write the final metadata (windows, skips).
+
+        A dataset that received nothing (no volume, no skip) is removed rather than left empty.
+        """
         if self._closed or self._meta is None:
             self._closed = True
             return
         self._closed = True
         meta = self._meta
         try:
+            if self._root != self.path:  # nothing came: no dataset, not an empty one
+                shutil.rmtree(self._root, ignore_errors=True)
+                log.info("%s: no volume for %s; no dataset written", self.name, self.path)
+                return
             last = max([self._last_t] + [i.timepoint for i in self.stats.skipped])
             if meta.n_timepoints is None and last + 1 != self._n_t:
                 self._resize(max(last + 1, 1))
@@ -348,3 +503,12 @@ class OmeZarrSink:
                 from err
         log.info("%s: wrote %d volumes to %s (%d skipped)", self.name, self.stats.written, self.path,
                  len(self.stats.skipped))
+
+
+def _parse_label(label: str) -> VolumeIndex | None:
+    """``"t=3 c=0"`` → ``VolumeIndex(3, 0)``; None for anything else."""
+    try:
+        t, c = label.split()
+        return VolumeIndex(int(t.removeprefix("t=")), int(c.removeprefix("c=")))
+    except (ValueError, SinkStateError):
+        return None

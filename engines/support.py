@@ -1,0 +1,140 @@
+"""The project's vocabulary in one place: allowed values as StrEnums, one strict base model, one memory unit,
+the default-mode rule and the sanity checks every step applies to an input stack.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.backends.manifest import Precision
+from engines.backends.select import BackendName
+from engines.errors import RllsmTypeError, RllsmValueError
+
+__all__ = [
+    "BackendName", "ExportFormat", "MemoryBudgetMiB", "Mode", "OutputDType", "Precision", "StrictModel",
+    "check_stack", "default_mode", "min_planes", "resolve_mode",
+]
+
+
+class StrictModel(BaseModel):
+    """Base of our configs: unknown fields are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Mode(StrEnum):
+    """Reconstruction modes; ``auto`` resolves to the best that the available weights support (:func:`default_mode`)."""
+
+    AUTO = "auto"
+    FULL = "full"          # VSI-SR lateral SR + RL-DFN fusion
+    SR_RL = "sr-rl"        # VSI-SR lateral SR + joint Richardson–Lucy fusion
+    CLASSICAL = "classical"  # joint Richardson–Lucy fusion, no network
+
+
+class ExportFormat(StrEnum):
+    ONNX = "onnx"
+    ENGINE = "engine"
+
+
+class OutputDType(StrEnum):
+    UINT16 = "uint16"
+    FLOAT32 = "float32"
+
+
+#: The one unit of memory budgets on the command line and in configs: MiB (2**20 bytes).
+MemoryBudgetMiB = Annotated[float, Field(gt=0, description="memory budget in MiB (2**20 bytes)")]
+
+#: Lateral SR reads 7-plane windows and drops 3 planes at each end.
+LATERAL_SR_MIN_PLANES = 7
+#: The view split rotates the volume and searches a mirror plane; fewer planes leave nothing to rotate.
+SPLIT_MIN_PLANES = 4
+
+
+def default_mode(*, vsisr: bool, rldfn: bool, demo_installed: bool) -> Mode:
+    """The best mode that the available weights support — the one rule every command uses.
+
+    Parameters
+    ----------
+    vsisr, rldfn
+        Whether the user gave VSI-SR and RL-DFN weights.
+    demo_installed
+        Whether the shipped demo weights are present.
+
+    Both networks given → ``full``; VSI-SR only → ``sr-rl``. Nothing given → ``sr-rl`` with the shipped demo
+    VSI-SR when installed (not ``full``: the demo RL-DFN, trained on simulated data only, loses most structures,
+    see MODEL_CARD.md), else ``classical``.
+    """
+    if vsisr:
+        return Mode.FULL if rldfn else Mode.SR_RL
+    return Mode.SR_RL if demo_installed else Mode.CLASSICAL
+
+
+def demo_weights_installed() -> bool:
+    """Whether the shipped demo VSI-SR weights are present (a file check, nothing is loaded)."""
+    from pathlib import Path
+
+    try:
+        from engines.weights import demo_weights_path
+
+        return Path(demo_weights_path("vsi-sr")).exists()
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def resolve_mode(requested: str, *, vsisr: bool = False, rldfn: bool = False) -> str:
+    """*requested* unless it is ``auto``; then :func:`default_mode` for these weights and this installation."""
+    if requested != Mode.AUTO:
+        return str(requested)
+    return default_mode(vsisr=vsisr, rldfn=rldfn, demo_installed=demo_weights_installed()).value
+
+
+def min_planes(mode: str) -> int:
+    """Fewest raw planes a reconstruction mode can work with."""
+    return LATERAL_SR_MIN_PLANES if mode in (Mode.FULL, Mode.SR_RL) else SPLIT_MIN_PLANES
+
+
+def planes_reason(mode: str) -> str:
+    """Who needs :func:`min_planes` planes, in words for an error message."""
+    if mode in (Mode.FULL, Mode.SR_RL):
+        return f"mode '{mode}' (lateral SR reads 7-plane windows)"
+    return f"mode '{mode}' (the view split)"
+
+
+def check_stack(data: np.ndarray, what: str = "stack", *, min_planes: int = 1, check_values: bool = True,
+                needed_by: str = "this step") -> None:
+    """Refuse, before any compute, a stack no step can turn into a meaningful result.
+
+    Raises
+    ------
+    RllsmTypeError
+        Not numeric (bool, complex, object).
+    RllsmValueError
+        Not 3-D, empty, fewer than *min_planes* planes, NaN/infinite voxels, or one value throughout (a blank
+        or failed acquisition would otherwise be stretched into full-range noise).
+    """
+    if not isinstance(data, np.ndarray):
+        raise RllsmTypeError(f"{what} must be a numpy array, got {type(data).__name__}")
+    if data.dtype == bool or not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise RllsmTypeError(f"{what} holds {data.dtype} values; expected integer or floating-point intensities")
+    if data.ndim != 3:
+        raise RllsmValueError(f"{what} has shape {data.shape} ({data.ndim}-D); expected one 3-D (z, y, x) stack")
+    if data.size == 0:
+        raise RllsmValueError(f"{what} is empty (shape {'×'.join(map(str, data.shape))})")
+    if data.shape[0] < min_planes:
+        raise RllsmValueError(f"{what} has {data.shape[0]} planes; {needed_by} needs at least {min_planes}")
+    if not check_values:
+        return
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise RllsmValueError(
+                f"{what} holds {bad} NaN or infinite voxels ({100.0 * bad / data.size:.2g} % of {data.size}); "
+                "replace them (e.g. with the camera offset) before reconstruction")
+    lo, hi = data.min(), data.max()
+    if lo == hi:
+        raise RllsmValueError(f"{what} holds the single value {lo.item()!r} in every voxel: a blank or failed "
+                              "acquisition, nothing to reconstruct")
