@@ -65,8 +65,11 @@ def main() -> None:
     inputs = sorted(raw.glob("*.tif"))
     args = build_parser().parse_args(["reconstruct", str(raw), str(tmp / "x"), "--mode", "classical",
                                       "--iterations", str(a.iterations), "--device", "cpu"])
+    from streamer.cli.options import optics_from_args
+
     recipe = Recipe.make("streamer.distributed.recipe:reconstruct_cli",
-                         {"args": {k: v for k, v in vars(args).items() if k not in _NOT_RECIPE}}, torch_threads=1)
+                         {"args": {k: v for k, v in vars(args).items() if k not in _NOT_RECIPE},
+                          "optics": optics_from_args(args)}, torch_threads=1)
     jobs = [VolumeJob(t, c, TiffInput(str(p))) for p, (t, c) in zip(inputs, timepoint_channel([p.name for p in inputs]))]
 
     def meta(shape, dtype):

@@ -194,7 +194,7 @@ class Service:
             except ImportError as err:
                 raise ServiceError(f"mode '{cfg.mode}' needs engines.reconstruct: {err}") from None
         self._dask, workers = None, None
-        if cfg.scheduler is not None and reconstructing:  # the stage chain runs on the cluster's workers
+        if cfg.scheduler is not None and cfg.mode is not PipelineMode.none:  # the chain runs on the cluster
             from streamer.distributed.live import connect_live
 
             self._dask, workers = connect_live(cfg, self.metrics, self._close_resources)

@@ -21,16 +21,17 @@ import tifffile
 
 distributed = pytest.importorskip("distributed")
 
-from streamer.cli import build_parser, main  # noqa: E402
-from streamer.distributed import DistributedError, Ledger, cache_info, open_client, read_volume  # noqa: E402
-from streamer.distributed.offline import reconstruct_distributed, replay_distributed, timepoint_channel  # noqa: E402
-from streamer.distributed.recipe import Recipe, hash_sources  # noqa: E402
-from streamer.replay import replay_offline  # noqa: E402
-from streamer.service import Service, ServiceConfig, wait_for  # noqa: E402
-from streaming_util import end_msg, pusher, send_all, stack_frames, start_msg  # noqa: E402
+from streaming_util import end_msg, pusher, send_all, stack_frames, start_msg
+
+from streamer.cli import build_parser, main
+from streamer.distributed import DistributedError, Ledger, cache_info, open_client, read_volume
+from streamer.distributed.offline import reconstruct_distributed, replay_distributed, timepoint_channel
+from streamer.distributed.recipe import Recipe, hash_sources
+from streamer.replay import replay_offline
+from streamer.service import Service, ServiceConfig, wait_for
 
 SHAPE = (24, 48, 64)  # z, y, x of the raw stacks: small enough for a few seconds per volume on two shared cores
-N_VOLUMES = 5
+N_VOLUMES = 4
 ARGS = ["--mode", "classical", "--iterations", "4", "--device", "cpu"]
 
 
@@ -90,7 +91,7 @@ def _counts(store: Path) -> dict[tuple[int, int], int]:
 
 @pytest.fixture(scope="module")
 def full_run(cluster, raw_dir, tmp_path_factory):
-    lc, client = cluster
+    lc, _ = cluster
     out = tmp_path_factory.mktemp("dist")
     summary = _reconstruct(raw_dir, out, lc.scheduler_address)
     return out / "reconstructed.ome.zarr", summary
@@ -275,12 +276,11 @@ def test_recipe_fingerprint_follows_model_contents(tmp_path):
 
 
 def test_cluster_arguments_are_checked():
-    with pytest.raises(DistributedError, match="either"):
-        with open_client():
-            pass
-    with pytest.raises(DistributedError, match="cannot reach"):
-        with open_client(scheduler="tcp://127.0.0.1:1", timeout_s=1.0):
-            pass
+    with pytest.raises(DistributedError, match="either"), open_client():
+        pass
+    with pytest.raises(DistributedError, match="cannot reach"), open_client(scheduler="tcp://127.0.0.1:1",
+                                                                            timeout_s=1.0):
+        pass
     assert main(["replay", "rec", "--connect", "tcp://127.0.0.1:1", "--workers", "2"]) == 2
 
 

@@ -63,10 +63,12 @@ class DaskStageWorker:
         Re-runs of a task that raised (a task lost with its worker is rerun by the scheduler anyway).
     observe
         ``observe(name, seconds)``: each stage's time on the worker, and ``cluster_round_trip`` (send → result).
+    timeout_s
+        A stack without a result this long after it was sent (no workers left, a hung task) is handed back as failed.
     """
 
     def __init__(self, client: Any, recipe: Recipe, *, max_in_flight: int = 4, retries: int = 2,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+                 observe: Callable[[str, float], None] | None = None, timeout_s: float = 600.0) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.client = client
@@ -74,10 +76,15 @@ class DaskStageWorker:
         self.max_in_flight = int(max_in_flight)
         self.retries = int(retries)
         self.observe = observe or (lambda name, s: None)
+        self.timeout_s = float(timeout_s)
         self._pending: deque[tuple[Any, Any, float]] = deque()  # (token, future, submitted at)
         self.per_worker: dict[str, int] = {}
         # what the chain declares (grid, provenance), asked of a worker once: it builds and caches the chain anyway
-        grid, provenance = client.submit(describe_chain, recipe, pure=False).result()
+        try:
+            grid, provenance = client.submit(describe_chain, recipe, pure=False).result(timeout=self.timeout_s)
+        except TimeoutError:
+            raise PipelineError(f"no Dask worker built the reconstruction within {self.timeout_s:g} s (are any "
+                                "workers connected to the scheduler?)") from None
         self.chain = RemoteChain(grid, provenance)
 
     def submit(self, array: np.ndarray, token: Any) -> list[tuple[Any, Any]]:
@@ -98,8 +105,12 @@ class DaskStageWorker:
             if not fut.done() and not block:
                 break
             try:
-                vol, worker, seconds, stages, placement = fut.result()
+                vol, worker, _seconds, stages, placement = fut.result(timeout=max(0.0, t0 + self.timeout_s
+                                                                                 - time.perf_counter()))
             except Exception as err:  # noqa: BLE001 — handed to the processor, which counts and skips the stack
+                if isinstance(err, TimeoutError):
+                    fut.cancel()
+                    err = TimeoutError(f"no result within {self.timeout_s:g} s")
                 result: Any = PipelineError(f"cluster task failed on {token}: {type(err).__name__}: {err}")
                 self.chain.fitter.placements.append(None)
             else:

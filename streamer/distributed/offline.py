@@ -78,7 +78,7 @@ def reconstruct_distributed(args: argparse.Namespace, inputs: Sequence[Path], op
     recipe = Recipe.make("streamer.distributed.recipe:reconstruct_cli", {"args": kwargs, "optics": optics}, sources,
                          torch_threads=torch.get_num_threads())
     tc = timepoint_channel([p.name for p in inputs])
-    need = dict(min_planes=min_planes(args.mode), needed_by=planes_reason(args.mode))
+    need = {"min_planes": min_planes(args.mode), "needed_by": planes_reason(args.mode)}
     jobs = [VolumeJob(t, c, TiffInput(str(p.resolve()), **need)) for p, (t, c) in zip(inputs, tc)]
     n_c = max(c for _, c in tc) + 1
     from engines.reconstruct import views_voxel_um
@@ -145,8 +145,8 @@ def plan_recording(recording: str | Path) -> tuple[dict[str, Any], dict[str, lis
             skipped.append(f"{acq} t={t} c={c}: incomplete, missing {len(missing)} of {n} planes")
             continue
         jobs.setdefault(acq, []).append(VolumeJob(t, c, RecordedInput(path, tuple(planes[z] for z in range(n)), n)))
-    for acq in jobs:
-        jobs[acq].sort(key=lambda j: (j.t, j.c))
+    for acq_jobs in jobs.values():
+        acq_jobs.sort(key=lambda j: (j.t, j.c))
     return starts, jobs, skipped
 
 

@@ -134,7 +134,7 @@ def run_volumes(
                 j = futures.pop(fut)
                 try:
                     res: VolumeResult = fut.result()
-                except Exception as err:  # retries exhausted, or the task took down too many workers
+                except Exception as err:  # noqa: BLE001 — retries exhausted, or the task took down too many workers
                     summary.failed[_label(j.t, j.c)] = f"{type(err).__name__}: {err}"
                 else:
                     if res.does_not_fit:  # rare (a plane more than any before): grow, then make it again

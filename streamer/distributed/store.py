@@ -200,7 +200,7 @@ class Ledger:
     def append(self, entry: LedgerEntry) -> None:
         if self._fh is None:
             self._cut_torn_tail()
-            self._fh = open(self.path, "a", buffering=1)
+            self._fh = open(self.path, "a", buffering=1)  # noqa: SIM115 — held for the run, closed by close()
         doc = dict(entry.__dict__, shape=list(entry.shape))
         self._fh.write(json.dumps(doc) + "\n")
         self.entries.append(entry)
