@@ -66,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gain", type=float, default=None, metavar="G",
                    help="fixed uint16 counts per unit of intensity (default: from the first volume)")
     add_optics_args(p)
+    from streamer.distributed.cli import add_cluster_args
+
+    add_cluster_args(p, "one task per stack on a Dask cluster, all written to one OME-Zarr (OUT, or "
+                     "OUT/reconstructed.ome.zarr), resumable; docs/distributed.md")
     from streamer.cli.backend_options import add_backend_args
 
     add_backend_args(p, device=False)  # both networks; --checkpoint/--model may then be `rllsm export` folders
@@ -110,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     from streamer.cli.options import optics_with_voxel
 
     optics = optics_with_voxel(args, optics, read_voxel(inputs[0]), str(inputs[0]))  # stated values win
+    if args.workers is not None or args.scheduler is not None:  # one OME-Zarr on a Dask cluster
+        from streamer.distributed.cli import run_reconstruct
+
+        return run_reconstruct(args, inputs, optics)
     # Every output is checked before any weights load or any stack is read: nothing computed is then lost.
     if many:
         if args.output.is_dir() and args.output.samefile(args.input):
