@@ -12,7 +12,7 @@ from engines.backends.engine_file import read_engine_file, write_engine_file
 from engines.backends.manifest import Manifest, Precision, ValidationReport
 from engines.backends.models import get_model
 from engines.backends.trt_build import build_engine_file
-from export.validate import FP32_MAX_ABS, REDUCED_MIN_PSNR_DB, ExportValidationError, validate_against_golden
+from export.validate import FP32_MAX_REL, REDUCED_MIN_PSNR_DB, ExportValidationError, validate_against_golden
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def build_and_validate_engine(folder: Path, manifest: Manifest, golden: Mapping[
         backend.unload()
     fp32 = manifest.precision is Precision.FP32
     report = ValidationReport(
-        reference=manifest.validation.reference, max_abs_error_limit=FP32_MAX_ABS if fp32 else None,
+        reference=manifest.validation.reference, max_rel_error_limit=FP32_MAX_REL if fp32 else None,
         min_psnr_db=None if fp32 else REDUCED_MIN_PSNR_DB, cases=cases, resize_check=manifest.validation.resize_check,
         passed=bool(cases) and all(c.passed for c in cases))
     if not report.passed:

@@ -23,6 +23,13 @@ from engines.backends.base import ModelSpec
 from engines.backends.manifest import Precision, ShapeRange, ValidationCase
 from engines.errors import RllsmRuntimeError
 
+#: FP32 criterion: max |exported − torch| ≤ FP32_MAX_REL × the reference output's dynamic range (max − min).
+#: Relative, because the absolute error of a correct FP32 export grows with the output's scale: both runtimes
+#: round each product and sum in another order, ~1e-7 relative per operation, accumulated over thousands of terms
+#: per output voxel. The demo VSI-SR (outputs spanning ~9) differs from torch by 2e-4 absolute = 2e-5 of its
+#: range at 2×7×768×768; a wrong graph (another resize mode, a missing layer) is off by > 1e-2 of the range.
+FP32_MAX_REL = 1e-4
+#: Kept for callers comparing outputs of unit scale, where the relative criterion means the same.
 FP32_MAX_ABS = 1e-4
 REDUCED_MIN_PSNR_DB = 50.0
 
@@ -142,13 +149,21 @@ def compare(label: str, shapes: Mapping[str, list[int]], runtime: str, reference
         return ValidationCase(label=label, shapes=dict(shapes), runtime=runtime, max_abs_error=math.inf,
                               psnr_db=None, passed=False)
     err = max(float(np.max(np.abs(r.astype(np.float64) - t))) for r, t in zip(reference, test))
+    rel = max(float(np.max(np.abs(r.astype(np.float64) - t))) / output_scale(r) for r, t in zip(reference, test))
     psnr = min(psnr_db(r, t) for r, t in zip(reference, test))
     if Precision(precision) is Precision.FP32:
-        ok = err <= FP32_MAX_ABS
+        ok = rel <= FP32_MAX_REL
     else:
         ok = psnr >= REDUCED_MIN_PSNR_DB
     return ValidationCase(label=label, shapes=dict(shapes), runtime=runtime, max_abs_error=err,
-                          psnr_db=None if math.isinf(psnr) else round(psnr, 2), passed=bool(ok))
+                          max_rel_error=rel, psnr_db=None if math.isinf(psnr) else round(psnr, 2), passed=bool(ok))
+
+
+def output_scale(reference: np.ndarray) -> float:
+    """The dynamic range (max − min) the relative error is measured against; 1 for a constant output of 0."""
+    ref = reference.astype(np.float64)
+    span = float(ref.max() - ref.min())
+    return span if span > 0 else max(float(np.abs(ref).max()), 1.0)
 
 
 def run_golden(spec: ModelSpec, cases: Mapping[str, Mapping[str, list[int]]], seed: int,

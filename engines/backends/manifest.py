@@ -8,27 +8,18 @@ backend can reject a bad input with the valid range in the message instead of fa
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from engines.backends.errors import ModelSourceError
+from engines.support import Precision, StrictModel
 
 MANIFEST_NAME = "manifest.json"
 
 
-class Precision(StrEnum):
-    """Arithmetic precision inside the network; inputs and outputs stay float32 at every precision."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictModel  # Precision and the base model live in engines.support, the project's one vocabulary
 
 
 class TensorInfo(_Strict):
@@ -81,6 +72,8 @@ class ValidationCase(_Strict):
     shapes: dict[str, list[int]]
     runtime: str = Field(description="What ran the exported model, e.g. 'onnxruntime-cpu 1.22'.")
     max_abs_error: float = Field(ge=0)
+    max_rel_error: float | None = Field(
+        None, ge=0, description="Max abs error / the reference output's dynamic range (the FP32 criterion).")
     psnr_db: float | None = Field(None, description="PSNR of the output against torch FP32 (None where exact).")
     passed: bool
 
@@ -89,7 +82,9 @@ class ValidationReport(_Strict):
     """All comparisons made before the model was declared usable."""
 
     reference: str = Field(description="What produced the reference outputs.")
-    max_abs_error_limit: float | None = Field(None, ge=0, description="FP32 criterion.")
+    max_abs_error_limit: float | None = Field(None, ge=0, description="Former FP32 criterion (absolute).")
+    max_rel_error_limit: float | None = Field(
+        None, ge=0, description="FP32 criterion: max abs error relative to the output's dynamic range.")
     min_psnr_db: float | None = Field(None, ge=0, description="Reduced-precision criterion.")
     cases: list[ValidationCase]
     checker: Literal["onnx.checker (full_check) + strict shape inference"] = (

@@ -47,7 +47,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         if (not action.option_strings or default in (None, False, argparse.SUPPRESS) or "default" in text.lower()
                 or "%(default)" in text or isinstance(action, argparse._HelpAction)):
             return text
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(name).register(sub)
     for p in sub.choices.values():
         p.formatter_class = _DefaultsFormatter
+        for action in p._actions:  # argparse prints no help line at all for a flag without help text
+            if action.option_strings and action.help is None and action.default not in (None, False):
+                action.help = "(default: %(default)s)"
         # SUPPRESS: a sub-command's unset flag must not reset the value given before the command name.
         _add_global_flags(p, argparse.SUPPRESS)
     return parser

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backends", default="torch,onnxruntime",
                    help="comma-separated, first is the baseline of the ratios "
                         "(torch, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    from engines.support import Precision
+
+    p.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.FP32.value)
     p.add_argument("--checkpoint", default=None, help="weights (default: random init — speed does not depend on them)")
     p.add_argument("--batch", type=int, default=4, help="VSI-SR windows per network call")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5; --report: 2)")

@@ -91,8 +91,9 @@ def check_output_dir(path: Path, names: Sequence[str] = (), *, inputs: Iterable[
             raise RllsmValueError(f"{what} {path} is the input {src}")
     taken = [n for n in names if (path / n).exists()]
     if taken and not overwrite:
-        raise RllsmValueError(f"{what} {path} already holds {', '.join(taken[:3])}"
-                              f"{' …' if len(taken) > 3 else ''}; pass --overwrite to replace, or choose another folder")
+        more = " …" if len(taken) > 3 else ""
+        raise RllsmValueError(f"{what} {path} already holds {', '.join(taken[:3])}{more}; pass --overwrite to "
+                              "replace, or choose another folder")
     _check_can_create(path / "probe", what)
     return path
 
