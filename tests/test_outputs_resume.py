@@ -3,6 +3,7 @@ volume once; the done callback only after the volume is durably there; disk full
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -40,7 +41,8 @@ def vol(t: int) -> np.ndarray:
     return np.random.default_rng(t).integers(1, 4000, SHAPE).astype(np.uint16)
 
 
-@pytest.mark.parametrize("backend", ["zarr-python", "direct"])
+@pytest.mark.parametrize("backend", ["zarr-python", "direct", pytest.param("tensorstore", marks=pytest.mark.skipif(
+    importlib.util.find_spec("tensorstore") is None, reason="tensorstore not installed"))])
 def test_zarr_dataset_appears_only_with_its_first_volume_and_resumes_in_place(tmp_path, backend) -> None:
     path = tmp_path / "run.ome.zarr"
     cfg = dict(path=path, resume=True, backend=backend, shard=backend != "direct")

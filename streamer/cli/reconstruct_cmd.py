@@ -41,18 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", default=DEFAULT_PATTERN, metavar="GLOB",
                    help="folder input: which files are raw stacks (ground_truth_* and our outputs are always skipped)")
     add_overwrite_arg(p)
-    p.add_argument("--checkpoint", type=Path, metavar="PTH", help="VSI-SR checkpoint (reference .pth or ours)")
-    p.add_argument("--otf-dir", type=Path, metavar="DIR",
-                   help="OTF folder in the reference layout (<wavelength>/OTF0.tif, OTF1.tif, apo_*.tif); "
-                   "default: OTFs generated from the optics (approximation)")
-    p.add_argument("--model", type=Path, metavar="DIR_OR_PT", help="RL-DFN weights: reference folder or our .pt")
-    p.add_argument("--psf", type=Path, metavar="TIF", help="measured detection PSF (rotated to both views)")
-    p.add_argument("--psf-voxel-um", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
-                   help="voxel size of --psf (default: the views' voxel)")
-    p.add_argument("--psf-a", type=Path, metavar="TIF", help="measured view-A PSF on the views' grid")
-    p.add_argument("--psf-b", type=Path, metavar="TIF", help="measured view-B PSF on the views' grid")
-    p.add_argument("--iterations", type=int, default=10, metavar="K",
-                   help="Richardson–Lucy iterations (sr-rl, classical, single-view; default 10)")
+    from streamer.cli.model_options import add_model_args
+
+    # the model-source flags of serve and replay too, generated from one model (engines.sources.ReconSources)
+    add_model_args(p, exclude=("weights",), title="model sources", dest_prefix="")
+    p.add_argument("--iterations", type=int, default=10, metavar="K", help="Richardson–Lucy iterations (sr-rl, classical, single-view; default 10)")
     p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
