@@ -119,7 +119,7 @@ def test_every_reconstructing_command_defaults_to_the_same_rule() -> None:
 def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
     for argv, shown in ((["reconstruct", "--help"], ["(default: 24)", "(default: *.tif*)", "(default: 0.0926)"]),
                         (["fuse", "--help"], ["default 1)", "(default: auto)"]),
-                        (["bench", "--help"], ["(default: 13x64x64)", "(default: 5)"])):
+                        (["bench", "--help"], ["(default: 13x64x64)", "(default: 1)"])):
         with pytest.raises(SystemExit):
             main(argv)
         text = " ".join(capsys.readouterr().out.split())
