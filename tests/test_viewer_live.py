@@ -62,7 +62,7 @@ def simulate(ingest: str, timepoints: int, *extra: str) -> subprocess.Popen:
 
 
 def volumes_output(control: str) -> int:
-    return int(request(control, "status")["counters"].get("volumes_output", 0))
+    return int(request(control, "status", timeout_s=30)["counters"].get("volumes_output", 0))
 
 
 class Recorder:
@@ -207,7 +207,7 @@ def test_view_screenshot_is_not_blank_and_a_killed_viewer_never_stops_the_servic
         out, err = sim.communicate(timeout=90)
         assert sim.returncode == 0, err
         assert wait_for(lambda: volumes_output(service["control"]) == before + 3, 90), "the service stopped"
-        status = request(service["control"], "status")
+        status = request(service["control"], "status", timeout_s=30)
         assert status["state"] == "running" and service["proc"].poll() is None
         assert not status["counters"].get("display_errors")
 
