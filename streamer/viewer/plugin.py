@@ -74,6 +74,7 @@ class ServicePanel(QWidget):
         self.viewer = napari_viewer
         self.live = live or LiveView(napari_viewer)
         self.poller: StatusPoller | None = None
+        self.poller_timeout_s = 5.0  # a busy service may take seconds to answer; the thread waits, napari does not
         self.reader: FrameReader | None = None
         self.following: str | None = None  # what the panel's own reader follows
         self.endpoint = QLineEdit(control)
@@ -112,7 +113,7 @@ class ServicePanel(QWidget):
         """(Re)start asking the endpoint in the field for status."""
         if self.poller is not None:
             self.poller.stop()
-        self.poller = StatusPoller(self.endpoint.text().strip())
+        self.poller = StatusPoller(self.endpoint.text().strip(), timeout_s=self.poller_timeout_s)
         self.status.setText(f"asking {self.poller.control}…")
 
     def toggle_following(self) -> None:
