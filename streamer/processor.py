@@ -75,6 +75,10 @@ class StackProcessor:
         Acquisitions open at once, and the silence after which one is closed (see :class:`AcquisitionRouter`).
     work_check
         Refuses a stack whose processing would not fit the memory budget, before anything is allocated for it.
+    worker_factory
+        ``AcquisitionStart → worker`` with :class:`StageWorker`'s interface and a ``chain`` attribute, used instead of
+        ``stage_factory`` (:class:`streamer.distributed.live.DaskStageWorker`); it may hand back an exception as a
+        stack's result.
     """
 
     def __init__(
@@ -82,12 +86,12 @@ class StackProcessor:
         max_open: int = 64, ledger: ResumeLedger | None = None, device: str | None = None,
         process_incomplete: bool = False, max_stack_bytes: int = 8 << 30, max_acquisitions: int = 16,
         idle_s: float = 600.0, work_check: WorkCheck | None = None,
-        done_log: str | os.PathLike[str] | None = None,
+        done_log: str | os.PathLike[str] | None = None, worker_factory: Callable[[AcquisitionStart], Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes)
         self.router = AcquisitionRouter(stage_factory, sink_factory, device=device, observe=metrics.observe,
-                                        max_open=max_acquisitions, idle_s=idle_s)
+                                        max_open=max_acquisitions, idle_s=idle_s, worker_factory=worker_factory)
         if ledger is None:  # done_log: the older spelling, a path to done.log inside the recording folder
             ledger = ResumeLedger(Path(done_log).parent if done_log is not None else None)
         self.ledger = ledger
@@ -366,10 +370,15 @@ class StackProcessor:
         """A writer thread refused one volume (not a disk error): quarantine that stack."""
         self._quarantine(reason, stack=key)
 
-    def _deliver(self, st: AssembledStack, volume: np.ndarray) -> None:
+    def _deliver(self, st: AssembledStack, volume: np.ndarray | BaseException) -> None:
         run_now = self.router.get(st.key.acquisition_id)
         fitter = getattr(run_now.chain, "fitter", None) if run_now is not None else None
         placement = fitter.pop() if fitter is not None else None  # one per volume the chain made, in order
+        if isinstance(volume, BaseException):  # a remote worker's failure on this stack: a stage error, as here
+            self.metrics.inc("stage_errors")
+            self._quarantine(str(volume), stack=st.key)
+            self._skip(st, f"processing failed: {clip(str(volume))}", quiet=True)
+            return
         if volume.ndim != 3:  # the outputs cannot even be described by it: a stage error, not a service failure
             msg = self._stage_error(f"stack {st.key.label()}: the reconstruction returned a {volume.ndim}D array "
                                     f"{'×'.join(map(str, volume.shape))}, not a (z, y, x) volume")
