@@ -200,3 +200,19 @@ def test_serve_prints_a_readable_summary_at_normal_verbosity(tmp_path):
     log = (tmp_path / "serve.log").read_text()
     assert code == 0
     assert "acquisition v closed (ended): 3 volumes output, 3 stacks complete, 0 incomplete" in log
+
+
+def test_idle_acquisition_is_closed_and_reopened_by_its_next_message(tmp_path):
+    rng = np.random.default_rng(5)
+    s0, s1 = (rng.integers(0, 999, SHAPE, dtype=np.uint16) for _ in range(2))
+    with Service(config(tmp_path, mode="none", acquisition_idle_s=0.5)) as svc:
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, [start_msg("idle", SHAPE[0], SHAPE[1:])] + stack_frames("idle", 0, s0, None, 1))
+            assert wait_for(lambda: svc.processor.status().summary_of("idle") is not None, 10)
+            assert svc.processor.status().summary_of("idle")["closed"] == "idle"
+            assert svc.metrics.counter("acquisitions_closed_idle") == 1
+            assert svc.status()["queues"]["open_acquisitions"] == 0
+            send_all(sock, stack_frames("idle", 1, s1, None, 1 + SHAPE[0]))  # the same acquisition goes on
+            assert wait_for(lambda: svc.metrics.counter("volumes_output") == 2, 10)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "idle" / "t00000_c0.npy"), s0)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "idle" / "t00001_c0.npy"), s1)
