@@ -53,6 +53,7 @@ class Mode(StrEnum):
     FULL = "full"          # VSI-SR lateral SR + RL-DFN fusion
     SR_RL = "sr-rl"        # VSI-SR lateral SR + joint Richardson–Lucy fusion
     CLASSICAL = "classical"  # joint Richardson–Lucy fusion, no network
+    SINGLE_VIEW = "single-view"  # LLSM data without a mirror: deskew (+ VSI-SR) + single-view Richardson–Lucy
 
 
 class ExportFormat(StrEnum):
@@ -121,6 +122,8 @@ def planes_reason(mode: str) -> str:
     """Who needs :func:`min_planes` planes, in words for an error message."""
     if mode in (Mode.FULL, Mode.SR_RL):
         return f"mode '{mode}' (lateral SR reads 7-plane windows)"
+    if mode == Mode.SINGLE_VIEW:
+        return f"mode '{mode}' (the deconvolution)"
     return f"mode '{mode}' (the view split)"
 
 
