@@ -174,6 +174,20 @@ def test_killing_a_worker_mid_run_still_yields_every_volume_exactly_once(cluster
 
 
 @pytest.mark.slow
+def test_reconstruct_command_with_embedded_workers_then_resumes(raw_dir, in_process, tmp_path, capsys):
+    out = tmp_path / "night.ome.zarr"
+    assert main(["reconstruct", str(raw_dir), str(out), *ARGS, "--workers", "2", "--no-progress"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["computed"] == N_VOLUMES and not first["failed"]
+    assert sum(first["per_worker"].values()) == N_VOLUMES
+    _assert_same(out, in_process)
+    assert main(["reconstruct", str(raw_dir), str(out), *ARGS, "--workers", "1", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["computed"], again["resumed"]) == (0, N_VOLUMES)
+    assert _counts(out) == {(t, 0): 1 for t in range(N_VOLUMES)}
+
+
+@pytest.mark.slow
 def test_a_volume_that_fails_every_try_is_reported_and_the_rest_completes(cluster, raw_dir, in_process, tmp_path):
     lc, _ = cluster
     raw = tmp_path / "raw"
@@ -235,6 +249,8 @@ def test_serve_on_a_scheduler_writes_what_the_in_process_replay_writes(cluster, 
     with Service(cfg) as svc:
         with pusher(svc.ingest_endpoint) as sock:
             send_all(sock, msgs)
+        # the cluster holds up processing, never ingest: every message is recorded while volumes are still out
+        assert wait_for(lambda: svc.metrics.snapshot()["counters"].get("messages_received", 0) == len(msgs), 60)
         assert wait_for(lambda: svc.metrics.snapshot()["counters"].get("volumes_output", 0) >= n, 180)
     live = sorted((tmp_path / "live" / "acq").glob("*.npy"))
     assert [p.name for p in live] == [f"t{t:05d}_c0.npy" for t in range(n)]
