@@ -270,6 +270,19 @@ def test_serve_on_a_scheduler_writes_what_the_in_process_replay_writes(cluster, 
         assert read_volume(tmp_path / "dist" / "acq.ome.zarr", t, 0).tobytes() == ref.tobytes()
 
 
+@pytest.mark.gpu
+def test_gpu_workers_match_the_in_process_gpu_run(raw_dir, tmp_path, capsys):
+    """One worker per GPU (LocalCUDACluster with dask-cuda, else a LocalCluster on the default GPU)."""
+    gpu_args = [a if a != "cpu" else "cuda" for a in ARGS]
+    assert main(["reconstruct", str(raw_dir), str(tmp_path / "ref"), *gpu_args]) == 0
+    out = tmp_path / "gpu.ome.zarr"
+    assert main(["reconstruct", str(raw_dir), str(out), *gpu_args, "--workers", "2", "--no-progress"]) == 0
+    assert not json.loads(capsys.readouterr().out)["failed"]
+    for t in range(N_VOLUMES):
+        ref = tifffile.imread(tmp_path / "ref" / f"cell_t{t:04d}.tif")
+        assert read_volume(out, t, 0).tobytes() == ref.tobytes(), t
+
+
 # --- small pieces ---------------------------------------------------------------------------------------------------
 
 
@@ -300,6 +313,7 @@ def test_cluster_arguments_are_checked():
     assert main(["replay", "rec", "--connect", "tcp://127.0.0.1:1", "--workers", "2"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_an_output_made_by_another_reconstruction(cluster, full_run, raw_dir, tmp_path):
     lc, _ = cluster
     store = tmp_path / "reconstructed.ome.zarr"
@@ -308,3 +322,7 @@ def test_resume_refuses_an_output_made_by_another_reconstruction(cluster, full_r
                                       "--iterations", "5", "--scheduler", lc.scheduler_address])
     with pytest.raises(DistributedError, match="another reconstruction"):
         reconstruct_distributed(args, sorted(raw_dir.glob("*.tif")), progress=False, say=lambda s: None)
+    args.overwrite = True  # replaced as a whole: nothing of the other reconstruction is kept
+    summary = reconstruct_distributed(args, sorted(raw_dir.glob("*.tif")), progress=False, say=lambda s: None)
+    assert (summary.computed, summary.resumed) == (N_VOLUMES, 0)
+    assert {e.run for e in Ledger(store).entries} == {summary.run}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from streamer.distributed.cluster import open_client
 from streamer.distributed.errors import DistributedError
 from streamer.distributed.recipe import Recipe, source_paths
 from streamer.distributed.runner import RunSummary, VolumeJob, run_volumes
+from streamer.distributed.store import LEDGER
 from streamer.distributed.tasks import RecordedInput, TiffInput
 from streamer.sinks.base import VolumeMeta
 
@@ -92,6 +94,11 @@ def reconstruct_distributed(args: argparse.Namespace, inputs: Sequence[Path], op
                           n_timepoints=max(t for t, _ in tc) + 1, optics=optics)
 
     store = store_path(args.output).resolve()
+    if getattr(args, "overwrite", False) and store.exists():
+        if not (store / LEDGER).exists():
+            raise DistributedError(f"{store} exists and is not the output of a distributed run; not replacing it")
+        say(f"reconstruct: --overwrite: removing {store}")
+        shutil.rmtree(store)
     with open_client(getattr(args, "workers", None), getattr(args, "scheduler", None), device=args.device,
                      say=say) as client:
         summary = run_volumes(client, recipe, jobs, store, meta_for, progress=progress, say=say)

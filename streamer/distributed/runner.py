@@ -105,7 +105,7 @@ def run_volumes(
                                "choose a new output")
     if ledger is not None and ledger.recipe != recipe.fingerprint:
         raise DistributedError(f"{store} was made by another reconstruction (recipe {ledger.recipe}, now "
-                               f"{recipe.fingerprint}: different settings or model files); choose a new output")
+                               f"{recipe.fingerprint}: different settings or model files); choose a new output (`rllsm reconstruct --overwrite` replaces it)")
     skey = str(store)
     bar = tqdm(total=len(jobs), unit="vol", desc="volumes", disable=not progress, file=sys.stderr)
     todo = list(jobs)
