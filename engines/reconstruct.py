@@ -7,6 +7,9 @@
 4. fusion: RL-DFN (``full``) or joint Richardson–Lucy deconvolution (``classical``, and ``sr-rl`` which keeps
    Step 2's VSI-SR but fuses without a network) (:mod:`engines.rldfn`).
 
+``single-view`` is for ordinary LLSM data without a mirror (:mod:`engines.single_view`): deskew without band
+removal, lateral SR when VSI-SR weights are given, then single-view Richardson–Lucy on the deskewed grid.
+
 The same chain serves the offline CLI (``rllsm reconstruct``) and the streaming service, which takes it as named
 stages (:func:`stage_chain`) so that it can time each one.
 """
@@ -22,16 +25,17 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engines.background import BackgroundParams, PreprocessReport, preprocess_tensor
 from engines.config import OpticsConfig
 from engines.device import default_memory_budget_gb, pick_device, to_device, to_host
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 from engines.views import ViewsParams, ViewsReport, split_views_tensor
 
-Mode = Literal["full", "sr-rl", "classical"]
-MODES: tuple[str, ...] = ("full", "sr-rl", "classical")
+Mode = Literal["full", "sr-rl", "classical", "single-view"]
+MODES: tuple[str, ...] = ("full", "sr-rl", "classical", "single-view")
 SR_SCALE = 1.5
 PSF_BOX = 31  # computed PSF box (voxels per axis, odd): holds the detection PSF's main lobes at ~60 nm voxels
 
@@ -40,17 +44,17 @@ class ReconstructError(RllsmValueError):
     """The chain cannot run with what it was given (missing weights or OTFs, unusable shapes)."""
 
 
-class ReconstructParams(BaseModel):
+class ReconstructParams(StrictModel):
     """Parameters of the whole chain; each step keeps its own model with the reference's defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     mode: Mode = Field("classical", description="full: VSI-SR + RL-DFN; sr-rl: VSI-SR + joint Richardson–Lucy "
-                       "fusion; classical: no network, joint Richardson–Lucy fusion.")
+                       "fusion; classical: no network, joint Richardson–Lucy fusion; single-view: LLSM data without a "
+                       "mirror, deskew (+ VSI-SR when given) + single-view Richardson–Lucy.")
     background: BackgroundParams = Field(default_factory=BackgroundParams)
     views: ViewsParams | None = Field(None, description="Step 3; default: the reference's with the objective angle.")
-    iterations: int = Field(10, ge=1, le=500, description="Joint Richardson–Lucy iterations (sr-rl, classical).")
+    iterations: int = Field(10, ge=1, le=500,
+                            description="Richardson–Lucy iterations (sr-rl, classical, single-view).")
     tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
     overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
     memory_budget_gb: float | None = Field(None, gt=0, le=1024, description="RL-DFN memory budget per tile (GB).")
@@ -76,6 +80,7 @@ class ReconResult:
 
     fused: np.ndarray
     voxel_um: float
+    voxel_zyx_um: tuple[float, float, float] | None = None  # (dz, dy, dx) when not isotropic (single-view)
     reports: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     intermediates: dict[str, np.ndarray] = field(default_factory=dict)
@@ -126,6 +131,9 @@ class Reconstructor:
         angle = math.copysign(optics.objective_angle_deg, optics.skew_angle_deg)
         self.views_params = self.params.views or ViewsParams(angle_deg=angle)
         mode = self.params.mode
+        self._single_sr = mode == "single-view" and self.models.vsisr is not None
+        if self._single_sr and self.models.otfs is None:
+            raise ReconstructError("lateral SR in mode 'single-view' needs OTFs with the VSI-SR checkpoint")
         if uses_lateral_sr(mode):
             needs = [("VSI-SR checkpoint", self.models.vsisr), ("OTFs", self.models.otfs)]
             if mode == "full":
@@ -133,9 +141,16 @@ class Reconstructor:
             missing = [n for n, v in needs if v is None]
             if missing:
                 raise ReconstructError(f"mode '{mode}' needs {', '.join(missing)}; give them or use mode 'classical'")
-        self.psf_a, self.psf_b = view_psfs(optics, mode, self.models)
+        if mode == "single-view":
+            from engines.single_view import single_view_psf, single_view_voxel_um
+
+            self.voxel_zyx_um = single_view_voxel_um(optics, self._single_sr, SR_SCALE)
+            self.psf = single_view_psf(optics, self.voxel_zyx_um, self.models.psf, self.models.psf_voxel_um)
+            self.psf_a = self.psf_b = self.psf
+        else:
+            self.psf_a, self.psf_b = view_psfs(optics, mode, self.models)
         self._vsisr = None
-        if uses_lateral_sr(mode):
+        if uses_lateral_sr(mode) or self._single_sr:
             from engines.vsisr.lateral import LateralSRParams, as_predictor
 
             if self.models.lateral is None and self.device.type == "cuda":
@@ -157,10 +172,17 @@ class Reconstructor:
         return to_device(x, self.device)
 
     def preprocess_t(self, raw: torch.Tensor) -> tuple[torch.Tensor, PreprocessReport]:
-        return preprocess_tensor(raw, self.optics, self.params.background)
+        params = self.params.background
+        if self.params.mode == "single-view":
+            # no mirror: no epi-fluorescence band to remove, and the deskewed axis is kept whole
+            params = params.model_copy(update={"remove_band": False, "crop_square": False})
+        return preprocess_tensor(raw, self.optics, params)
+
+    def _runs_lateral(self) -> bool:
+        return uses_lateral_sr(self.params.mode) or self._single_sr
 
     def lateral_t(self, volume: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        if not uses_lateral_sr(self.params.mode):
+        if not self._runs_lateral():
             return volume
         from engines.vsisr.lateral import lateral_sr_tensor
 
@@ -174,6 +196,12 @@ class Reconstructor:
             volume = volume.transpose(1, 2)
         return split_views_tensor(volume, dx, dz, self.views_params)
 
+    def deconvolve_t(self, volume: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """single-view: Richardson–Lucy of the deskewed volume with the single-view PSF, on the device."""
+        from engines.single_view import single_view_rl
+
+        return single_view_rl(volume, self.psf, self.params.iterations, progress=progress)
+
     def fuse_t(self, view_a: torch.Tensor, view_b: torch.Tensor,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         if self.params.mode == "full":
@@ -186,10 +214,9 @@ class Reconstructor:
             return _fusion_call(fuse_rldfn, view_a, view_b, self._rldfn, tile=self.params.tile,
                                 overlap=self.params.overlap, device=self.device, memory_budget_bytes=budget,
                                 progress=progress)
-        from engines.rldfn.classical import classical_fuse
+        from engines.rldfn.classical import joint_rl
 
-        return _fusion_call(classical_fuse, view_a, view_b, self.psf_a, self.psf_b, self.params.iterations,
-                            device=self.device, progress=progress)
+        return joint_rl(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, "auto", progress)
 
     # --- the same steps for host arrays: numpy in → numpy out (one copy each way) -------------------------------
 
@@ -198,13 +225,16 @@ class Reconstructor:
         return to_host(vol), rep
 
     def lateral(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        if not uses_lateral_sr(self.params.mode):
+        if not self._runs_lateral():
             return volume
         return to_host(self.lateral_t(self.to_device(np.asarray(volume, np.float32)), progress))
 
     def split(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, ViewsReport]:
         a, b, rep = self.split_t(self.to_device(np.asarray(volume, np.float32)))
         return to_host(a), to_host(b), rep
+
+    def deconvolve(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        return to_host(self.deconvolve_t(self.to_device(np.asarray(volume, np.float32)), progress))
 
     def fuse(self, view_a: np.ndarray, view_b: np.ndarray,
              progress: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -238,9 +268,13 @@ class Reconstructor:
             if keep_intermediates:
                 kept["preprocessed"] = to_host(vol)
             sr = timed("lateral_sr", lambda: self.lateral_t(vol))
-            if keep_intermediates and uses_lateral_sr(self.params.mode):
+            if keep_intermediates and self._runs_lateral():
                 kept["lateral_sr"] = to_host(sr)
             del vol
+            if self.params.mode == "single-view":
+                out = timed("deconvolve", lambda: to_host(self.deconvolve_t(sr)))
+                return ReconResult(fused=out, voxel_um=self.voxel_zyx_um[2], voxel_zyx_um=self.voxel_zyx_um,
+                                   reports=reports, timings_s=timings, intermediates=kept)
             view_a, view_b, reports["split_views"] = timed("split_views", lambda: self.split_t(sr))
             del sr
             if keep_intermediates:
@@ -257,8 +291,11 @@ class Reconstructor:
         the runner copies it back (:class:`streamer.pipeline.StageWorker`).
         """
         chain = [ChainStage("preprocess", lambda raw: self.preprocess_t(self.to_device(raw))[0])]
-        if uses_lateral_sr(self.params.mode):
+        if self._runs_lateral():
             chain.append(ChainStage("lateral_sr", lambda vol: self.lateral_t(self.to_device(vol))))
+        if self.params.mode == "single-view":
+            chain.append(ChainStage("deconvolve", lambda vol: self.deconvolve_t(self.to_device(vol))))
+            return chain
         chain.append(ChainStage("split_views", lambda vol: tuple(self.split_t(self.to_device(vol))[:2])))
         chain.append(ChainStage("fuse", lambda views: self.fuse_t(*(self.to_device(v) for v in views))))
         return chain
@@ -437,6 +474,9 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
 
     if mode not in MODES:
         raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "single-view":
+        # the service's output grid is the fused views' isotropic one; single-view keeps the deskewed grid
+        raise ReconstructError("mode 'single-view' runs offline only (rllsm reconstruct --mode single-view)")
     if sources is None:
         sources = ReconSources(weights=Path(weights) if weights is not None else None)
     elif weights is not None and sources.weights is None and not sources.has_networks:

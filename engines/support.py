@@ -10,8 +10,6 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.backends.manifest import Precision
-from engines.backends.select import BackendName
 from engines.errors import RllsmTypeError, RllsmValueError
 
 __all__ = [
@@ -21,9 +19,31 @@ __all__ = [
 
 
 class StrictModel(BaseModel):
-    """Base of our configs: unknown fields are errors, values are validated on assignment too."""
+    """Base of every config and message model: unknown fields are errors and a built model is immutable.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Set once here; a subclass adds only what differs (e.g. a custom serialiser), never ``extra``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Precision(StrEnum):
+    """Arithmetic precision inside the network; inputs and outputs stay float32 at every precision."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class BackendName(StrEnum):
+    """Backends selectable with ``--backend``."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    ONNXRUNTIME_CUDA = "onnxruntime-cuda"
+    ONNXRUNTIME_TENSORRT = "onnxruntime-tensorrt"
+    TENSORRT = "tensorrt"
 
 
 class Mode(StrEnum):
@@ -33,6 +53,7 @@ class Mode(StrEnum):
     FULL = "full"          # VSI-SR lateral SR + RL-DFN fusion
     SR_RL = "sr-rl"        # VSI-SR lateral SR + joint Richardson–Lucy fusion
     CLASSICAL = "classical"  # joint Richardson–Lucy fusion, no network
+    SINGLE_VIEW = "single-view"  # LLSM data without a mirror: deskew (+ VSI-SR) + single-view Richardson–Lucy
 
 
 class ExportFormat(StrEnum):
@@ -101,6 +122,8 @@ def planes_reason(mode: str) -> str:
     """Who needs :func:`min_planes` planes, in words for an error message."""
     if mode in (Mode.FULL, Mode.SR_RL):
         return f"mode '{mode}' (lateral SR reads 7-plane windows)"
+    if mode == Mode.SINGLE_VIEW:
+        return f"mode '{mode}' (the deconvolution)"
     return f"mode '{mode}' (the view split)"
 
 

@@ -41,7 +41,7 @@ from streamer.router import AcquisitionRouter, Run, SinkFactory, StageFactory
 from streamer.sinks.base import SinkError, VolumeIndex
 from streamer.sinks.factory import volume_meta
 from streamer.sinks.npy_sink import NpyDirSink
-from streamer.status import MAX_LISTED, ProcessorStatus, RunState
+from streamer.status import MAX_LISTED, ProcessorStatus, RunState, format_summary
 from streamer.textlimits import clip
 from streamer.wire import AcquisitionEnd, AcquisitionStart, Frame, Stack, WireError, decode_header
 
@@ -291,9 +291,9 @@ class StackProcessor:
             self.metrics.inc("stacks_complete")
         else:
             self.metrics.inc("stacks_incomplete")
-            missing = ranges(st.missing)
-            info = {"stack": clip(st.key.label(), 200), "missing_planes": [int(z) for z in st.missing[:64]],
-                    "n_missing": len(st.missing), "missing": missing, "reason": clip(st.reason, 200),
+            missing = ranges(st.missing_idx)
+            info = {"stack": clip(st.key.label(), 200), "missing_planes": st.missing_idx[:64].tolist(),
+                    "n_missing": int(st.missing_idx.size), "missing": missing, "reason": clip(st.reason, 200),
                     "records": list(st.records)}
             with self._lock:
                 self.incomplete.append(info)
@@ -496,24 +496,3 @@ class StackProcessor:
                 run.outputs.close_quietly()
         self.router.runs.clear()
         self.ledger.close()
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """One human-readable paragraph for the end of an acquisition."""
-    c = s.get("counters", {})
-    lat = s.get("latency_ms") or {}
-    parts = [f"acquisition {clip(str(s.get('acquisition_id')), 140)} closed ({s.get('closed', 'ended')}):",
-             f"{c.get('volumes_output', 0):g} volumes output, {c.get('stacks_complete', 0):g} stacks complete, "
-             f"{c.get('stacks_incomplete', 0):g} incomplete, {c.get('messages_rejected', 0):g} messages rejected, "
-             f"{s.get('quarantined_total', 0)} quarantined"]
-    if s.get("sender_messages") is not None:
-        parts.append(f"(sender sent {s['sender_messages']} messages)")
-    if lat:
-        parts.append(f"latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms")
-    for inc in s.get("incomplete_stacks", [])[-3:]:
-        parts.append(f"\n  incomplete {inc['stack']}: missing planes {inc.get('missing', '')} ({inc['reason']})")
-    for q in s.get("quarantined", [])[-3:]:
-        parts.append(f"\n  quarantined {q.get('stack') or q.get('acquisition') or 'record ' + str(q.get('record'))}: "
-                     f"{q['reason']}")
-    return " ".join(parts)
-

@@ -119,7 +119,7 @@ def test_every_reconstructing_command_defaults_to_the_same_rule() -> None:
 def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
     for argv, shown in ((["reconstruct", "--help"], ["(default: 24)", "(default: *.tif*)", "(default: 0.0926)"]),
                         (["fuse", "--help"], ["default 1)", "(default: auto)"]),
-                        (["bench", "--help"], ["(default: 13x64x64)", "(default: 5)"])):
+                        (["bench", "--help"], ["(default: 13x64x64)", "(default: 1)"])):
         with pytest.raises(SystemExit):
             main(argv)
         text = " ".join(capsys.readouterr().out.split())
@@ -162,3 +162,22 @@ def test_a_failed_export_leaves_no_folder_behind(tmp_path: Path, capsys: pytest.
                  "--max-shape", "1x7x24x24"])
     assert code == 2, capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_an_interrupted_export_leaves_nothing_behind(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import export.api
+    from engines.vsisr.checkpoint import save_checkpoint
+    from engines.vsisr.network import VSISR, VSISRConfig
+
+    save_checkpoint(VSISR(VSISRConfig(n_groups=1, n_blocks=1)), tmp_path / "tiny.pth", layout="rllsm")
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:  # Ctrl-C while the exported graph is being checked
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.api, "check_structure", ctrl_c)
+    out = tmp_path / "made" / "export"
+    code = main(["-q", "export", "--model", "vsi-sr", "--checkpoint", str(tmp_path / "tiny.pth"), "--out", str(out),
+                 "--min-shape", "1x7x16x16", "--opt-shape", "1x7x16x16", "--max-shape", "1x7x24x24"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "made").exists()

@@ -62,7 +62,7 @@ def simulate(ingest: str, timepoints: int, *extra: str) -> subprocess.Popen:
 
 
 def volumes_output(control: str) -> int:
-    return int(request(control, "status")["counters"].get("volumes_output", 0))
+    return int(request(control, "status", timeout_s=30)["counters"].get("volumes_output", 0))
 
 
 class Recorder:
@@ -207,7 +207,7 @@ def test_view_screenshot_is_not_blank_and_a_killed_viewer_never_stops_the_servic
         out, err = sim.communicate(timeout=90)
         assert sim.returncode == 0, err
         assert wait_for(lambda: volumes_output(service["control"]) == before + 3, 90), "the service stopped"
-        status = request(service["control"], "status")
+        status = request(service["control"], "status", timeout_s=30)
         assert status["state"] == "running" and service["proc"].poll() is None
         assert not status["counters"].get("display_errors")
 
@@ -225,3 +225,40 @@ def test_view_screenshot_is_not_blank_and_a_killed_viewer_never_stops_the_servic
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+# --- the napari plugin ----------------------------------------------------------------------------------------------
+
+
+def test_plugin_manifest_is_declared_and_napari_docks_its_service_panel(qtbot):
+    import importlib.resources
+    import tomllib
+
+    import napari
+    from npe2 import PluginManager, PluginManifest
+
+    from streamer.viewer.plugin import ServicePanel
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["napari.manifest"] == {"rllsm-vsim": "streamer.viewer:napari.yaml"}
+    assert any("napari" in d for d in project["optional-dependencies"]["viewer"])
+    manifest_file = importlib.resources.files("streamer.viewer") / "napari.yaml"
+    manifest = PluginManifest.from_file(str(manifest_file))
+    assert manifest.name == project["name"]
+    pm = PluginManager.instance()
+    if manifest.name not in pm:  # an editable install registered it already through the entry point
+        pm.register(manifest)
+    viewer = napari.Viewer(show=False)  # no layer is drawn: Qt's offscreen platform is enough
+    try:
+        dock, widget = viewer.window.add_plugin_dock_widget("rllsm-vsim", "rLLSM service")
+        assert isinstance(widget, ServicePanel)  # napari hands it a proxy of the viewer, not the viewer itself
+        assert widget.endpoint.text() == "tcp://127.0.0.1:5557"
+        widget.endpoint.setText("tcp://127.0.0.1:1")  # nobody there: said in the panel, napari stays responsive
+        widget.poller_timeout_s = 0.2
+        widget.connect_service()
+        qtbot.waitUntil(lambda: "not answering" in widget.status.text(), timeout=15_000)
+        widget.toggle_following()
+        assert widget.reader is None and "connect to a service first" in widget.status.text()
+        widget.close_all()
+    finally:
+        viewer.close()

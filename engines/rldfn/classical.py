@@ -10,16 +10,23 @@ unflipped PSF, identical for point-symmetric PSFs). Because each view is sharp a
 other is blurred, the estimate gathers the best resolution of both. Convolutions use real FFTs in float32
 on the chosen device; the volume is mirror-padded by at least the PSF's half-size (up to a fast FFT length) so
 that the FFT's wrap-around does not bleed one face into the opposite one.
+
+Each view only updates the estimate where it has data (:mod:`engines.rldfn.coverage`): its ratio is neutral
+outside its coverage and blends in over a few voxels at the edge, the first estimate is the coverage-weighted
+mean of the views, and view B is brought to view A's brightness first. A region that only one view covers is
+therefore deconvolved by that view alone. ``coverage=None`` gives the plain joint RL of both whole views.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 
 from engines.device import pick_device
+from engines.rldfn.coverage import blend_weight, coverage_mask, relative_gain
 from engines.rldfn.errors import VolumeShapeError
 
 #: Floor for the blurred estimate and the estimate itself: keeps ratios finite where both are zero.
@@ -66,21 +73,122 @@ def _pad_widths(shape: Sequence[int], psfs: Sequence[np.ndarray]) -> list[tuple[
     return out
 
 
+def _reflect_index(n: int, lo: int, hi: int) -> np.ndarray:
+    # indices of a symmetric ("reflect", edge not repeated) padding of any width, repeated as often as needed
+    idx = np.arange(-lo, n + hi)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx)
+
+
+def reflect_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Mirror-pad the last three axes of ``x`` by ``pads`` (like ``numpy.pad(mode="reflect")``), on its device."""
+    for ax, (lo, hi) in zip((-3, -2, -1), pads):
+        if lo or hi:
+            idx = torch.from_numpy(_reflect_index(x.shape[ax], lo, hi)).to(x.device)
+            x = torch.index_select(x, ax % x.ndim, idx)
+    return x
+
+
+Coverage = Literal["auto"] | Sequence[torch.Tensor] | None
+
+
+def weighted_rl(
+    views: Sequence[torch.Tensor],
+    psfs: Sequence[np.ndarray],
+    iterations: int,
+    coverage: Coverage = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Richardson–Lucy of one or more registered (Z, Y, X) views, each weighted by its coverage, on their device.
+
+    Each iteration updates the estimate from every view in turn. ``coverage``: ``"auto"`` finds each view's
+    data (:func:`~engines.rldfn.coverage.coverage_mask`) and weights it with a smooth edge; one (Z, Y, X)
+    weight volume in [0, 1] per view gives the weights; ``None`` treats every view as covering the whole
+    volume (plain RL). With weights, every view is brought to the first view's brightness where both are
+    trusted, and the result is in the first view's units.
+    """
+    if len(views) != len(psfs) or not views:
+        raise VolumeShapeError(f"need one PSF per view, got {len(views)} views and {len(psfs)} PSFs")
+    dev = views[0].device
+    shape = tuple(views[0].shape)
+    vs = [torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0) for v in views]
+    weights: list[torch.Tensor] | None = None
+    if coverage is not None:
+        if isinstance(coverage, str):
+            if coverage != "auto":
+                raise VolumeShapeError(f"coverage must be 'auto', None or one weight volume per view, got {coverage!r}")
+            weights = [blend_weight(coverage_mask(v)) for v in vs]
+        else:
+            weights = [torch.as_tensor(w, dtype=torch.float32).to(dev) for w in coverage]
+            if len(weights) != len(vs) or any(tuple(w.shape) != shape for w in weights):
+                raise VolumeShapeError(f"coverage must give one weight volume of the views' shape {shape} per view")
+        vs = [vs[0]] + [v * relative_gain(vs[0], v, weights[0], w) for v, w in zip(vs[1:], weights[1:])]
+    pads = _pad_widths(shape, psfs)
+    padded_views = [reflect_pad(v, pads) for v in vs]
+    padded = tuple(padded_views[0].shape)
+    otfs = [centred_otf(p, padded, dev) for p in psfs]
+
+    def conv(x: torch.Tensor, otf: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        spec = torch.fft.rfftn(x, dim=_DIMS) * (otf.conj() if adjoint else otf)
+        return torch.fft.irfftn(spec, s=padded, dim=_DIMS)
+
+    with torch.inference_mode():
+        if weights is None:
+            estimate = torch.clamp(sum(padded_views) / len(padded_views), min=EPS)
+            ws: list[torch.Tensor | None] = [None] * len(padded_views)
+        else:
+            ws = [reflect_pad(w, pads) for w in weights]
+            wsum = sum(ws)
+            hard = [(w > 0).float() for w in ws]
+            # start from the coverage-weighted mean: in a one-view region that view, not a fraction of it
+            soft = sum(w * v for w, v in zip(ws, padded_views)) / torch.clamp(wsum, min=1e-6)
+            hard_mean = sum(h * v for h, v in zip(hard, padded_views)) / torch.clamp(sum(hard), min=1)
+            estimate = torch.clamp(torch.where(wsum > 1e-3, soft, hard_mean), min=EPS)
+        for it in range(int(iterations)):
+            for view, otf, w in zip(padded_views, otfs, ws):
+                ratio = view / torch.clamp(conv(estimate, otf), min=EPS)
+                if w is not None:
+                    ratio = 1 + w * (ratio - 1)  # neutral where this view has no data
+                estimate = torch.clamp(estimate * conv(ratio, otf, adjoint=True), min=EPS)
+            if progress is not None:
+                progress(it + 1, int(iterations))
+    inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))
+    return estimate[inner]
+
+
+def joint_rl(
+    view_a: torch.Tensor,
+    view_b: torch.Tensor,
+    psf_a: np.ndarray,
+    psf_b: np.ndarray,
+    iterations: int,
+    coverage: Coverage = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Joint Richardson–Lucy of two views (:func:`weighted_rl`), on their device."""
+    return weighted_rl([view_a, view_b], [psf_a, psf_b], iterations, coverage, progress)
+
+
 def classical_fuse(
-    view_a: np.ndarray,
-    view_b: np.ndarray,
+    view_a: np.ndarray | torch.Tensor,
+    view_b: np.ndarray | torch.Tensor,
     psf_a: np.ndarray,
     psf_b: np.ndarray,
     iterations: int = 10,
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    coverage: Coverage = "auto",
 ) -> np.ndarray:
-    """Fuse two registered views by joint Richardson–Lucy deconvolution.
+    """Fuse two registered views by joint Richardson–Lucy deconvolution, each view weighted by its coverage.
 
     Parameters
     ----------
     view_a, view_b
-        The two views on one grid, (Z, Y, X), background already subtracted (negative values are clipped).
+        The two views on one grid, (Z, Y, X), background already subtracted (negative values are clipped);
+        numpy arrays or torch tensors.
     psf_a, psf_b
         The views' PSFs on the same voxel grid, (Z, Y, X), bead at the centre voxel
         (e.g. from :func:`engines.rldfn.psf.dual_view_psfs`).
@@ -90,11 +198,15 @@ def classical_fuse(
         Torch device (default: :func:`engines.device.pick_device`).
     progress
         Called as ``progress(done, total)`` after each iteration.
+    coverage
+        ``"auto"`` (default): each view updates the estimate only where it has data (exact zeros outside it,
+        as step 3 leaves them), with a smooth edge, and view B is scaled to view A's brightness; two (Z, Y, X)
+        weight volumes in [0, 1] give the weights directly; ``None``: plain joint RL over the whole volume.
 
     Returns
     -------
     np.ndarray
-        float32 fused volume of the views' shape, in the views' intensity units.
+        float32 fused volume of the views' shape, in view A's intensity units.
     """
     from engines.rldfn.fuse import check_views  # one shape check for both modes
 
@@ -105,26 +217,7 @@ def classical_fuse(
     if int(iterations) < 1:
         raise VolumeShapeError(f"iterations must be ≥ 1, got {iterations}")
     dev = pick_device(str(device) if device is not None else None)
-    shape = view_a.shape
-    pads = _pad_widths(shape, (psf_a, psf_b))
-    views = []
-    for v in (view_a, view_b):
-        v = np.clip(np.nan_to_num(np.asarray(v, np.float32)), 0, None)
-        views.append(torch.from_numpy(np.pad(v, pads, mode="reflect")).to(dev))
-    padded = tuple(views[0].shape)
-    otfs = [centred_otf(p, padded, dev) for p in (psf_a, psf_b)]
-
-    def conv(x: torch.Tensor, otf: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
-        spec = torch.fft.rfftn(x, dim=_DIMS) * (otf.conj() if adjoint else otf)
-        return torch.fft.irfftn(spec, s=padded, dim=_DIMS)
-
-    with torch.inference_mode():
-        estimate = torch.clamp((views[0] + views[1]) / 2, min=EPS)
-        for it in range(int(iterations)):
-            for view, otf in zip(views, otfs):
-                ratio = view / torch.clamp(conv(estimate, otf), min=EPS)
-                estimate = torch.clamp(estimate * conv(ratio, otf, adjoint=True), min=EPS)
-            if progress is not None:
-                progress(it + 1, int(iterations))
-    inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))
-    return estimate[inner].cpu().numpy().astype(np.float32)
+    ta, tb = (torch.as_tensor(np.asarray(v, np.float32) if not isinstance(v, torch.Tensor) else v).to(dev)
+              for v in (view_a, view_b))
+    out = joint_rl(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), coverage, progress)
+    return out.cpu().numpy().astype(np.float32)

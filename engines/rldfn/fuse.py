@@ -79,6 +79,7 @@ def fuse_rldfn(
     normalize: bool = True,
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 1,
+    registered: bool | None = None,
 ) -> np.ndarray:
     """Fuse two registered views with RL-DFN.
 
@@ -108,6 +109,11 @@ def fuse_rldfn(
     batch_size
         Tiles of one size run together (``(N, 1, Z, Y, X)``): faster on a GPU, N times the memory; the budget
         check accounts for it. Results do not depend on it (each sample is transformed on its own).
+    registered
+        True: the RL step puts each PSF's centre at the FFT origin (no shift of the result against the views)
+        and weights each view by its coverage (:mod:`engines.rldfn.coverage`); False: the reference's RL step,
+        bit for bit, which moves the result by about one voxel per even-sized axis. Default: False for
+        ``tile="none"`` (the reference's own math), True otherwise.
 
     Returns
     -------
@@ -155,6 +161,23 @@ def fuse_rldfn(
     a, b = _pad_end(a, padded), _pad_end(b, padded)
     dev = pick_device(str(device) if device is not None else None)
     model = model.to(dev).eval()
+    registered = tile != "none" if registered is None else bool(registered)
+    weights = None
+    if registered:
+        from engines.rldfn.coverage import blend_weight, coverage_mask
+
+        weights = [blend_weight(coverage_mask(torch.from_numpy(v))).numpy() for v in (a, b)]
+    was_registered = getattr(model, "registered", False)
+    model.registered = registered
+    try:
+        return _run_tiles(a, b, model, tiles, padded, shape, overlap, width, dev, batch_size, weights, progress)
+    finally:
+        model.registered = was_registered
+
+
+def _run_tiles(a: np.ndarray, b: np.ndarray, model: RLDFN, tiles: list, padded: tuple[int, ...],
+               shape: tuple[int, ...], overlap: int, width: int, dev: torch.device, batch_size: int,
+               weights: list[np.ndarray] | None, progress: Callable[[int, int], None] | None) -> np.ndarray:
 
     acc = np.zeros(padded, np.float32)
     wsum = np.zeros(padded, np.float32)
@@ -163,8 +186,10 @@ def fuse_rldfn(
         for group in _batches(tiles, batch_size):
             ta = torch.from_numpy(np.stack([a[t.slices] for t in group])[:, None]).to(dev)
             tb = torch.from_numpy(np.stack([b[t.slices] for t in group])[:, None]).to(dev)
+            tw = None if weights is None else tuple(
+                torch.from_numpy(np.stack([w[t.slices] for t in group])[:, None]).to(dev) for w in weights)
             try:
-                out = model(ta, tb)[:, 0].float().cpu().numpy()
+                out = (model(ta, tb) if tw is None else model(ta, tb, tw))[:, 0].float().cpu().numpy()
             except (_OOM, RuntimeError) as err:
                 # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError "can't allocate memory"
                 if not isinstance(err, _OOM) and "allocate" not in str(err):

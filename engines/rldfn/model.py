@@ -10,7 +10,7 @@ from torch import nn
 
 from engines.rldfn.errors import VolumeShapeError
 from engines.rldfn.network import DualViewFusionNet, check_patch_shape
-from engines.rldfn.rl import psf_to_otf, rl_corrections
+from engines.rldfn.rl import exact_otf, psf_to_otf, rl_corrections, rl_corrections_registered
 
 
 class RLDFN(nn.Module):
@@ -51,22 +51,34 @@ class RLDFN(nn.Module):
         self.register_buffer("psf_a", torch.as_tensor(np.asarray(psf_a, dtype=np.float32)), persistent=False)
         self.register_buffer("psf_b", torch.as_tensor(np.asarray(psf_b, dtype=np.float32)), persistent=False)
         self._otf_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: False: the reference's RL step, bit for bit (it moves the result by about a voxel on even patch
+        #: axes); True: the registered step of :func:`~engines.rldfn.rl.rl_corrections_registered`.
+        self.registered = False
 
     def otfs(self, shape: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """OTFs of both views for patches of ``shape`` (cached: tiles mostly share one size)."""
-        key = (tuple(shape), str(device))
+        key = (tuple(shape), str(device), self.registered)
         if key not in self._otf_cache:
             if len(self._otf_cache) > 16:  # edge tiles add a few sizes; never let the cache grow without bound
                 self._otf_cache.clear()
-            self._otf_cache[key] = (psf_to_otf(self.psf_a, shape, device), psf_to_otf(self.psf_b, shape, device))
+            make = exact_otf if self.registered else psf_to_otf
+            self._otf_cache[key] = (make(self.psf_a, shape, device), make(self.psf_b, shape, device))
         return self._otf_cache[key]
 
-    def corrections(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Richardson–Lucy correction volumes fed to the network (same shape as the views)."""
+    def corrections(self, view_a: torch.Tensor, view_b: torch.Tensor,
+                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Richardson–Lucy correction volumes fed to the network (same shape as the views).
+
+        ``weights`` (coverage of each view, see :mod:`engines.rldfn.coverage`) apply in the registered step only.
+        """
         otf_a, otf_b = self.otfs(tuple(view_a.shape[-3:]), view_a.device)
+        if self.registered:
+            wa, wb = weights if weights is not None else (None, None)
+            return rl_corrections_registered(view_a, view_b, otf_a, otf_b, wa, wb)
         return rl_corrections(view_a, view_b, (view_a + view_b) / 2, otf_a, otf_b)
 
-    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> torch.Tensor:
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor,
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Fuse one patch.
 
         Parameters
@@ -90,6 +102,8 @@ class RLDFN(nn.Module):
         squeeze = view_a.ndim == 3
         if squeeze:
             view_a, view_b = view_a[None, None], view_b[None, None]
-        corr_a, corr_b = self.corrections(view_a.float(), view_b.float())
+            if weights is not None:
+                weights = (weights[0][None, None], weights[1][None, None])
+        corr_a, corr_b = self.corrections(view_a.float(), view_b.float(), weights)
         out = self.net(corr_a, corr_b)
         return out[0, 0] if squeeze else out

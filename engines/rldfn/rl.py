@@ -131,3 +131,76 @@ def rl_corrections(
         ratio = torch.clamp(view / blur, min=EPS)
         out.append(_conv(ratio, otf))
     return out[0], out[1]
+
+
+# --- the registered (non-reference) step ------------------------------------------------------------------------
+#
+# With an even patch and an odd PSF box, ``align_center`` puts the PSF's centre voxel at N/2 − 1 on an axis
+# where ``ifftshift`` expects it at N/2: every convolution above moves the volume by one voxel along each such
+# axis, and the correction volumes (blurred twice) come out about one voxel off their views. The functions
+# below put the PSF's centre voxel at index 0 of the FFT instead, so a convolution moves nothing, and let each
+# view count only where it has data (:mod:`engines.rldfn.coverage`). They are used wherever reference parity
+# is not asked for (tiled fusion); ``tile="none"`` keeps the reference's own math, bit for bit.
+
+
+def exact_otf(psf: np.ndarray | torch.Tensor, shape: Sequence[int],
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """OTF (complex64, ``shape``) of ``psf`` with its centre voxel (``n // 2`` per axis) at index 0, unit sum.
+
+    A PSF larger than ``shape`` is cropped around its centre; a convolution with this OTF shifts nothing.
+    """
+    p = torch.as_tensor(np.asarray(psf, np.float32) if isinstance(psf, np.ndarray) else psf).float()
+    if p.ndim != 3 or len(shape) != 3:
+        raise ValueError(f"exact_otf expects a 3-D PSF and a 3-D shape, got {tuple(p.shape)} → {tuple(shape)}")
+    crop = []
+    for n, s in zip(p.shape, shape):
+        lo = max(n // 2 - int(s) // 2, 0)
+        crop.append(slice(lo, lo + min(n, int(s))))
+    centre = [n // 2 - c.start for n, c in zip(p.shape, crop)]
+    p = p[tuple(crop)]
+    total = float(p.sum())
+    if not np.isfinite(total) or total <= 0:
+        raise ValueError(
+            f"PSF of size {tuple(np.shape(psf))} sums to {total:g} inside a {tuple(shape)} patch; "
+            "a PSF must be positive (subtract the camera offset but keep the bead)"
+        )
+    canvas = torch.zeros(tuple(int(s) for s in shape), dtype=torch.float32)
+    canvas[: p.shape[0], : p.shape[1], : p.shape[2]] = torch.clamp(p, min=0) / total
+    canvas = torch.roll(canvas, [-c for c in centre], dims=(0, 1, 2))
+    if device is not None:
+        canvas = canvas.to(device)
+    return torch.fft.fftn(canvas)
+
+
+def rl_corrections_registered(
+    view_a: torch.Tensor,
+    view_b: torch.Tensor,
+    otf_a: torch.Tensor,
+    otf_b: torch.Tensor,
+    weight_a: torch.Tensor | None = None,
+    weight_b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dual-view RL step with OTFs from :func:`exact_otf` (no shift) and optional coverage weights.
+
+    The first estimate is the coverage-weighted mean of the views (their plain mean without weights); each
+    view's ratio is ``1 + w · (view / blur − 1)`` — neutral where the view has no data — and is back-projected
+    with the adjoint (flipped) PSF. Shapes as :func:`rl_corrections`; weights broadcast against the views.
+    """
+    if view_a.shape != view_b.shape:
+        raise ValueError(f"views must have one shape, got A {tuple(view_a.shape)}, B {tuple(view_b.shape)}")
+    dims = (-3, -2, -1)
+    if weight_a is None or weight_b is None:
+        estimate = (view_a + view_b) / 2
+    else:
+        wsum = weight_a + weight_b
+        mean = (view_a + view_b) / 2
+        estimate = torch.where(wsum > 1e-3, (weight_a * view_a + weight_b * view_b) / torch.clamp(wsum, min=1e-6), mean)
+    spectrum = torch.fft.fftn(estimate, dim=dims)
+    out = []
+    for view, otf, w in ((view_a, otf_a, weight_a), (view_b, otf_b, weight_b)):
+        blur = torch.fft.ifftn(spectrum * otf, dim=dims).real + EPS
+        ratio = torch.clamp(view / blur, min=EPS)
+        if w is not None:
+            ratio = 1 + w * (ratio - 1)
+        out.append(torch.fft.ifftn(torch.fft.fftn(ratio, dim=dims) * otf.conj(), dim=dims).real)
+    return out[0], out[1]

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, choices=["vsi-sr", "rl-dfn"])
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="weights: .pth/.pt file (VSI-SR, RL-DFN rllsm format) or RL-DFN reference folder")
-    p.add_argument("--format", choices=["onnx", "engine"], default="onnx",
+    from engines.support import ExportFormat
+
+    p.add_argument("--format", choices=[f.value for f in ExportFormat], default=ExportFormat.ONNX.value,
                    help="engine = ONNX first, then a TensorRT engine (needs TensorRT and a GPU)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--precision", choices=[x.value for x in Precision], default="fp32",

@@ -28,34 +28,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, metavar="IN", help="raw stack (3-D TIFF) or a folder of them")
     p.add_argument("output", type=Path, metavar="OUT", help="output TIFF (for one input) or folder")
-    p.add_argument("--mode", choices=["auto", "full", "sr-rl", "classical"], default="auto",
+    from engines.support import Mode
+
+    p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.AUTO.value,
                    help="full: VSI-SR + RL-DFN; sr-rl: VSI-SR + joint Richardson–Lucy fusion (no RL-DFN weights "
-                   "needed); classical: joint Richardson–Lucy fusion, no network; auto: the best that the "
-                   "available weights support")
+                   "needed); classical: joint Richardson–Lucy fusion, no network; single-view: ordinary LLSM data "
+                   "without a mirror — deskew, VSI-SR when --checkpoint is given, single-view Richardson–Lucy with "
+                   "--psf or a computed PSF (the dual-view modes stop and name it when a stack holds no mirror "
+                   "image); auto: the best that the available weights support")
     from streamer.cli.paths import DEFAULT_PATTERN, add_overwrite_arg
 
     p.add_argument("--pattern", default=DEFAULT_PATTERN, metavar="GLOB",
                    help="folder input: which files are raw stacks (ground_truth_* and our outputs are always skipped)")
     add_overwrite_arg(p)
-    p.add_argument("--checkpoint", type=Path, metavar="PTH", help="VSI-SR checkpoint (reference .pth or ours)")
-    p.add_argument("--otf-dir", type=Path, metavar="DIR",
-                   help="OTF folder in the reference layout (<wavelength>/OTF0.tif, OTF1.tif, apo_*.tif); "
-                   "default: OTFs generated from the optics (approximation)")
-    p.add_argument("--model", type=Path, metavar="DIR_OR_PT", help="RL-DFN weights: reference folder or our .pt")
-    p.add_argument("--psf", type=Path, metavar="TIF", help="measured detection PSF (rotated to both views)")
-    p.add_argument("--psf-voxel-um", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
-                   help="voxel size of --psf (default: the views' voxel)")
-    p.add_argument("--psf-a", type=Path, metavar="TIF", help="measured view-A PSF on the views' grid")
-    p.add_argument("--psf-b", type=Path, metavar="TIF", help="measured view-B PSF on the views' grid")
-    p.add_argument("--iterations", type=int, default=10, metavar="K", help="joint RL iterations (sr-rl, classical)")
+    from streamer.cli.model_options import add_model_args
+
+    # the model-source flags of serve and replay too, generated from one model (engines.sources.ReconSources)
+    add_model_args(p, exclude=("weights",), title="model sources", dest_prefix="")
+    p.add_argument("--iterations", type=int, default=10, metavar="K", help="Richardson–Lucy iterations (sr-rl, classical, single-view; default 10)")
     p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
+                   help="RL-DFN: memory per tile in MiB, the unit of `rllsm fuse --memory-budget` (default: from the "
+                   "device's memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stride", type=int, choices=[1, 3], default=1, help="VSI-SR window stride (3: faster)")
     p.add_argument("--keep-intermediates", action="store_true",
                    help="also write preprocessed, lateral-SR and view A/B stacks beside each output")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if present)")
-    p.add_argument("--float32", action="store_true", help="write float32 instead of uint16 scaled to 0–65535")
+    p.add_argument("--float32", action="store_true",
+                   help="write float32 in the fusion's own units instead of uint16 (uint16: one gain per run, set "
+                   "so the first volume's 99.99th percentile is 16384 counts; see docs/fusion.md)")
+    p.add_argument("--gain", type=float, default=None, metavar="G",
+                   help="fixed uint16 counts per unit of intensity (default: from the first volume)")
     add_optics_args(p)
     from streamer.distributed.cli import add_cluster_args
 
@@ -126,6 +131,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(describe_validation_error(err, "reconstruct")) from None
     except (ValueError, FileNotFoundError) as err:  # every engine error is a ValueError subclass
         raise CLIError(str(err)) from None
+    from engines.scaling import OutputScaling
+
+    try:
+        scaling = OutputScaling(dtype="float32" if args.float32 else "uint16", gain=args.gain)
+    except ValidationError as err:
+        raise CLIError(describe_validation_error(err, "reconstruct")) from None
+    scalers: dict = {}  # one gain per kind of volume for the whole run: timepoints stay comparable
     from tqdm import tqdm
 
     with tqdm(total=len(inputs), unit="stack", desc=f"reconstruct ({args.mode})", disable=args.no_progress,
@@ -137,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{stack}: {name}")
 
             reconstruct_file(rec, path, out, keep=args.keep_intermediates, float32=args.float32,
-                             progress=None if args.no_progress else step)
+                             progress=None if args.no_progress else step, scalers=scalers, scaling=scaling)
             bar.update(1)
     return 0
 
@@ -151,7 +163,8 @@ def build_reconstructor(args: argparse.Namespace, optics):
     from streamer.cli.backend_options import backend_config_from_args
 
     networks = uses_lateral_sr(args.mode)
-    backend = backend_config_from_args(args) if networks else None
+    single_sr = args.mode == "single-view" and args.checkpoint is not None
+    backend = backend_config_from_args(args) if networks or single_sr else None
     lateral = LateralSRParams(stride=args.stride, wavelength_nm=optics.wavelength_nm)
     models = ReconModels()
     need_rldfn = args.mode == "full"
@@ -169,26 +182,35 @@ def build_reconstructor(args: argparse.Namespace, optics):
         else:
             models = load_models(vsisr_checkpoint=args.checkpoint, otf_dir=args.otf_dir,
                                  rldfn_weights=args.model if need_rldfn else None, optics=optics, backend=backend)
+    if single_sr:
+        models = load_models(vsisr_checkpoint=args.checkpoint, otf_dir=args.otf_dir, optics=optics, backend=backend)
     extra = load_models(psf=args.psf, psf_voxel_um=tuple(args.psf_voxel_um) if args.psf_voxel_um else None,
                         psf_a=args.psf_a, psf_b=args.psf_b, optics=optics)
     models.psf, models.psf_voxel_um, models.psf_a, models.psf_b = extra.psf, extra.psf_voxel_um, extra.psf_a, extra.psf_b
     if networks and args.otf_dir is not None and models.otfs is None:
         models.otfs = load_models(otf_dir=args.otf_dir, optics=optics).otfs
     models.lateral = lateral
-    params = ReconstructParams(mode=args.mode, iterations=args.iterations, tile=_tile(args.tile), overlap=args.overlap)
+    budget_mib = getattr(args, "memory_budget", None)
+    if budget_mib is not None and budget_mib <= 0:
+        raise CLIError(f"--memory-budget must be > 0 MiB, got {budget_mib}")
+    params = ReconstructParams(mode=args.mode, iterations=args.iterations, tile=_tile(args.tile), overlap=args.overlap,
+                               memory_budget_gb=None if budget_mib is None else budget_mib / 1024)
     return Reconstructor(optics, params, models, device=args.device)
 
 
 def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: bool = False,
-                     progress: Callable[[str], None] | None = None) -> dict:
+                     progress: Callable[[str], None] | None = None, scalers: dict | None = None,
+                     scaling=None) -> dict:
     """Reconstruct one raw TIFF into ``dst``; writes ``<dst>.json`` with reports and per-step timings.
+
+    ``scalers`` (one :class:`engines.scaling.VolumeScaler` per kind of volume) carries the uint16 gain from the
+    first file of a run to the next; ``scaling`` (:class:`engines.scaling.OutputScaling`) is the rule.
 
     The raw stack is checked first (3-D, numeric, finite, not blank, enough planes for the mode). The fused volume
     and the intermediates record their voxel size.
     """
-    import numpy as np
-
     from engines.errors import RllsmError
+    from engines.scaling import OutputScaling, ScalingError, VolumeScaler
     from engines.support import min_planes, planes_reason
     from streamer.cli import CLIError
 
@@ -199,28 +221,32 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
     except RllsmError as err:
         raise CLIError(f"{src}: {err}") from None
     dtype = "float32" if float32 else "uint16"
+    scaling = scaling or OutputScaling(dtype=dtype)
+    scalers = {} if scalers is None else scalers
 
-    def scaled(v: np.ndarray) -> np.ndarray:
-        if float32:
-            return v
-        peak = float(v.max())
-        return v * (65535.0 / peak) if peak > 0 else v
+    def scaled(name: str, v):
+        try:
+            return scalers.setdefault(name, VolumeScaler(scaling))(v)
+        except ScalingError as err:
+            raise CLIError(f"{src.name}: {name}: {err}") from None
 
     v = float(res.voxel_um)
-    write_stack(dst, scaled(res.fused), dtype, voxel_um=(v, v, v))
+    write_stack(dst, scaled("fused", res.fused), dtype, voxel_um=res.voxel_zyx_um or (v, v, v))
     for name, vol in res.intermediates.items():
         # Views share the fused voxel; the stacks before the split keep the deskewed frame's own spacing.
         dz = rec.optics.deskewed_pixel_z_um
         dx = rec.optics.pixel_size_um / (1.5 if name == "lateral_sr" else 1.0)
         voxel = (v, v, v) if name.startswith("view") else (dz, dx, dx)
-        write_stack(dst.with_name(f"{dst.stem}.{name}.tif"), scaled(vol), dtype, voxel_um=voxel)
+        write_stack(dst.with_name(f"{dst.stem}.{name}.tif"), scaled(name, vol), dtype, voxel_um=voxel)
     summary = {
         "input": str(src),
         "output": str(dst),
         "mode": rec.params.mode,
         "voxel_um": res.voxel_um,
+        "voxel_zyx_um": list(res.voxel_zyx_um) if res.voxel_zyx_um else [res.voxel_um] * 3,
         "shape": list(res.fused.shape),
         "timings_s": res.timings_s,
+        "uint16_gain": None if float32 else scalers["fused"].gain,
         "reports": {k: v.model_dump(mode="json") for k, v in res.reports.items()},
     }
     try:

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from streamer.pipeline import PipelineError
     from streamer.recording import RecordingError
     from streamer.replay import ReplayError, parse_speed, replay_offline, replay_to
+    from streamer.outputs import CriticalOutputError
     from streamer.sinks.base import SinkError
 
     if not args.offline and (args.workers is not None or args.scheduler is not None):
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             keys = tuple(args.keys) if args.keys else None
             summary = replay_to(args.recording, args.connect, speed=parse_speed(args.speed), client_keys=keys)
-    except (ReplayError, RecordingError, PipelineError, SinkError) as err:
+    except (ReplayError, RecordingError, PipelineError, SinkError, CriticalOutputError) as err:
         raise CLIError(str(err)) from None
     print(json.dumps(summary, indent=1, default=str))
     return 0
