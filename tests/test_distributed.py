@@ -214,7 +214,7 @@ def test_lost_input_is_retried_a_bounded_number_of_times_then_reported(cluster, 
     recipe = Recipe.make("streamer.distributed.recipe:service_stages", {"mode": "none", "optics": None})
     jobs = [VolumeJob(0, 0, RecordedInput(str(tmp_path / "gone"), (0,)))]
     summary = run_volumes(client, recipe, jobs, tmp_path / "o.ome.zarr",
-                          lambda shape, dtype: VolumeMeta("a", shape, dtype, (1.0, 1.0, 1.0)), retries=1,
+                          lambda shape, dtype, voxel: VolumeMeta("a", shape, dtype, (1.0, 1.0, 1.0)), retries=1,
                           progress=False, say=lambda s: None)
     assert list(summary.failed) == ["t=0 c=0"] and "gone" in summary.failed["t=0 c=0"]
 
