@@ -262,3 +262,43 @@ def test_plugin_manifest_is_declared_and_napari_docks_its_service_panel(qtbot):
         widget.close_all()
     finally:
         viewer.close()
+
+
+def test_live_view_pauses_locks_contrast_and_keeps_channels_apart():
+    from napari.components import ViewerModel
+
+    from streamer.viewer.model import auto_contrast, frame_from_volume
+    from streamer.viewer.napari_app import LiveView
+
+    rng = np.random.default_rng(8)
+
+    def frame(t: int, c: int, gain: float = 1.0):
+        vol = (rng.random((4, 6, 8), dtype=np.float32) * gain).astype(np.float32)
+        return frame_from_volume(vol, acquisition_id="acq", timepoint=t, channel=c, voxel_size_um=(0.5, 0.1, 0.1))
+
+    viewer = ViewerModel(ndisplay=3)
+    live = LiveView(viewer)
+    f0 = frame(0, 0)
+    assert live.offer(f0)
+    layer = viewer.layers["fused c0"]
+    assert tuple(layer.contrast_limits) == pytest.approx(auto_contrast(f0.mips["z"]))
+    live.toggle_follow()  # pause
+    f1, f2 = frame(1, 0), frame(2, 0)
+    assert not live.offer(f1) and not live.offer(f2)
+    assert layer.data is f0.volume and "paused" in live.text()
+    live.toggle_follow()  # follow latest: the newest held frame at once
+    assert layer.data is f2.volume and live.follower.held == 1
+    layer.contrast_limits = (0.1, 0.3)  # the user's slider
+    live.set_contrast_locked(True)
+    f3 = frame(3, 0, gain=100.0)
+    live.offer(f3)
+    assert layer.data is f3.volume and tuple(layer.contrast_limits) == pytest.approx((0.1, 0.3))
+    live.set_contrast_locked(False)
+    f4 = frame(4, 0, gain=100.0)
+    live.offer(f4)
+    assert tuple(layer.contrast_limits) == pytest.approx(auto_contrast(f4.mips["z"]))
+    g = frame(4, 1)
+    live.offer(g)  # a second channel gets its own layers, leaving the first as it was
+    assert {ly.name for ly in viewer.layers} == {f"{k} c{c}" for c in (0, 1)
+                                                 for k in ("fused", "MIP z", "MIP y", "MIP x")}
+    assert viewer.layers["fused c1"].data is g.volume and viewer.layers["fused c0"].data is f4.volume
