@@ -37,6 +37,7 @@ from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.decoding import make_work_check
 from streamer.ledger import ResumeLedger
 from streamer.processor import CriticalOutputError, SinkFactory, StackProcessor, StageFactory
+from streamer.status import MAX_LISTED
 from streamer.textlimits import clip
 from streamer.recording import RecordingError, RecordingWriter
 from streamer.security import CurveServer, SecurityError, check_bind, check_local_bind, secure_server_socket
@@ -180,7 +181,10 @@ class Service:
         if cfg.output is not None and cfg.output_format != "npy":  # named in status, for viewers to follow
             from streamer.sinks.factory import output_path
 
+            self.datasets.pop(meta.acquisition_id, None)  # most recent last: viewers follow the last one
             self.datasets[meta.acquisition_id] = str(output_path(cfg.output_format, cfg.output, meta.acquisition_id))
+            while len(self.datasets) > MAX_LISTED:  # the status reply stays bounded, however many acquisitions
+                self.datasets.pop(next(iter(self.datasets)))
         if self._display_pub is not None:
             from streamer.display import DisplaySink
 
