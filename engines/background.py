@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.config import OpticsConfig
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 
 if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can list options without them
     import torch
@@ -47,7 +48,7 @@ class BackgroundError(RllsmValueError):
     """The stack cannot be pre-processed as given (wrong shape, too few planes, inconsistent parameters)."""
 
 
-class BackgroundParams(BaseModel):
+class BackgroundParams(StrictModel):
     """Parameters of the mid-plane band removal and of the pre-processing around it.
 
     Defaults are the reference's ``Parameters_Lifeact``; :func:`background_preset` gives the others
@@ -55,8 +56,6 @@ class BackgroundParams(BaseModel):
     (``skew_angle_deg``, ``camera_offset``); ``showFlag``/``saveRmFbgFlag`` are display options and
     ``maxIters`` is replaced by an exhaustive search over positions and tilts.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = BACKGROUND_PARAMS_VERSION
     gs_window_px: float = Field(30.0, gt=0.0, le=1000.0, description="σ of the narrow band mask and template (px).")

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 
 CONFIG_VERSION = 1
 
@@ -31,14 +32,12 @@ class ConfigError(RllsmValueError):
     """A configuration value is missing, unknown or outside its allowed range."""
 
 
-class OpticsConfig(BaseModel):
+class OpticsConfig(StrictModel):
     """Optical system and acquisition geometry of one reflective lattice light-sheet stack.
 
     Defaults follow the reference system (rotation/objective angle 30.8°, camera offset 100 counts,
     488 nm excitation).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
     version: Literal[1] = CONFIG_VERSION
     pixel_size_um: float = Field(0.0926, gt=0.01, le=2.0, description="Camera pixel size in the sample (µm).")

@@ -25,12 +25,13 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engines.background import BackgroundParams, PreprocessReport, preprocess_tensor
 from engines.config import OpticsConfig
 from engines.device import default_memory_budget_gb, pick_device, to_device, to_host
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 from engines.views import ViewsParams, ViewsReport, split_views_tensor
 
 Mode = Literal["full", "sr-rl", "classical", "single-view"]
@@ -43,10 +44,8 @@ class ReconstructError(RllsmValueError):
     """The chain cannot run with what it was given (missing weights or OTFs, unusable shapes)."""
 
 
-class ReconstructParams(BaseModel):
+class ReconstructParams(StrictModel):
     """Parameters of the whole chain; each step keeps its own model with the reference's defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     mode: Mode = Field("classical", description="full: VSI-SR + RL-DFN; sr-rl: VSI-SR + joint Richardson–Lucy "
@@ -468,7 +467,7 @@ class StageChain(list):
 
 def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
                 memory_budget_gb: float | None = None, backend: Any = None, sources: Any = None,
-                fused_depth: int | None = None) -> StageChain:
+                fused_depth: int | None = None, views: ViewsParams | None = None) -> StageChain:
     """Named stages for the streaming service; the fused volume leaves placed in the acquisition's fixed grid.
 
     ``sources`` (:class:`engines.sources.ReconSources`) names the models as for ``rllsm reconstruct``: VSI-SR
@@ -479,6 +478,7 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
     ``backend`` (:class:`engines.backends.BackendConfig`) runs both networks on torch, ONNX Runtime or TensorRT
     (see :func:`load_models`); ``None``: the torch modules. ``fused_depth`` fixes the planes of the output grid
     (default: :func:`engines.grid.nominal_depth` of the first stack).
+    ``views`` replaces Step 3's parameters (default: the reference's with the objective angle).
     """
     from engines.grid import GridFitter, OutputGrid
     from engines.sources import ReconSources, SourcesError, models_from_sources, software_version, sources_provenance
@@ -496,7 +496,7 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
         models, used = models_from_sources(sources, mode, optics, backend=backend)
     except SourcesError as err:
         raise ReconstructError(str(err)) from None
-    params = ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb)
+    params = ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb, views=views)
     rec = Reconstructor(optics, params, models, device=device)
     v = views_voxel_um(optics, mode)  # the fused grid is isotropic: the views' voxel
     fitter = GridFitter(OutputGrid((v, v, v), depth=fused_depth), max_depth=rec.views_params.max_depth)

@@ -15,7 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from engines.support import StrictModel
 
 SOURCES_VERSION = 1
 _MAX_FILES_HASHED = 256  # per folder: an OTF or RL-DFN folder holds a handful; a wrong folder must not take hours
@@ -25,10 +27,8 @@ class SourcesError(ValueError):
     """A model source is missing, of the wrong kind, or not usable with the requested mode."""
 
 
-class ReconSources(BaseModel):
+class ReconSources(StrictModel):
     """Model files of a reconstruction; every field is a command-line flag (``json_schema_extra['flag']``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = SOURCES_VERSION
     checkpoint: Path | None = Field(

@@ -10,8 +10,6 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.backends.manifest import Precision
-from engines.backends.select import BackendName
 from engines.errors import RllsmTypeError, RllsmValueError
 
 __all__ = [
@@ -21,9 +19,31 @@ __all__ = [
 
 
 class StrictModel(BaseModel):
-    """Base of our configs: unknown fields are errors, values are validated on assignment too."""
+    """Base of every config and message model: unknown fields are errors and a built model is immutable.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Set once here; a subclass adds only what differs (e.g. a custom serialiser), never ``extra``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Precision(StrEnum):
+    """Arithmetic precision inside the network; inputs and outputs stay float32 at every precision."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class BackendName(StrEnum):
+    """Backends selectable with ``--backend``."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    ONNXRUNTIME_CUDA = "onnxruntime-cuda"
+    ONNXRUNTIME_TENSORRT = "onnxruntime-tensorrt"
+    TENSORRT = "tensorrt"
 
 
 class Mode(StrEnum):
@@ -93,14 +113,14 @@ def resolve_mode(requested: str, *, vsisr: bool = False, rldfn: bool = False) ->
     return default_mode(vsisr=vsisr, rldfn=rldfn, demo_installed=demo_weights_installed()).value
 
 
-def min_planes(mode: str) -> int:
-    """Fewest raw planes a reconstruction mode can work with."""
-    return LATERAL_SR_MIN_PLANES if mode in (Mode.FULL, Mode.SR_RL) else SPLIT_MIN_PLANES
+def min_planes(mode: str, lateral_sr: bool = False) -> int:
+    """Fewest raw planes a reconstruction mode can work with (*lateral_sr*: single-view with VSI-SR)."""
+    return LATERAL_SR_MIN_PLANES if mode in (Mode.FULL, Mode.SR_RL) or lateral_sr else SPLIT_MIN_PLANES
 
 
-def planes_reason(mode: str) -> str:
+def planes_reason(mode: str, lateral_sr: bool = False) -> str:
     """Who needs :func:`min_planes` planes, in words for an error message."""
-    if mode in (Mode.FULL, Mode.SR_RL):
+    if mode in (Mode.FULL, Mode.SR_RL) or lateral_sr:
         return f"mode '{mode}' (lateral SR reads 7-plane windows)"
     if mode == Mode.SINGLE_VIEW:
         return f"mode '{mode}' (the deconvolution)"

@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 
 if TYPE_CHECKING:  # torch and scipy are imported where used, so the CLI can list options without them
     import torch
@@ -51,10 +52,8 @@ class NoMirrorError(ViewsError):
     """The volume holds no mirror image: it is ordinary (single-view) LLSM data."""
 
 
-class ViewsParams(BaseModel):
+class ViewsParams(StrictModel):
     """Parameters of the rotation and view split (defaults: the reference's Step 3, angle 30.8°)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = VIEWS_PARAMS_VERSION
     angle_deg: float = Field(30.8, ge=-89.0, le=89.0, description="Objective angle: rotation about y (degrees).")

@@ -110,10 +110,15 @@ class AssembledStack:
     key: StackKey
     data: np.ndarray
     complete: bool = True
-    missing: tuple[int, ...] = ()
+    missing_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # absent planes, ascending
     reason: str = ""
     records: tuple[int, int] = (-1, -1)
     received_at: float = 0.0  # when the last message of the stack arrived
+
+    @property
+    def missing(self) -> tuple[int, ...]:
+        """The absent planes as a tuple (kept as an array: a 65,536-plane declaration must stay cheap)."""
+        return tuple(self.missing_idx.tolist())
 
     def __str__(self) -> str:  # used in error messages: never print the pixels
         return f"stack {self.key.label()}"
@@ -186,8 +191,8 @@ class StackAssembler:
     def _emit(self, key: StackKey, st: _Open, reason: str = "") -> AssembledStack:
         self._close(key)
         complete = st.n_have == st.z_count
-        missing = () if complete else tuple(int(z) for z in np.flatnonzero(~st.have))
-        if missing and not st.zeroed:
+        missing = np.flatnonzero(~st.have) if not complete else np.zeros(0, np.int64)
+        if missing.size and not st.zeroed:
             st.data[~st.have] = 0
         if complete:
             self.stats.complete += 1
@@ -265,7 +270,7 @@ class StackAssembler:
             raise LateFrame(f"stack {key.label()}: this stack was already received")
         self._close(key)
         self.stats.complete += 1
-        return AssembledStack(key, data, True, (), "", (record, record), now)
+        return AssembledStack(key, data, True, np.zeros(0, np.int64), "", (record, record), now)
 
     def expire(self, now: float) -> list[AssembledStack]:
         """Emit (flagged incomplete) every open stack that received nothing for ``timeout_s``."""

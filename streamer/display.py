@@ -32,9 +32,10 @@ from typing import Any, Literal
 
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from engines.errors import RllsmRuntimeError
+from engines.support import StrictModel
 from streamer.sinks.base import SinkStats, VolumeIndex, VolumeMeta, check_volume
 from streamer.sinks.config import DisplayConfig
 
@@ -47,10 +48,8 @@ class DisplayError(RllsmRuntimeError):
     """The display stream could not be opened, or a message on it is not a display message."""
 
 
-class DisplayHeader(BaseModel):
+class DisplayHeader(StrictModel):
     """Header of one display message. ``kind`` is first so that subscription prefixes can select it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["volume", "mip"]
     version: Literal[1] = DISPLAY_VERSION

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 
 METRICS_CONFIG_VERSION = 1
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -41,10 +42,8 @@ class MetricsError(RllsmValueError):
     """A metric name, label or endpoint setting is not usable."""
 
 
-class MetricsConfig(BaseModel):
+class MetricsConfig(StrictModel):
     """Where the Prometheus endpoint listens and how many recent samples the percentiles use."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = METRICS_CONFIG_VERSION
     host: str = Field("127.0.0.1", description="Loopback address the /metrics endpoint binds to.")

@@ -41,7 +41,7 @@ from streamer.router import AcquisitionRouter, Run, SinkFactory, StageFactory
 from streamer.sinks.base import SinkError, VolumeIndex
 from streamer.sinks.factory import volume_meta
 from streamer.sinks.npy_sink import NpyDirSink
-from streamer.status import MAX_LISTED, ProcessorStatus, RunState
+from streamer.status import MAX_LISTED, ProcessorStatus, RunState, format_summary
 from streamer.textlimits import clip
 from streamer.wire import AcquisitionEnd, AcquisitionStart, Frame, Stack, WireError, decode_header
 
@@ -75,6 +75,10 @@ class StackProcessor:
         Acquisitions open at once, and the silence after which one is closed (see :class:`AcquisitionRouter`).
     work_check
         Refuses a stack whose processing would not fit the memory budget, before anything is allocated for it.
+    worker_factory
+        ``AcquisitionStart → worker`` with :class:`StageWorker`'s interface and a ``chain`` attribute, used instead of
+        ``stage_factory`` (:class:`streamer.distributed.live.DaskStageWorker`); it may hand back an exception as a
+        stack's result.
     """
 
     def __init__(
@@ -82,12 +86,12 @@ class StackProcessor:
         max_open: int = 64, ledger: ResumeLedger | None = None, device: str | None = None,
         process_incomplete: bool = False, max_stack_bytes: int = 8 << 30, max_acquisitions: int = 16,
         idle_s: float = 600.0, work_check: WorkCheck | None = None,
-        done_log: str | os.PathLike[str] | None = None,
+        done_log: str | os.PathLike[str] | None = None, worker_factory: Callable[[AcquisitionStart], Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes)
         self.router = AcquisitionRouter(stage_factory, sink_factory, device=device, observe=metrics.observe,
-                                        max_open=max_acquisitions, idle_s=idle_s)
+                                        max_open=max_acquisitions, idle_s=idle_s, worker_factory=worker_factory)
         if ledger is None:  # done_log: the older spelling, a path to done.log inside the recording folder
             ledger = ResumeLedger(Path(done_log).parent if done_log is not None else None)
         self.ledger = ledger
@@ -287,9 +291,9 @@ class StackProcessor:
             self.metrics.inc("stacks_complete")
         else:
             self.metrics.inc("stacks_incomplete")
-            missing = ranges(st.missing)
-            info = {"stack": clip(st.key.label(), 200), "missing_planes": [int(z) for z in st.missing[:64]],
-                    "n_missing": len(st.missing), "missing": missing, "reason": clip(st.reason, 200),
+            missing = ranges(st.missing_idx)
+            info = {"stack": clip(st.key.label(), 200), "missing_planes": st.missing_idx[:64].tolist(),
+                    "n_missing": int(st.missing_idx.size), "missing": missing, "reason": clip(st.reason, 200),
                     "records": list(st.records)}
             with self._lock:
                 self.incomplete.append(info)
@@ -366,10 +370,15 @@ class StackProcessor:
         """A writer thread refused one volume (not a disk error): quarantine that stack."""
         self._quarantine(reason, stack=key)
 
-    def _deliver(self, st: AssembledStack, volume: np.ndarray) -> None:
+    def _deliver(self, st: AssembledStack, volume: np.ndarray | BaseException) -> None:
         run_now = self.router.get(st.key.acquisition_id)
         fitter = getattr(run_now.chain, "fitter", None) if run_now is not None else None
         placement = fitter.pop() if fitter is not None else None  # one per volume the chain made, in order
+        if isinstance(volume, BaseException):  # a remote worker's failure on this stack: a stage error, as here
+            self.metrics.inc("stage_errors")
+            self._quarantine(str(volume), stack=st.key)
+            self._skip(st, f"processing failed: {clip(str(volume))}", quiet=True)
+            return
         if volume.ndim != 3:  # the outputs cannot even be described by it: a stage error, not a service failure
             msg = self._stage_error(f"stack {st.key.label()}: the reconstruction returned a {volume.ndim}D array "
                                     f"{'×'.join(map(str, volume.shape))}, not a (z, y, x) volume")
@@ -487,24 +496,3 @@ class StackProcessor:
                 run.outputs.close_quietly()
         self.router.runs.clear()
         self.ledger.close()
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """One human-readable paragraph for the end of an acquisition."""
-    c = s.get("counters", {})
-    lat = s.get("latency_ms") or {}
-    parts = [f"acquisition {clip(str(s.get('acquisition_id')), 140)} closed ({s.get('closed', 'ended')}):",
-             f"{c.get('volumes_output', 0):g} volumes output, {c.get('stacks_complete', 0):g} stacks complete, "
-             f"{c.get('stacks_incomplete', 0):g} incomplete, {c.get('messages_rejected', 0):g} messages rejected, "
-             f"{s.get('quarantined_total', 0)} quarantined"]
-    if s.get("sender_messages") is not None:
-        parts.append(f"(sender sent {s['sender_messages']} messages)")
-    if lat:
-        parts.append(f"latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms")
-    for inc in s.get("incomplete_stacks", [])[-3:]:
-        parts.append(f"\n  incomplete {inc['stack']}: missing planes {inc.get('missing', '')} ({inc['reason']})")
-    for q in s.get("quarantined", [])[-3:]:
-        parts.append(f"\n  quarantined {q.get('stack') or q.get('acquisition') or 'record ' + str(q.get('record'))}: "
-                     f"{q['reason']}")
-    return " ".join(parts)
-

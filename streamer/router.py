@@ -56,8 +56,9 @@ class AcquisitionRouter:
 
     def __init__(self, stage_factory: StageFactory, sink_factory: SinkFactory, *, device: str | None = None,
                  observe: Callable[[str, float], None] | None = None, max_open: int = 16, idle_s: float = 600.0,
-                 remember_starts: int = 256) -> None:
+                 remember_starts: int = 256, worker_factory: Callable[[AcquisitionStart], Any] | None = None) -> None:
         self.stage_factory = stage_factory
+        self.worker_factory = worker_factory  # e.g. a Dask cluster's worker (streamer.distributed.live)
         self.sink_factory = sink_factory
         self.device = device
         self.observe = observe
@@ -75,9 +76,7 @@ class AcquisitionRouter:
         self.starts[start.acquisition_id] = start
         self.starts.move_to_end(start.acquisition_id)
         while len(self.starts) > self.remember_starts:
-            old, _ = self.starts.popitem(last=False)
-            if old in self.runs:  # an open run keeps its own copy
-                continue
+            self.starts.popitem(last=False)  # an open run keeps its own copy in Run.start
         run = self.runs.get(start.acquisition_id)
         if run is not None and run.start is None:
             run.start = start
@@ -118,8 +117,12 @@ class AcquisitionRouter:
         if run.worker is None:
             if run.start is None:
                 run.start = self.default_start(key, data)
-            run.chain = self.stage_factory(run.start)
-            run.worker = StageWorker(run.chain, device=self.device, observe=self.observe)
+            if self.worker_factory is not None:  # the chain runs elsewhere; ``chain`` says what it declares
+                run.worker = self.worker_factory(run.start)
+                run.chain = run.worker.chain
+            else:
+                run.chain = self.stage_factory(run.start)
+                run.worker = StageWorker(run.chain, device=self.device, observe=self.observe)
         return run.worker
 
     def idle(self, now: float) -> list[str]:

@@ -89,6 +89,28 @@ def check_bind(endpoint: str, keys_dir: str | os.PathLike[str] | None) -> None:
     )
 
 
+def check_local_bind(endpoint: str, role: str, keys_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse a non-loopback ``endpoint`` for a socket that is never encrypted (control, display), keys or not.
+
+    Raises
+    ------
+    InsecureBindError
+        Saying that CURVE keys protect the ingest socket only, so this one must stay on this machine.
+    """
+    if is_loopback(endpoint):
+        return
+    if keys_dir is not None:
+        raise InsecureBindError(
+            f"refusing to listen on {endpoint} for {role}: that address is reachable from other machines, and the "
+            f"{role} socket is never encrypted (the CURVE keys in {keys_dir} protect the ingest socket only). "
+            f"Bind {role} to 127.0.0.1 and reach it through an SSH tunnel if needed."
+        )
+    raise InsecureBindError(
+        f"refusing to listen on {endpoint} for {role}: that address is reachable from other machines and the "
+        f"{role} socket is never encrypted. Bind it to 127.0.0.1 (use an SSH tunnel to reach it from elsewhere)."
+    )
+
+
 def generate_keys(directory: str | os.PathLike[str], clients: tuple[str, ...] = ("acquisition",)) -> dict[str, Path]:
     """Create the server key pair, one key pair per client and the allow-list folder; returns the paths."""
     d = Path(directory)
@@ -109,11 +131,36 @@ def generate_keys(directory: str | os.PathLike[str], clients: tuple[str, ...] = 
     return out
 
 
+def _allow_list_state(allowed: Path) -> tuple[tuple[str, int, int], ...]:
+    try:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in allowed.glob("*.key")))
+    except OSError:
+        return ()
+
+
 @dataclass
 class CurveServer:
-    """A running authenticator; ``close()`` stops it."""
+    """A running authenticator; ``close()`` stops it, ``refresh()`` re-reads the allow-list if it changed."""
 
     authenticator: ThreadAuthenticator
+    allowed: Path | None = None
+    _state: tuple[tuple[str, int, int], ...] = ()
+
+    def refresh(self) -> bool:
+        """Re-read ``clients/`` if a key was added, removed or replaced; True if it was.
+
+        A removed key is refused from the next handshake on (a connection already made stays until it closes).
+        """
+        if self.allowed is None:
+            return False
+        state = _allow_list_state(self.allowed)
+        if state == self._state:
+            return False
+        self._state = state
+        # configure_curve replaces the domain's key set in one assignment: the authenticator thread sees either set
+        self.authenticator.configure_curve(domain="*", location=str(self.allowed))
+        log.warning("CURVE allow-list %s reloaded: %d client key(s)", self.allowed, len(state))
+        return True
 
     def close(self) -> None:
         self.authenticator.stop()
@@ -134,11 +181,12 @@ def secure_server_socket(
     pub, sec = zmq.auth.load_certificate(secret)
     auth = ThreadAuthenticator(ctx)
     auth.start()
+    state = _allow_list_state(allowed)
     auth.configure_curve(domain="*", location=str(allowed))
     sock.curve_secretkey = sec
     sock.curve_publickey = pub
     sock.curve_server = True
-    return CurveServer(auth)
+    return CurveServer(auth, allowed, state)
 
 
 def secure_client_socket(

@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engines.errors import RllsmRuntimeError
+from engines.support import StrictModel
 from streamer.wire import AcquisitionEnd, AcquisitionStart, encode, pixels_header
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,8 @@ class SenderError(RllsmRuntimeError):
     """The sender cannot be created (bad endpoint); sending itself never raises."""
 
 
-class SenderConfig(BaseModel):
+class SenderConfig(StrictModel):
     """Where frames go and how much may queue before they are dropped."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = SENDER_CONFIG_VERSION
     endpoint: str = Field("tcp://127.0.0.1:5555", pattern=r"^(tcp|ipc|inproc)://\S+$",

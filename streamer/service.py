@@ -26,19 +26,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engines.backends.select import BackendConfig
 from engines.sources import ReconSources
 from engines.errors import RllsmRuntimeError
+from engines.support import StrictModel
 from streamer.metrics import Metrics, MetricsError
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.decoding import make_work_check
 from streamer.ledger import ResumeLedger
 from streamer.processor import CriticalOutputError, SinkFactory, StackProcessor, StageFactory
+from streamer.status import MAX_LISTED
 from streamer.textlimits import clip
 from streamer.recording import RecordingError, RecordingWriter
-from streamer.security import CurveServer, SecurityError, check_bind, secure_server_socket
+from streamer.security import CurveServer, SecurityError, check_bind, check_local_bind, secure_server_socket
 
 log = logging.getLogger(__name__)
 SERVICE_CONFIG_VERSION = 1
@@ -53,10 +55,8 @@ class ServiceError(RllsmRuntimeError):
     """The service cannot start or had to stop; the text says why."""
 
 
-class ServiceConfig(BaseModel):
+class ServiceConfig(StrictModel):
     """Everything ``rllsm serve`` needs; every field has a CLI flag of the same name."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = SERVICE_CONFIG_VERSION
     ingest: str = Field("tcp://127.0.0.1:5555", description="Where the PULL socket binds (port 0: a free one).")
@@ -91,6 +91,8 @@ class ServiceConfig(BaseModel):
                                            "more is refused before anything is allocated (default: the larger of "
                                            "8 GB and half the RAM).")
     max_acquisitions: int = Field(16, ge=1, le=4096, description="Acquisitions open at once (outputs, workers).")
+    writer_threads: int = Field(4, ge=1, le=64, description="Threads writing the outputs of every acquisition (a "
+                                "fixed pool, plus one for the display).")
     acquisition_idle_s: float = Field(600.0, gt=0, le=1e7,
                                       description="Close an acquisition's outputs after this silence (reopened by "
                                       "its next message).")
@@ -99,6 +101,9 @@ class ServiceConfig(BaseModel):
     keys: Path | None = Field(None, description="CURVE key folder (see `rllsm serve --gen-keys`).")
     process_incomplete: bool = Field(False, description="Reconstruct incomplete stacks (zero-filled) too.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None: off.")
+    scheduler: str | None = Field(None, description="Dask scheduler to reconstruct on (docs/distributed.md); None: "
+                                  "in this process.")
+    max_in_flight: int = Field(4, ge=1, le=10_000, description="With a scheduler: stacks out on the cluster at most.")
 
 
 class Service:
@@ -144,6 +149,7 @@ class Service:
         self.processor: StackProcessor | None = None
         self.ingest_endpoint = self.control_endpoint = self.display_endpoint = ""
         self.final_summary: dict[str, Any] | None = None
+        self._pools: dict[str, Any] = {}  # shared writer threads, created with the first output
         self.datasets: dict[str, str] = {}  # acquisition id -> OME-Zarr/OME-TIFF path, for viewers (status)
         for c in ("messages_received", "bytes_received", "messages_spilled"):
             self.metrics.declare(c)
@@ -156,22 +162,34 @@ class Service:
                             backend=self.config.backend, sources=self.config.sources,
                             fused_depth=self.config.fused_depth)
 
+    def _pool(self, name: str, n: int) -> Any:
+        from streamer.sinks.pool import WriterPool
+
+        if name not in self._pools:
+            self._pools[name] = WriterPool(n, f"rllsm-{name}")
+        return self._pools[name]
+
     def default_sinks(self, meta: Any) -> list[tuple[Any, bool]]:
         from streamer.sinks import ThreadedSink
         from streamer.sinks.factory import disk_outputs
 
         cfg = self.config
-        # one place opens the disk outputs for serve, replay and demo (a restart resumes the same dataset)
-        out = disk_outputs(cfg.output_format, cfg.output, meta, threaded=True, metrics=self.metrics)
+        # one place opens the disk outputs for serve, replay and demo (a restart resumes the same dataset); their
+        # writers share a fixed pool of threads, however many acquisitions are open
+        out = disk_outputs(cfg.output_format, cfg.output, meta, threaded=True, metrics=self.metrics,
+                           pool=self._pool("writer", cfg.writer_threads))
         if cfg.output is not None and cfg.output_format != "npy":  # named in status, for viewers to follow
             from streamer.sinks.factory import output_path
 
+            self.datasets.pop(meta.acquisition_id, None)  # most recent last: viewers follow the last one
             self.datasets[meta.acquisition_id] = str(output_path(cfg.output_format, cfg.output, meta.acquisition_id))
+            while len(self.datasets) > MAX_LISTED:  # the status reply stays bounded, however many acquisitions
+                self.datasets.pop(next(iter(self.datasets)))
         if self._display_pub is not None:
             from streamer.display import DisplaySink
 
             out.append((ThreadedSink(DisplaySink(self._display_pub), queue_size=1, on_full="drop_oldest",
-                                     critical=False, metrics=self.metrics), False))
+                                     critical=False, metrics=self.metrics, pool=self._pool("display", 1)), False))
         return out
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
@@ -181,21 +199,27 @@ class Service:
         cfg = self.config
         check_bind(cfg.ingest, cfg.keys)
         # The control socket can stop the service and is not encrypted: it never leaves this machine.
-        check_bind(cfg.control, None)
+        check_local_bind(cfg.control, "control (--control)", cfg.keys)
         if cfg.display is not None:  # the display stream is not encrypted either
-            check_bind(cfg.display, None)
+            check_local_bind(cfg.display, "display (--display)", cfg.keys)
         reconstructing = cfg.mode in (PipelineMode.full, PipelineMode.sr_rl, PipelineMode.classical)
         if reconstructing and self.stage_factory == self.default_stages_fn:
             try:
                 import engines.reconstruct  # noqa: F401  (fail at start, not at the first stack)
             except ImportError as err:
                 raise ServiceError(f"mode '{cfg.mode}' needs engines.reconstruct: {err}") from None
+        self._dask, workers = None, None
+        if cfg.scheduler is not None and cfg.mode is not PipelineMode.none:  # the chain runs on the cluster
+            from streamer.distributed.live import connect_live
+
+            self._dask, workers = connect_live(cfg, self.metrics, self._close_resources)
         try:
             self.recording = RecordingWriter(cfg.recording, fsync_every=cfg.fsync_every)
         except RecordingError as err:
             self._close_resources()
             raise ServiceError(str(err)) from None
         self.metrics.set_gauge("recording_recovered_bytes", self.recording.recovered_bytes)
+        return_big_buffers_to_the_os()
         budget = int(memory_budget_bytes(cfg.memory_budget_gb))
         try:
             ledger = ResumeLedger(cfg.recording)
@@ -207,7 +231,7 @@ class Service:
             max_open=cfg.max_open_stacks, ledger=ledger, device=cfg.device,
             process_incomplete=cfg.process_incomplete, max_stack_bytes=min(int(cfg.max_stack_gb * 1e9), budget),
             max_acquisitions=cfg.max_acquisitions, idle_s=cfg.acquisition_idle_s,
-            work_check=make_work_check(cfg.mode, budget),
+            work_check=make_work_check(cfg.mode, budget), worker_factory=workers,
         )
         self._resume_from = self._published = len(self.recording)
         pull = self.ctx.socket(zmq.PULL)
@@ -289,6 +313,12 @@ class Service:
         return self.final_summary or {}
 
     def _close_resources(self) -> None:
+        for pool in self._pools.values():  # the processor closed every output: the writers have nothing left
+            pool.close()
+        self._pools.clear()
+        if getattr(self, "_dask", None) is not None:
+            self._dask.close()
+            self._dask = None
         if self._curve is not None:
             self._curve.close()
             self._curve = None
@@ -460,8 +490,15 @@ class Service:
     def _control(self, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        next_refresh = 0.0
         try:
             while not self.stopped.is_set():
+                if self._curve is not None and time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + 1.0  # the allow-list folder is checked once a second
+                    try:
+                        self._curve.refresh()
+                    except Exception as err:  # an unreadable key: keep the previous list, say why
+                        log.warning("CURVE allow-list not reloaded: %s", clip(str(err)))
                 if not poller.poll(100):
                     if self._stop.is_set() and all(not t.is_alive() for t in self._threads[:2]):
                         break
@@ -523,6 +560,25 @@ class Service:
         snap["state"] = "error" if self.error else ("stopping" if self._stop.is_set() else "running")
         snap["error"] = clip(str(self.error)) if self.error else None
         return snap
+
+
+def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation above ``threshold`` with its own mapping, unmapped when freed.
+
+    By default glibc raises that threshold after each big free (up to 32 MB), so big received messages end up on
+    the heap, whose freed memory is rarely given back: 40 junk 32 MB messages left ~400 MB of resident memory
+    after they were rejected. A fixed threshold keeps received messages out of the heap. False where not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
 def memory_budget_bytes(gb: float | None) -> float:

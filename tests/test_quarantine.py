@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamer.cli.status_cmd import format_status
 from streamer.ledger import QUARANTINE_LOG, ResumeLedger
 from streamer.metrics import Metrics
 from streamer.pipeline import Stage
@@ -69,6 +70,9 @@ def test_failing_stack_is_quarantined_and_skipped_with_its_reason_after_restart_
     (q,) = st["quarantined"]
     assert q["stack"] == "q t=1 c=0" and f"containing {POISON}" in q["reason"]
     assert any("quarantined" in e for e in st["errors"]["last"])
+    text = format_status(st)  # what `rllsm status` prints without --json
+    assert "quarantined (1;" in text and f"q t=1 c=0: " in text and f"containing {POISON}" in text
+    assert "last errors:" in text
     out = tmp_path / "out" / "q"
     assert sorted(p.name for p in out.iterdir()) == ["t00000_c0.npy", "t00001_c0.skipped.txt", "t00002_c0.npy"]
     ledger = [json.loads(line) for line in (tmp_path / "rec" / QUARANTINE_LOG).read_text().splitlines()]
@@ -179,3 +183,36 @@ def test_a_stack_is_marked_done_only_when_its_writer_finished(tmp_path):
     # a restart finds them done: their records are skipped by header
     again = StackProcessor(lambda start: [], lambda meta: [], Metrics(), ledger=ResumeLedger(rec))
     assert all(again.skip_if_done(m[0], record=i) for i, m in enumerate(msgs[1:-1], start=1))
+
+
+def test_serve_prints_a_readable_summary_at_normal_verbosity(tmp_path):
+    from resource_probe import Served
+
+    svc = Served(tmp_path, "--format", "npy", mode="none")
+    try:
+        msgs = messages("v")
+        with pusher(svc.endpoints["ingest"]) as sock:
+            send_all(sock, msgs)
+        assert wait_for(lambda: svc.caught_up(len(msgs)), 30)
+        code, _ = svc.stop()
+    finally:
+        svc.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0
+    assert "acquisition v closed (ended): 3 volumes output, 3 stacks complete, 0 incomplete" in log
+
+
+def test_idle_acquisition_is_closed_and_reopened_by_its_next_message(tmp_path):
+    rng = np.random.default_rng(5)
+    s0, s1 = (rng.integers(0, 999, SHAPE, dtype=np.uint16) for _ in range(2))
+    with Service(config(tmp_path, mode="none", acquisition_idle_s=0.5)) as svc:
+        with pusher(svc.ingest_endpoint) as sock:
+            send_all(sock, [start_msg("idle", SHAPE[0], SHAPE[1:])] + stack_frames("idle", 0, s0, None, 1))
+            assert wait_for(lambda: svc.processor.status().summary_of("idle") is not None, 10)
+            assert svc.processor.status().summary_of("idle")["closed"] == "idle"
+            assert svc.metrics.counter("acquisitions_closed_idle") == 1
+            assert svc.status()["queues"]["open_acquisitions"] == 0
+            send_all(sock, stack_frames("idle", 1, s1, None, 1 + SHAPE[0]))  # the same acquisition goes on
+            assert wait_for(lambda: svc.metrics.counter("volumes_output") == 2, 10)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "idle" / "t00000_c0.npy"), s0)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "idle" / "t00001_c0.npy"), s1)

@@ -30,7 +30,15 @@ def test_kill_9_at_random_moment_loses_no_recorded_stack(tmp_path, seed):
     import stress_kill
 
     r = stress_kill.run_once(seed, tmp_path, n_stacks=30)
-    assert r["recorded"] > 0 and r["whole"] + r["partial"] > 0
+    assert r["recorded"] > 0 and r["whole"] + r["partial"] > 0 and r["written_twice"] == 0
+
+
+@pytest.mark.slow
+def test_kill_9_while_processing_writes_every_stack_exactly_once(tmp_path):
+    import stress_kill
+
+    r = stress_kill.run_once(7, tmp_path, n_stacks=20, phase="processing")
+    assert r["whole"] == 20 and r["written_twice"] == 0
 
 
 # --- fuzzing ------------------------------------------------------------------------------------------------------
@@ -179,3 +187,16 @@ def test_disk_full_stops_cleanly_and_keeps_the_recording(tmp_path):
         for i in range(len(rec)):
             wire.decode(rec.read(i))  # every kept record is a whole, valid message
     assert summary["stopped_by_error"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_fuzzing_a_real_serve_never_stops_it_and_its_recording_restarts_and_replays(tmp_path):
+    import fuzz_serve
+
+    # deep nesting, extreme integers, lone surrogates, wrong types, oversized metadata, valid-but-extreme stacks;
+    # the ≥10,000-message run is `python scripts/fuzz_serve.py` (docs/benchmarks/streaming.md)
+    r = fuzz_serve.run(tmp_path, 1500, seed=3, fmt="zarr")
+    assert r["messages"] >= 1500 and r["rejected"] > 1000 and r["valid_volumes"] > 0
+    assert r["restart_exit"] == 0 and r["offline_replay_exit"] == 0
+    assert r["status_bytes"] < 100_000 and r["summary_bytes"] < 200_000

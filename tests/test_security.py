@@ -89,3 +89,44 @@ def test_control_socket_stays_on_loopback_even_with_keys(tmp_path):
                         keys=tmp_path / "keys", mode="none")
     with pytest.raises(InsecureBindError, match="tcp://0.0.0.0:0"):
         Service(cfg).start()
+
+
+def _handshake_result(ctx, endpoint, secret, server_pub) -> int:
+    s, mon = _client(ctx, endpoint, secret, server_pub)
+    try:
+        return _handshake(mon)
+    finally:
+        s.close(0)
+        mon.close(0)
+
+
+def test_allow_list_reloads_when_clients_folder_changes(tmp_path):
+    keys = generate_keys(tmp_path / "keys")
+    new_pub, new_sec = zmq.auth.create_certificates(tmp_path, "newcomer")
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", recording=tmp_path / "rec",
+                        keys=tmp_path / "keys", mode="none")
+    ctx = zmq.Context()
+    with Service(cfg) as svc:
+        ep = svc.ingest_endpoint
+        ok = zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert _handshake_result(ctx, ep, keys["client_acquisition_secret"], keys["server_public"]) == ok
+        assert _handshake_result(ctx, ep, new_sec, keys["server_public"]) != ok
+        import shutil
+
+        shutil.copyfile(new_pub, tmp_path / "keys" / "clients" / "newcomer.key")  # allowed from now on
+        keys["client_acquisition_allowed"].unlink()  # and this one revoked
+        assert wait_for(lambda: _handshake_result(ctx, ep, new_sec, keys["server_public"]) == ok, 15, 0.2)
+        assert wait_for(lambda: _handshake_result(ctx, ep, keys["client_acquisition_secret"],
+                                                  keys["server_public"]) != ok, 15, 0.2)
+    ctx.term()
+
+
+def test_keys_with_non_loopback_control_says_what_is_wrong(tmp_path, capsys):
+    from streamer.cli import main
+
+    generate_keys(tmp_path / "keys")
+    code = main(["serve", "--ingest", "tcp://127.0.0.1:0", "--control", "tcp://0.0.0.0:0", "--keys",
+                 str(tmp_path / "keys"), "-r", str(tmp_path / "r"), "--mode", "none", "--display", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "tcp://0.0.0.0:0" in err and "never encrypted" in err and "ingest socket only" in err
+    assert "no CURVE keys are configured" not in err

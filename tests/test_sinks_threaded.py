@@ -210,3 +210,38 @@ def test_bad_policy_is_refused(tmp_path: Path) -> None:
         ThreadedSink(open_sink(OmeZarrConfig(path=tmp_path / "x.zarr")), on_full="sometimes")  # type: ignore[arg-type]
     with pytest.raises(SinkStateError, match="queue_size"):
         ThreadedSink(open_sink(OmeZarrConfig(path=tmp_path / "x.zarr")), queue_size=0)
+
+
+def test_many_sinks_share_a_fixed_pool_in_order_and_a_stalled_one_does_not_stop_the_others(tmp_path: Path) -> None:
+    from streamer.sinks.pool import WriterPool
+
+    pool = WriterPool(2, "test-writer")
+    stalled = GatedSink(open_sink(OmeZarrConfig(path=tmp_path / "stalled.ome.zarr")))
+    slow = ThreadedSink(stalled, queue_size=2, on_full="block", pool=pool)
+    slow.setup(meta())
+    slow.append(vol(0), VolumeIndex(0))
+    assert stalled.entered.wait(10)  # one pool thread is now stuck in this sink's disk
+    before = threading.active_count()  # the zarr library's own threads started with the first dataset
+    sinks, confirmed = [], []
+    for k in range(12):
+        s = ThreadedSink(open_sink(OmeZarrConfig(path=tmp_path / f"r{k}.ome.zarr")), queue_size=8, on_full="block",
+                         pool=pool)
+        s.add_done_listener(lambda index, stored, k=k: confirmed.append((k, index.timepoint, stored)))
+        s.setup(meta())
+        sinks.append(s)
+    for t in range(3):
+        for s in sinks:
+            s.append(vol(t), VolumeIndex(t))
+    sinks[0].skip(VolumeIndex(3), "incomplete")
+    for s in sinks:
+        assert s.flush(20)
+    assert threading.active_count() == before  # 13 sinks, no thread of their own
+    for k in range(12):  # each sink's volumes confirmed in the order they were written
+        assert [t for kk, t, _ in confirmed if kk == k] == ([0, 1, 2, 3] if k == 0 else [0, 1, 2])
+    assert (0, 3, False) in confirmed
+    stalled.gate.set()
+    for s in [slow, *sinks]:
+        assert s.close(timeout=20).written == (1 if s is slow else 3)
+    arr = zarr.open_group(tmp_path / "r5.ome.zarr", mode="r")["0"]
+    assert [int(arr[t].max()) for t in range(3)] == [1, 2, 3]
+    pool.close()

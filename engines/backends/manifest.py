@@ -8,27 +8,18 @@ backend can reject a bad input with the valid range in the message instead of fa
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from engines.backends.errors import ModelSourceError
+from engines.support import Precision, StrictModel
 
 MANIFEST_NAME = "manifest.json"
 
 
-class Precision(StrEnum):
-    """Arithmetic precision inside the network; inputs and outputs stay float32 at every precision."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictModel  # Precision and the base model live in engines.support, the project's one vocabulary
 
 
 class TensorInfo(_Strict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,19 +18,10 @@ from engines.backends.base import Backend
 from engines.backends.errors import BackendUnavailableError, EngineFileError, EngineMismatchError, ModelSourceError
 from engines.backends.manifest import MANIFEST_NAME, Manifest, Precision, read_manifest
 from engines.backends.models import get_model
+from engines.support import BackendName, StrictModel  # the one module of allowed values
 
 log = logging.getLogger(__name__)
 
-
-class BackendName(StrEnum):
-    """Backends selectable with ``--backend``."""
-
-    AUTO = "auto"
-    TORCH = "torch"
-    ONNXRUNTIME = "onnxruntime"
-    ONNXRUNTIME_CUDA = "onnxruntime-cuda"
-    ONNXRUNTIME_TENSORRT = "onnxruntime-tensorrt"
-    TENSORRT = "tensorrt"
 
 
 #: Best-first order used by ``auto``.  With a GPU the compiled engines come first; on the CPU ONNX Runtime is
@@ -40,10 +30,8 @@ AUTO_ORDER_GPU = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch
 AUTO_ORDER_CPU = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime", "torch")
 
 
-class BackendConfig(BaseModel):
+class BackendConfig(StrictModel):
     """How networks are run; the ``backend`` section of a pipeline config, or ``--backend`` & co."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     backend: BackendName = Field(BackendName.AUTO, description="Which runtime runs the networks.")

@@ -12,10 +12,11 @@ import math
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from engines.config import OpticsConfig, describe_validation_error
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 
 SIM_CONFIG_VERSION = 1
 MAX_VOXELS = 400_000_000  # raw stack voxels (e.g. 101 × 1990 × 1990)
@@ -39,15 +40,13 @@ class Structure(StrEnum):
 PositiveDim = Annotated[int, Field(ge=4, le=4096)]
 
 
-class SimConfig(BaseModel):
+class SimConfig(StrictModel):
     """Everything a simulated rLLSM acquisition depends on (besides the seed and the number of timepoints).
 
     Lengths are in µm unless the name says ``_px``; intensities are in detected photons unless the name says
     ``counts``. ``shape`` is the *raw* camera stack (planes, rows, columns); the skew axis is the one named by
     ``optics.skew_axis`` and the mirror crosses it at ``mirror_position`` (fraction of its length).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = SIM_CONFIG_VERSION
     optics: OpticsConfig = Field(default_factory=OpticsConfig)

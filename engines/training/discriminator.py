@@ -11,15 +11,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from engines.support import StrictModel
 
-class DiscriminatorConfig(BaseModel):
+
+class DiscriminatorConfig(StrictModel):
     """Width of the VSI-SR discriminator (published: in 3 channels, base 32)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     in_channels: int = Field(3, ge=1, le=16)

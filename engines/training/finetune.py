@@ -13,8 +13,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from engines.support import StrictModel
 from engines.training.common import (
     Monitor,
     TrainingError,
@@ -33,10 +34,8 @@ from engines.vsisr.network import VSISR
 STATE_NAME = "finetune_state.pt"
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(StrictModel):
     """Hyper-parameters of fine-tuning (defaults: the published ones)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     iterations: int = Field(30, ge=1, le=1_000_000)

@@ -24,13 +24,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from engines.rldfn.checkpoint import save_reference_folder, save_rldfn
 from engines.rldfn.network import DualViewFusionNet
 from engines.rldfn.rl import psf_to_otf, rl_corrections
+from engines.support import StrictModel
 from engines.training.common import (
     Monitor,
     TrainingError,
@@ -45,10 +46,8 @@ from engines.training.losses import tv_loss
 STATE_NAME = "fusion_state.pt"
 
 
-class FusionTrainConfig(BaseModel):
+class FusionTrainConfig(StrictModel):
     """RL-DFN training hyper-parameters (published values where they exist)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     steps: int = Field(10_000, ge=1, le=10_000_000)

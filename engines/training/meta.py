@@ -24,9 +24,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch.func import functional_call
 
+from engines.support import StrictModel
 from engines.training.common import (
     Monitor,
     TrainingError,
@@ -50,10 +51,8 @@ STATE_NAME = "meta_state.pt"
 Params = dict[str, torch.Tensor]
 
 
-class MetaConfig(BaseModel):
+class MetaConfig(StrictModel):
     """Meta-training hyper-parameters (defaults: the published ones)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     steps: int = Field(100_000, ge=1, le=10_000_000, description="Meta (outer) steps.")

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from scipy.ndimage import gaussian_filter
 
 from engines.config import OpticsConfig
+from engines.support import StrictModel
 from engines.training.data import (
     IN_PLANES,
     INDEX_VERSION,
@@ -36,10 +37,8 @@ log = logging.getLogger(__name__)
 Cell = tuple[str, np.ndarray, np.ndarray]  # (cell name, LLSM (Z,Y,X), GT (Z,1.5Y,1.5X)), both in [0, 1]
 
 
-class PrepareConfig(BaseModel):
+class PrepareConfig(StrictModel):
     """How patches are cut and stored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     patch: int = Field(64, ge=8, le=512, description="LLSM patch size (the GT patch is 1.5× this).")
@@ -53,10 +52,8 @@ class PrepareConfig(BaseModel):
     seed: int = 0
 
 
-class SyntheticSource(BaseModel):
+class SyntheticSource(StrictModel):
     """Cells drawn from :mod:`engines.training.synthetic` (or the full simulator when ``simulator``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     task_structures: tuple[str, ...] = ("filaments", "puncta", "tubules", "meshwork")
@@ -67,10 +64,8 @@ class SyntheticSource(BaseModel):
     photons: float = Field(300.0, gt=0, le=1e6)
 
 
-class SimulatorSource(BaseModel):
+class SimulatorSource(StrictModel):
     """Cells from the rLLSM simulator (:mod:`engines.simulate`); one task per structure × photon level."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     task_structures: tuple[str, ...] = ("filaments", "beads")

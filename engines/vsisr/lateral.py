@@ -23,10 +23,11 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from engines.errors import RllsmValueError
+from engines.support import StrictModel
 from engines.vsisr.network import SCALE
 from engines.vsisr.otf import OTFSet, load_otfs
 from engines.vsisr.recombine import (
@@ -53,10 +54,8 @@ class LateralSRError(RllsmValueError):
     """The stack or the model cannot be used for lateral SR (wrong dimensions, too few planes, …)."""
 
 
-class LateralSRParams(BaseModel):
+class LateralSRParams(StrictModel):
     """Parameters of Step 2 (defaults = the published script)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     otf_weight: float = Field(8.0, ge=0.0, le=1000.0, description="Weight of the side-band OTF per orientation.")

@@ -20,21 +20,21 @@ checkpoints, which is how :mod:`engines.vsisr.checkpoint` maps between the two l
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engines.support import StrictModel
+
 #: Upsampling factor in y and x; fixed by the trained weights, not a tunable.
 SCALE = 1.5
 
 
-class VSISRConfig(BaseModel):
+class VSISRConfig(StrictModel):
     """Hyper-parameters of the VSI-SR generator (defaults = the published model)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     in_channels: int = Field(7, ge=1, le=64, description="Adjacent planes fed to the network.")

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backends", default="torch,onnxruntime",
                    help="comma-separated, first is the baseline of the ratios "
                         "(torch, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    from engines.support import Precision
+
+    p.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.FP32.value)
     p.add_argument("--checkpoint", default=None, help="weights (default: random init — speed does not depend on them)")
     p.add_argument("--batch", type=int, default=4, help="VSI-SR windows per network call")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5; --report: 2)")
@@ -30,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "DIR/report.json and DIR/report.md; < 8 min on one H100/H200; without a GPU it says so and "
                         "measures the CPU at a small size")
     g.add_argument("--size", default=None, metavar="ZxYxX",
-                   help="raw stack of the report (default 101x768x768 on a GPU, 48x96x96 on the CPU)")
-    g.add_argument("--modes", default="classical,sr-rl,full", help="report: modes to time (default %(default)s)")
+                   help="raw stack of the report (default 101x768x768 on a GPU, 32x64x64 on the CPU)")
+    g.add_argument("--modes", default=None,
+                   help="report: modes to time (default classical,sr-rl,full on a GPU, classical on the CPU)")
     g.add_argument("--precisions", default=None,
                    help="report: network precisions (default fp32,bf16,fp16 on a GPU, fp32 on the CPU)")
     g.add_argument("--live-stacks", type=int, default=None, help="report: stacks streamed per mode (GPU 5, CPU 2)")
@@ -86,7 +89,8 @@ def _report(args: argparse.Namespace) -> int:
         if size is not None and len(size) != 3:
             raise CLIError(f"--size needs Z×Y×X, got {args.size}")
         report = run_report(
-            args.report, size=size, modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+            args.report, size=size,
+            modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None,
             precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()) if args.precisions else None,
             repeats=args.repeats or 2, live_stacks=args.live_stacks, budget_s=args.budget_s,
             run_tests=not args.no_tests, device=args.device)

@@ -204,10 +204,13 @@ def run(args: argparse.Namespace) -> int:
     shape = _parse_shape(args.shape) if args.shape else None
     try:
         from streamer.cli.backend_options import backend_config_from_args
+        from streamer.cli.progress import heartbeat
 
-        summary = run_demo(args.out, timepoints=args.timepoints, shape=shape, mode=args.mode,
-                           device=args.device, seed=args.seed, timeout_s=args.timeout,
-                           backend=backend_config_from_args(args))
+        # Start-up (imports, weights) and streaming show as a moving elapsed time.
+        with heartbeat("demo", disable=getattr(args, "quiet", False)):
+            summary = run_demo(args.out, timepoints=args.timepoints, shape=shape, mode=args.mode,
+                               device=args.device, seed=args.seed, timeout_s=args.timeout,
+                               backend=backend_config_from_args(args))
     except (RuntimeError, SimulationError) as err:
         raise CLIError(str(err)) from None
     print(f"demo: {summary['timepoints']} stacks reconstructed ({summary['mode']}) in {summary['wall_s']} s")

@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="linear (as cudaDecon) or cubic (as the reference's MATLAB deskew); default cubic")
     p.add_argument("--pad", type=float, default=0.0, metavar="VALUE",
                    help="value outside the raw frame (cudaDecon uses the camera background); default 0")
-    p.add_argument("--dtype", choices=["float32", "uint16"], default="float32",
+    from engines.support import OutputDType
+
+    p.add_argument("--dtype", choices=[d.value for d in OutputDType], default=OutputDType.FLOAT32.value,
                    help="output type; uint16 clips to 0–65535 and truncates, as cudaDecon (default float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if present)")
     add_optics_args(p)  # brings --skew-axis x|y among the optics flags

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, choices=["vsi-sr", "rl-dfn"])
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="weights: .pth/.pt file (VSI-SR, RL-DFN rllsm format) or RL-DFN reference folder")
-    p.add_argument("--format", choices=["onnx", "engine"], default="onnx",
+    from engines.support import ExportFormat
+
+    p.add_argument("--format", choices=[f.value for f in ExportFormat], default=ExportFormat.ONNX.value,
                    help="engine = ONNX first, then a TensorRT engine (needs TensorRT and a GPU)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--precision", choices=[x.value for x in Precision], default="fp32",
@@ -40,11 +42,6 @@ def run(args: argparse.Namespace) -> int:
     from streamer.cli import CLIError
     from streamer.cli.paths import check_input_file, check_output_dir
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():  # an RL-DFN reference checkpoint is a folder
-        check_input_file(checkpoint, "--checkpoint")
-    check_output_dir(Path(args.out), (f"{args.model}.onnx", "golden.npz", "manifest.json"),
-                     overwrite=args.overwrite, what="export folder")
     try:
         from engines.backends.errors import BackendError
         from export.api import export_model, parse_shape, resolve_ranges
@@ -54,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
         shapes = {w: parse_shape(getattr(args, f"{w}_shape")) if getattr(args, f"{w}_shape") else None
                   for w in ("min", "opt", "max")}
         ranges = resolve_ranges(args.model, shapes["min"], shapes["opt"], shapes["max"])
+        # Flags first (cheap), then the files, all before the minutes of export.
+        checkpoint = Path(args.checkpoint)
+        if not checkpoint.is_dir():  # an RL-DFN reference checkpoint is a folder
+            check_input_file(checkpoint, "--checkpoint")
+        check_output_dir(Path(args.out), (f"{args.model}.onnx", "golden.npz", "manifest.json"),
+                         overwrite=args.overwrite, what="export folder")
         manifest = export_model(args.model, args.checkpoint, args.out, fmt=args.format, precision=args.precision,
                                 ranges=ranges, opset=args.opset, seed=args.seed, n_profiles=args.streams,
                                 workspace_gib=args.workspace_gib, overwrite=args.overwrite,

@@ -48,7 +48,7 @@ def optics_from_args(args: argparse.Namespace) -> OpticsConfig:
     except ConfigError as err:
         text = " ".join(str(err).split())
         for name in overrides:  # a value from a flag is named as the flag the user typed
-            text = text.replace(f"field '{name}' =", f"--{name.replace('_', '-')} =")
+            text = text.replace(f"field '{name}' =", f"--{name.replace('_', '-')} (field '{name}') =")
         raise CLIError(text) from None
 
 

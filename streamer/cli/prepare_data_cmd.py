@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "LLSM 7×p×p ↔ GT 3×1.5p×1.5p patches and store them as npz shards with an index.json. "
                     "Source: a folder <Structure>/<Cell>/{LLSM *.tif, gt.tif} or simulated cells.")
     p.add_argument("out", help="output folder (created)")
+    from streamer.cli.paths import add_overwrite_arg
+
+    add_overwrite_arg(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-folder", metavar="DIR", help="root of <Structure>/<Cell>/ folders with gt.tif + LLSM tifs")
     src.add_argument("--synthetic", action="store_true", help="cells from the small built-in generator (fast)")
@@ -48,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The folder must be usable before any work; an existing dataset is replaced only with --overwrite.
+    from pathlib import Path
+
+    from streamer.cli.paths import check_output_dir
+
+    check_output_dir(Path(args.out), ("index.json",), overwrite=args.overwrite)
     from pathlib import Path
 
     from pydantic import ValidationError

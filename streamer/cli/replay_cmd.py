@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --offline: planes of the fused output grid, as for `rllsm serve`")
     p.add_argument("--stack-timeout", type=float, default=5.0, metavar="S", help="as for `rllsm serve`")
     p.add_argument("--keys", nargs=2, metavar=("CLIENT_SECRET", "SERVER_PUBLIC"), help="CURVE client keys")
+    from streamer.distributed.cli import add_cluster_args
+
+    add_cluster_args(p, "with --offline, one task per stack, each written to DIR/<acquisition>.ome.zarr, resumable")
     from streamer.cli.backend_options import add_backend_args
     from streamer.cli.model_options import add_model_args
 
@@ -40,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
     from streamer.pipeline import PipelineError
     from streamer.recording import RecordingError
     from streamer.replay import ReplayError, parse_speed, replay_offline, replay_to
+    from streamer.outputs import CriticalOutputError
     from streamer.sinks.base import SinkError
 
+    if not args.offline and (args.workers is not None or args.scheduler is not None):
+        raise CLIError("--workers/--scheduler go with --offline (a service given with --connect runs its own)")
     try:
         if args.offline:
             if args.out is None:
@@ -52,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
             src = sources_from_args(args)
             mode = resolve_mode(args.mode, vsisr=src.checkpoint is not None or src.weights is not None,
                                 rldfn=src.model is not None or src.weights is not None)
+            if args.workers is not None or args.scheduler is not None:  # one OME-Zarr per acquisition on Dask
+                from streamer.distributed.cli import run_replay
+
+                return run_replay(args, backend_config_from_args(args), src, mode)
             summary = replay_offline(args.recording, args.out, mode=mode, device=args.device,
                                      timeout_s=args.stack_timeout, sources=src,
                                      output_format=args.output_format, fused_depth=args.fused_depth,
@@ -59,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             keys = tuple(args.keys) if args.keys else None
             summary = replay_to(args.recording, args.connect, speed=parse_speed(args.speed), client_keys=keys)
-    except (ReplayError, RecordingError, PipelineError, SinkError) as err:
+    except (ReplayError, RecordingError, PipelineError, SinkError, CriticalOutputError) as err:
         raise CLIError(str(err)) from None
     print(json.dumps(summary, indent=1, default=str))
     return 0

@@ -25,7 +25,8 @@ def format_status(s: dict[str, Any]) -> str:
     lines.append("queues: " + "  ".join(f"{k}={v}" for k, v in q.items()))
     c = s.get("counters", {})
     keys = ["messages_received", "bytes_received", "messages_rejected", "stacks_complete", "stacks_incomplete",
-            "volumes_output", "messages_spilled", "display_errors", "stage_errors"]
+            "volumes_output", "messages_spilled", "display_errors", "stage_errors", "quarantined",
+            "quarantine_skipped"]
     lines.append("counters: " + "  ".join(f"{k}={c[k]:g}" for k in keys if k in c))
     for name, st in s.get("stages", {}).items():
         lines.append(f"  stage {name:<20} n={st['count']:<6} p50={st['p50_ms']:.1f} ms  p99={st['p99_ms']:.1f} ms")
@@ -36,10 +37,24 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append("output drops: " + "  ".join(f"{k}={v}" for k, v in drops.items()))
     errs = s.get("errors", {})
     if errs.get("by_type"):
-        lines.append("rejected: " + "  ".join(f"{k}={v}" for k, v in errs["by_type"].items()))
-        lines.extend(f"  {e}" for e in errs.get("last", [])[-5:])
-    for inc in s.get("incomplete_stacks", [])[-5:]:
-        lines.append(f"  incomplete {inc['stack']}: {inc['reason']}, missing {len(inc['missing_planes'])} planes")
+        lines.append("errors: " + "  ".join(f"{k}={v}" for k, v in errs["by_type"].items()))
+    if errs.get("last"):
+        lines.append("last errors:")
+        lines.extend(f"  {e}" for e in errs["last"][-10:])
+    n_q = s.get("quarantined_total", 0)
+    if n_q:
+        lines.append(f"quarantined ({n_q}; skipped on restart and replay, see quarantine.log in the recording):")
+        for q in s.get("quarantined", [])[-10:]:
+            what = q.get("stack") or (f"acquisition {q['acquisition']}" if q.get("acquisition") else
+                                      f"record {q.get('record')}")
+            lines.append(f"  {what}: {q.get('reason')}")
+    inc = s.get("incomplete_stacks", [])
+    if inc:
+        lines.append(f"incomplete stacks ({s.get('incomplete_total', len(inc))}):")
+    for i in inc[-5:]:
+        n = i.get("n_missing", len(i.get("missing_planes", [])))
+        lines.append(f"  {i['stack']}: {i['reason']}, missing {n} plane{'s' * (n != 1)} "
+                     f"({i.get('missing') or i.get('missing_planes')})")
     return "\n".join(lines)
 
 

@@ -58,7 +58,12 @@ def _read(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    # The folder must be usable before any work (a resume state inside it is kept, by design).
     from pathlib import Path
+
+    from streamer.cli.paths import check_output_dir
+
+    check_output_dir(Path(args.out), ())
 
     import numpy as np
     from pydantic import ValidationError

@@ -17,6 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The folder must be usable before any work (a resume state inside it is kept, by design).
+    from pathlib import Path
+
+    from streamer.cli.paths import check_output_dir
+
+    check_output_dir(Path(args.out), ())
     from streamer.cli import CLIError
     from streamer.display import DisplayError, watch
 

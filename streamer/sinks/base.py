@@ -77,7 +77,7 @@ def describe_os_error(err: OSError) -> str:
     }.get(err.errno or -1, err.strerror or "")
     if not what:
         # writers report a short write without an errno; on a local disk that is a full disk
-        what = "short write (disk full?)" if "written" in str(err) else type(err).__name__
+        what = "disk full or file size limit reached (short write)" if "written" in str(err) else type(err).__name__
     return f"{what} ({err})"
 
 

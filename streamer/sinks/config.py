@@ -6,7 +6,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from engines.support import StrictModel
 
 SINK_CONFIG_VERSION = 1
 
@@ -24,8 +26,7 @@ class TiffCompression(StrEnum):
     zlib = "zlib"
 
 
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Base(StrictModel):
 
     version: Literal[1] = SINK_CONFIG_VERSION
 

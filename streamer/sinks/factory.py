@@ -44,12 +44,13 @@ def open_disk_sink(fmt: str, out: Path, meta: VolumeMeta) -> Sink:
 
 
 def disk_outputs(fmt: str, out: Path | None, meta: VolumeMeta, *, threaded: bool = True,
-                 metrics: Any = None) -> list[tuple[Any, bool]]:
+                 metrics: Any = None, pool: Any = None) -> list[tuple[Any, bool]]:
     """``[(sink, critical=True)]`` for the disk output, or ``[]`` without an output folder.
 
     ``threaded`` puts an OME writer behind :class:`~streamer.sinks.threaded.ThreadedSink` (``on_full="block"``: the
     outputs must be whole; the recording holds the raw data while processing lags), as the live service does; the
-    ``npy`` writer stays synchronous (a file per volume, written before the next stack is processed).
+    ``npy`` writer stays synchronous (a file per volume, written before the next stack is processed). ``pool``: a
+    shared :class:`~streamer.sinks.pool.WriterPool` for the writer instead of a thread of its own.
     """
     if out is None:
         return []
@@ -57,7 +58,7 @@ def disk_outputs(fmt: str, out: Path | None, meta: VolumeMeta, *, threaded: bool
     if threaded and fmt != "npy":
         from streamer.sinks.threaded import ThreadedSink
 
-        sink = ThreadedSink(sink, on_full="block", critical=True, metrics=metrics)
+        sink = ThreadedSink(sink, on_full="block", critical=True, metrics=metrics, pool=pool)
     return [(sink, True)]
 
 

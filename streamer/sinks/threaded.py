@@ -65,11 +65,14 @@ class ThreadedSink:
         ``sink_volumes_written`` / ``sink_volumes_dropped`` / ``sink_errors`` and stage ``write_<name>``.
     on_error
         Called once, from the writer thread, with the error that stopped a critical sink.
+    pool
+        A shared :class:`~streamer.sinks.pool.WriterPool` to write on instead of a thread of its own (the service
+        uses one, so its thread count does not grow with the number of open acquisitions).
     """
 
     def __init__(
         self, inner: Sink, *, queue_size: int = 4, on_full: OnFull = "drop", critical: bool = True,
-        metrics: Any | None = None, on_error: Callable[[SinkError], None] | None = None,
+        metrics: Any | None = None, on_error: Callable[[SinkError], None] | None = None, pool: Any | None = None,
     ) -> None:
         if queue_size < 1:
             raise SinkStateError(f"{inner.name}: queue_size must be ≥ 1, got {queue_size}")
@@ -99,6 +102,10 @@ class ThreadedSink:
         self._done_listeners: list[DoneListener] = []
         self._reject_listeners: list[Callable[[VolumeIndex, str], None]] = []
         self._inner_confirms = False
+        self.pool = pool
+        self._started = False
+        self._scheduled = False  # pool mode: a drain of this sink is queued or running
+        self._finished = False  # the writer handled "stop"
         if metrics is not None:
             labels = {"sink": self.name}
             for c in ("sink_volumes_written", "sink_volumes_dropped", "sink_errors"):
@@ -163,12 +170,23 @@ class ThreadedSink:
 
     def setup(self, meta: VolumeMeta) -> None:
         """Set up the inner sink synchronously (so an unwritable output fails here), then start the writer."""
-        if self._thread is not None:
+        if self._started:
             raise SinkStateError(f"{self.name}: setup() called twice")
         self.inner.setup(meta)
         self._meta = meta
-        self._thread = threading.Thread(target=self._run, name=f"sink-{self.name}", daemon=True)
-        self._thread.start()
+        self._started = True
+        if self.pool is None:
+            self._thread = threading.Thread(target=self._run, name=f"sink-{self.name}", daemon=True)
+            self._thread.start()
+        else:
+            with self._cond:
+                self._kick()
+
+    def _kick(self) -> None:
+        """Pool mode, under the lock: schedule a drain if there is work and none is scheduled."""
+        if self.pool is not None and self._started and self._q and not self._scheduled:
+            self._scheduled = True
+            self.pool.submit(self)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None and self.critical:
@@ -201,6 +219,7 @@ class ThreadedSink:
                 return
             self._q.append(("skip", index, reason))
             self._cond.notify_all()
+            self._kick()
 
     def _put(self, item: tuple[Any, Any, Any], index: VolumeIndex) -> bool:
         dropped: VolumeIndex | None = None
@@ -226,6 +245,7 @@ class ThreadedSink:
             depth = len(self._q)
             self.max_depth = max(self.max_depth, depth)
             self._cond.notify_all()
+            self._kick()
         if self.metrics is not None:
             labels = {"sink": self.name}
             self.metrics.set_gauge("sink_queue_depth", depth, labels=labels)
@@ -243,7 +263,7 @@ class ThreadedSink:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued volume was handed to the inner sink; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: (not self._q and not self._busy) or self._thread is None, timeout)
+            return self._cond.wait_for(lambda: (not self._q and not self._busy) or not self._started, timeout)
 
     def close(self, timeout: float | None = None) -> SinkStats:
         """Write what is queued, close the inner sink and stop the thread.
@@ -258,10 +278,15 @@ class ThreadedSink:
             with self._cond:
                 self._q.append(("stop", None, None))
                 self._cond.notify_all()
+                self._kick()
             if self._thread is not None:
                 self._thread.join(timeout)
                 if self._thread.is_alive():
                     raise SinkWriteError(f"{self.name}: writer did not finish within {timeout} s")
+            elif self._started:  # on the pool
+                with self._cond:
+                    if not self._cond.wait_for(lambda: self._finished, timeout):
+                        raise SinkWriteError(f"{self.name}: writer did not finish within {timeout} s")
             else:
                 self._close_inner()
         self._raise_if_failed()
@@ -270,33 +295,52 @@ class ThreadedSink:
     # --- writer thread --------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self._q))
-                op, a, b = self._q.popleft()
-                self._busy = op != "stop"
-                depth = len(self._q)
-                self._cond.notify_all()
-            if self.metrics is not None:
-                self.metrics.set_gauge("sink_queue_depth", depth, labels={"sink": self.name})
-            if op == "stop":
-                self._flush_skips()
-                self._close_inner()
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+        while self._step(wait=True):
+            pass
+
+    def _drain(self) -> None:
+        """Pool mode: handle a few queued items, then give the thread back (rescheduled if more are waiting)."""
+        for _ in range(16):
+            if not self._step(wait=False):
                 return
-            if self._error is not None and self.critical:
-                # stopped: everything still queued is recorded as lost, never silently
-                if op == "append":
-                    with self._cond:
-                        self._skips[b] = f"{self.name} stopped after an error"
-            else:
-                self._flush_skips()
-                self._do(op, a, b)
+        with self._cond:
+            self._scheduled = False
+            self._kick()
+
+    def _step(self, wait: bool) -> bool:
+        """Handle one queued item; False once stopped (or, not waiting, when the queue is empty)."""
+        with self._cond:
+            if wait:
+                self._cond.wait_for(lambda: bool(self._q))
+            elif not self._q:
+                self._scheduled = False
+                return False
+            op, a, b = self._q.popleft()
+            self._busy = op != "stop"
+            depth = len(self._q)
+            self._cond.notify_all()
+        if self.metrics is not None:
+            self.metrics.set_gauge("sink_queue_depth", depth, labels={"sink": self.name})
+        if op == "stop":
+            self._flush_skips()
+            self._close_inner()
             with self._cond:
                 self._busy = False
+                self._finished = True
                 self._cond.notify_all()
+            return False
+        if self._error is not None and self.critical:
+            # stopped: everything still queued is recorded as lost, never silently
+            if op == "append":
+                with self._cond:
+                    self._skips[b] = f"{self.name} stopped after an error"
+        else:
+            self._flush_skips()
+            self._do(op, a, b)
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+        return True
 
     def _flush_skips(self) -> None:
         with self._cond:
