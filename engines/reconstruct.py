@@ -177,7 +177,7 @@ class Reconstructor:
             # no mirror: no epi-fluorescence band to remove, and the deskewed axis is kept whole
             params = params.model_copy(update={"remove_band": False, "crop_square": False})
         vol, rep = preprocess_tensor(raw, self.optics, params)
-        if uses_lateral_sr(self.params.mode):
+        if uses_lateral_sr(self.params.mode) and self.views_params.mirror_threshold > 0:
             # whether the stack holds a mirror is judged on what the camera saw, before a network reshapes it
             from engines.views import check_mirror_tensor
 
