@@ -53,7 +53,7 @@ class ReconstructParams(StrictModel):
                        "mirror, deskew (+ VSI-SR when given) + single-view Richardson–Lucy.")
     background: BackgroundParams = Field(default_factory=BackgroundParams)
     views: ViewsParams | None = Field(None, description="Step 3; default: the reference's with the objective angle.")
-    iterations: int = Field(10, ge=1, le=500,
+    iterations: int = Field(30, ge=1, le=500,
                             description="Richardson–Lucy iterations (sr-rl, classical, single-view).")
     tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
     overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
