@@ -52,13 +52,17 @@ def _tiny_stack() -> list[Any]:
     return [wire.encode(wire.pixels_header(s, acquisition_id="tiny", seq=0, timepoint=0), s)]
 
 
-def _junk_while_busy() -> list[Any]:
+def _busy() -> list[Any]:
     rng = np.random.default_rng(0)
     busy = [start_msg("busy", 16, (128, 128))]  # real stacks first: the processor lags behind while the junk comes
     for t in range(6):
         busy += stack_frames("busy", t, rng.integers(0, 4000, (16, 128, 128), dtype=np.uint16), None, len(busy))
-    junk = rng.integers(0, 255, 32 << 20, dtype=np.uint8).tobytes()
-    return busy + [[json.dumps({"kind": "frame", "n": i}).encode(), junk] for i in range(40)]
+    return busy
+
+
+def _junk_while_busy() -> list[Any]:
+    junk = np.random.default_rng(1).integers(0, 255, 32 << 20, dtype=np.uint8).tobytes()
+    return _busy() + [[json.dumps({"kind": "frame", "n": i}).encode(), junk] for i in range(40)]
 
 
 CASES = {
@@ -67,15 +71,17 @@ CASES = {
     "100 acquisition_start with 1 MB metadata": (_big_metadata, "classical"),
     "40 never-ending acquisitions (OME-Zarr outputs)": (_never_ending, "none"),
     "one 32 KB stack message of 4096x2x2": (_tiny_stack, "classical"),
+    "6 real stacks alone (the 'busy' of the next case, for comparison)": (_busy, "classical"),
     "40 junk 32 MB messages while busy": (_junk_while_busy, "classical"),
+    "40 junk 32 MB messages while busy, --rcvhwm 8": (_junk_while_busy, "classical", "--rcvhwm", "8"),
 }
 
 
 def run_case(name: str, workdir: Path) -> dict[str, Any]:
-    make, mode = CASES[name]
+    make, mode, *extra = CASES[name]
     msgs = make()
     nbytes = sum(sum(len(p) for p in m) for m in msgs)
-    svc = Served(workdir, "--format", "zarr", mode=mode)
+    svc = Served(workdir, "--format", "zarr", *extra, mode=mode)
     try:
         time.sleep(1.0)
         before, t_before = rss_mb(svc.proc.pid), threads(svc.proc.pid)
