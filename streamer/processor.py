@@ -208,8 +208,18 @@ class StackProcessor:
             self._finish_acquisition(acq, None, reason="idle")
         for run in list(self.router.runs.values()):
             if run.worker is not None:
-                for token, volume in run.worker.poll():
+                for token, volume in self._collect(run, block=False):
                     self._deliver_safely(token, volume)
+
+    def _collect(self, run: Run, block: bool) -> list[tuple[Any, Any]]:
+        """Finished work of a run's worker; a worker failing here (e.g. a device error while copying results back)
+        loses what it held: those stacks are counted and will be redone on restart, the stream goes on."""
+        try:
+            return run.worker.drain() if block else run.worker.poll()
+        except Exception as err:
+            self._stage_error(f"collecting the results of {run.acquisition_id} failed: {type(err).__name__}: {err}")
+            run.worker = None  # rebuilt for the next stack
+            return []
 
     def _expire(self, now: float) -> None:
         for st in self.assembler.expire(now):
@@ -414,7 +424,7 @@ class StackProcessor:
     def _finish_acquisition(self, acq: str, end: AcquisitionEnd | None, reason: str = "ended") -> None:
         run = self.router.get(acq)
         if run is not None and run.worker is not None:
-            for token, volume in run.worker.drain():
+            for token, volume in self._collect(run, block=True):
                 self._deliver_safely(token, volume)
         run = self.router.pop(acq)
         if run is not None and run.outputs is not None:
