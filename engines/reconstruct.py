@@ -457,7 +457,7 @@ class StageChain(list):
 
 def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
                 memory_budget_gb: float | None = None, backend: Any = None, sources: Any = None,
-                fused_depth: int | None = None) -> StageChain:
+                fused_depth: int | None = None, views: ViewsParams | None = None) -> StageChain:
     """Named stages for the streaming service; the fused volume leaves placed in the acquisition's fixed grid.
 
     ``sources`` (:class:`engines.sources.ReconSources`) names the models as for ``rllsm reconstruct``: VSI-SR
@@ -468,6 +468,7 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
     ``backend`` (:class:`engines.backends.BackendConfig`) runs both networks on torch, ONNX Runtime or TensorRT
     (see :func:`load_models`); ``None``: the torch modules. ``fused_depth`` fixes the planes of the output grid
     (default: :func:`engines.grid.nominal_depth` of the first stack).
+    ``views`` replaces Step 3's parameters (default: the reference's with the objective angle).
     """
     from engines.grid import GridFitter, OutputGrid
     from engines.sources import ReconSources, SourcesError, models_from_sources, software_version, sources_provenance
@@ -485,7 +486,7 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
         models, used = models_from_sources(sources, mode, optics, backend=backend)
     except SourcesError as err:
         raise ReconstructError(str(err)) from None
-    params = ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb)
+    params = ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb, views=views)
     rec = Reconstructor(optics, params, models, device=device)
     v = views_voxel_um(optics, mode)  # the fused grid is isotropic: the views' voxel
     fitter = GridFitter(OutputGrid((v, v, v), depth=fused_depth), max_depth=rec.views_params.max_depth)

@@ -153,6 +153,18 @@ def _flop_floor(mode: str, raw_shape: tuple[int, int, int], fused_voxels: int) -
     return floors
 
 
+def _views(optics: Any, mode: str) -> Any:
+    """Step 3's parameters: random-weight networks scramble the mirror image, so the report skips the mirror check
+    in the network modes (it times the split, whatever the score)."""
+    import math
+
+    from engines.views import ViewsParams
+
+    if mode == "classical":
+        return None
+    return ViewsParams(angle_deg=math.copysign(optics.objective_angle_deg, optics.skew_angle_deg), mirror_threshold=0.0)
+
+
 def _time_mode(mode: str, precision: str, raw: np.ndarray, optics: Any, weights: Path, device: Any,
                repeats: int, peak: float) -> dict[str, Any]:
     import torch
@@ -166,7 +178,8 @@ def _time_mode(mode: str, precision: str, raw: np.ndarray, optics: Any, weights:
         models = load_models(vsisr_checkpoint=weights / "vsi-sr.pt",
                              rldfn_weights=weights / "rl-dfn.pt" if mode == "full" else None, optics=optics,
                              backend=BackendConfig(backend="torch", precision=precision, device=str(device)))
-    rec = Reconstructor(optics, ReconstructParams(mode=mode, iterations=10), models, device=device)
+    rec = Reconstructor(optics, ReconstructParams(mode=mode, iterations=10, views=_views(optics, mode)), models,
+                        device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -217,7 +230,8 @@ def _parity(optics_size: tuple[int, int, int], weights: Path, cuda: bool) -> lis
         models = {}
         for dev in ("cuda", "cpu"):
             m = None if mode == "classical" else load_models(vsisr_checkpoint=weights / "vsi-sr.pt", optics=optics)
-            models[dev] = Reconstructor(optics, ReconstructParams(mode=mode, iterations=5), m, device=dev)(raw).fused
+            params = ReconstructParams(mode=mode, iterations=5, views=_views(optics, mode))
+            models[dev] = Reconstructor(optics, params, m, device=dev)(raw).fused
         g, c = models["cuda"], models["cpu"]
         scale = float(np.abs(c).max()) or 1.0
         r = float(np.corrcoef(g.ravel(), c.ravel())[0, 1]) if g.shape == c.shape else float("nan")
@@ -259,7 +273,18 @@ def _live(mode: str, raw: np.ndarray, optics: Any, weights: Path | None, device:
         cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", recording=Path(tmp) / "rec",
                             output=Path(tmp) / "out", output_format="npy", mode=mode, device=device,
                             stack_timeout_s=120.0, **({"weights": weights} if weights is not None else {}))
-        svc = Service(cfg, sink_factory=lambda meta: [(_TimingSink(), False)]).start()
+        def stages(start: Any) -> Any:
+            # the service's own chain (stage_chain, as build_stages wires it), with the report's Step 3 parameters
+            from engines.device import default_memory_budget_gb
+            from engines.reconstruct import stage_chain
+            from streamer.pipeline import Stage
+
+            chain = stage_chain(mode, start.optics, device=device, weights=str(weights) if weights else None,
+                                memory_budget_gb=default_memory_budget_gb(device), views=_views(start.optics, mode))
+            chain[:] = [Stage(s[0], s[1], getattr(s, "kind", "numpy")) for s in chain]
+            return chain
+
+        svc = Service(cfg, stage_factory=stages, sink_factory=lambda meta: [(_TimingSink(), False)]).start()
         last_plane: dict[int, float] = {}
         try:
             nz = raw.shape[0]

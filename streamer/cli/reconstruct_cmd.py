@@ -215,7 +215,8 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
     from streamer.cli import CLIError
 
     mode = rec.params.mode
-    raw = read_stack(src, "raw stack", min_planes=min_planes(mode), needed_by=planes_reason(mode))
+    sr = getattr(rec.models, "vsisr", None) is not None  # single-view runs VSI-SR only when it was given
+    raw = read_stack(src, "raw stack", min_planes=min_planes(mode, sr), needed_by=planes_reason(mode, sr))
     try:
         res = rec(raw, keep_intermediates=keep, progress=progress)
     except RllsmError as err:

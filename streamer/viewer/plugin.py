@@ -134,6 +134,10 @@ class ServicePanel(QWidget):
         if not path:
             self.status.setText(self.status.text() + "\nthe service reports no dataset (is it writing with --out?)")
             return
+        if not path.rstrip("/").endswith(".zarr"):
+            self.status.setText(self.status.text() + f"\nonly OME-Zarr datasets are followed live; {path} is not one "
+                                "(start the service with --format zarr)")
+            return
         self._stop_reader()
         self._start_reader("dataset", path)
 
@@ -183,6 +187,8 @@ class ServicePanel(QWidget):
         if self.following:
             lines.append(f"following {self.following}: {self.live.frames_shown} shown, "
                          f"{self.reader.dropped if self.reader else 0} dropped")
+        if self.reader is not None and self.reader.error is not None:
+            lines.append(f"reading stopped: {self.reader.error}")
         self.status.setText("\n".join(lines))
 
     def close_all(self) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from streamer.display import DisplayClient, DisplayError, DisplayMessage
+from streamer.sinks.volume_log import LOG_NAME
 from streamer.viewer.model import MIP_AXES, Frame, ViewerError, frame_from_volume
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,10 @@ def ngff_voxel_size_um(ome: Mapping[str, Any], dataset: int = 0) -> tuple[tuple[
 class DatasetSource:
     """Frames from an OME-Zarr dataset (NGFF 0.5, Zarr v3, on a local disk) while it is being written.
 
-    A timepoint is shown once it is whole. Our writer says so itself: ``attributes.rllsm.stored`` lists every volume
-    durably written, updated atomically after each one. For other writers the chunk files tell: all of a timepoint's
+    A timepoint is shown once it is whole. Our writer says so itself: its volume table (``0/rllsm_volumes.jsonl``,
+    :mod:`streamer.sinks.volume_log`) gets a line once a volume's chunks are written, read here incrementally (and
+    ``attributes.rllsm.stored``, the summary, for datasets written before the table existed). For other writers the
+    chunk files tell: all of a timepoint's
     chunks are there, or a later timepoint has started (writers go in order), or its chunks did not change for
     ``settle_s`` (chunks equal to the fill value are never written, so a count alone cannot tell), or the dataset
     is marked complete. A dataset that does not exist yet (our writer creates it under ``<name>.partial`` and
@@ -186,6 +189,8 @@ class DatasetSource:
         self._shown: dict[int, tuple[int, int, float]] = {}  # channel -> (t, chunk files, newest mtime) shown
         self._seen: dict[tuple[int, int], tuple[int, float, float]] = {}  # (t, c) -> (files, mtime, first seen)
         self.frames_read = 0
+        self._log_pos = 0  # bytes of the volume table already read
+        self._logged: set[tuple[int, int]] = set()  # (t, c) the table says are stored
         if (self.path / "zarr.json").exists():
             self._open()
 
@@ -244,6 +249,30 @@ class DatasetSource:
                 return frames
             time.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic())))
 
+    def _read_volume_table(self) -> bool:
+        """Take the table's new whole lines into ``_logged``; False when the dataset has no table."""
+        path = self.path / LOG_NAME
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < self._log_pos:  # cut back (a torn line dropped at a restart): read it again
+                    self._log_pos, self._logged = 0, set()
+                fh.seek(self._log_pos)
+                data = fh.read(size - self._log_pos)
+        except FileNotFoundError:
+            return False
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being appended waits for the next poll
+        self._log_pos += len(whole)
+        for line in whole.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("stored") and isinstance(rec.get("t"), int) \
+                    and isinstance(rec.get("c"), int):
+                self._logged.add((rec["t"], rec["c"]))
+        return True
+
     def _poll_once(self) -> list[Frame]:
         if not self._opened:
             if not (self.path / "zarr.json").exists():
@@ -257,6 +286,8 @@ class DatasetSource:
         ours = (group.get("attributes") or {}).get("rllsm") or {}
         complete = bool(ours.get("complete"))
         stored = {(int(t), int(c)) for t, c in ours["stored"]} if isinstance(ours.get("stored"), list) else None
+        if self._read_volume_table():  # the per-volume truth; the attributes' list is a summary that lags
+            stored = (stored or set()) | self._logged
         shape = tuple(meta["shape"])
         grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         per_volume = int(np.prod([-(-s // c) for s, c in zip(shape[-3:], grid[-3:])]))
