@@ -65,8 +65,8 @@ class StackProcessor:
         Opens the outputs of an acquisition once the first volume's geometry is known.
     metrics
         A :class:`streamer.metrics.Metrics` (counters, stage timings).
-    timeout_s, max_open
-        Assembly: incomplete-stack timeout and memory bound (see :class:`StackAssembler`).
+    timeout_s, max_open, max_stack_bytes, max_open_bytes
+        Assembly: incomplete-stack timeout and memory bounds (see :class:`StackAssembler`).
     ledger
         The resume ledger (done and quarantined stacks); None keeps one in memory only.
     device
@@ -85,11 +85,12 @@ class StackProcessor:
         self, stage_factory: StageFactory, sink_factory: SinkFactory, metrics: Any, *, timeout_s: float = 5.0,
         max_open: int = 64, ledger: ResumeLedger | None = None, device: str | None = None,
         process_incomplete: bool = False, max_stack_bytes: int = 8 << 30, max_acquisitions: int = 16,
-        idle_s: float = 600.0, work_check: WorkCheck | None = None,
+        idle_s: float = 600.0, work_check: WorkCheck | None = None, max_open_bytes: int | None = None,
         done_log: str | os.PathLike[str] | None = None, worker_factory: Callable[[AcquisitionStart], Any] | None = None,
     ) -> None:
         self.metrics = metrics
-        self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes)
+        self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes,
+                                        max_open_bytes=max_open_bytes)
         self.router = AcquisitionRouter(stage_factory, sink_factory, device=device, observe=metrics.observe,
                                         max_open=max_acquisitions, idle_s=idle_s, worker_factory=worker_factory)
         if ledger is None:  # done_log: the older spelling, a path to done.log inside the recording folder
