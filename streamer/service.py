@@ -230,6 +230,7 @@ class Service:
             self.stage_factory, self.sink_factory, self.metrics, timeout_s=cfg.stack_timeout_s,
             max_open=cfg.max_open_stacks, ledger=ledger, device=cfg.device,
             process_incomplete=cfg.process_incomplete, max_stack_bytes=min(int(cfg.max_stack_gb * 1e9), budget),
+            max_open_bytes=budget,
             max_acquisitions=cfg.max_acquisitions, idle_s=cfg.acquisition_idle_s,
             work_check=make_work_check(cfg.mode, budget), worker_factory=workers,
         )
