@@ -113,14 +113,14 @@ def resolve_mode(requested: str, *, vsisr: bool = False, rldfn: bool = False) ->
     return default_mode(vsisr=vsisr, rldfn=rldfn, demo_installed=demo_weights_installed()).value
 
 
-def min_planes(mode: str) -> int:
-    """Fewest raw planes a reconstruction mode can work with."""
-    return LATERAL_SR_MIN_PLANES if mode in (Mode.FULL, Mode.SR_RL) else SPLIT_MIN_PLANES
+def min_planes(mode: str, lateral_sr: bool = False) -> int:
+    """Fewest raw planes a reconstruction mode can work with (*lateral_sr*: single-view with VSI-SR)."""
+    return LATERAL_SR_MIN_PLANES if mode in (Mode.FULL, Mode.SR_RL) or lateral_sr else SPLIT_MIN_PLANES
 
 
-def planes_reason(mode: str) -> str:
+def planes_reason(mode: str, lateral_sr: bool = False) -> str:
     """Who needs :func:`min_planes` planes, in words for an error message."""
-    if mode in (Mode.FULL, Mode.SR_RL):
+    if mode in (Mode.FULL, Mode.SR_RL) or lateral_sr:
         return f"mode '{mode}' (lateral SR reads 7-plane windows)"
     if mode == Mode.SINGLE_VIEW:
         return f"mode '{mode}' (the deconvolution)"

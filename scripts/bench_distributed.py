@@ -72,7 +72,7 @@ def main() -> None:
                           "optics": optics_from_args(args)}, torch_threads=1)
     jobs = [VolumeJob(t, c, TiffInput(str(p))) for p, (t, c) in zip(inputs, timepoint_channel([p.name for p in inputs]))]
 
-    def meta(shape, dtype):
+    def meta(shape, dtype, voxel=None):
         return VolumeMeta("bench", shape, dtype, (0.1, 0.1, 0.1))
 
     rows = []

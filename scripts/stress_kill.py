@@ -102,7 +102,8 @@ def _sender(endpoint: str, msgs: list[list[Any]], stop: threading.Event, sent: l
             if stop.is_set():
                 return
     finally:
-        s.close(0)
+        # a sender that finished lets its last messages go out (linger); one stopped by the kill drops them
+        s.close(0 if stop.is_set() else 5000)
 
 
 def recorded_stacks(rec: Path) -> tuple[dict[int, set[int]], int]:

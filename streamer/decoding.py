@@ -41,20 +41,30 @@ def out_of_range(key: StackKey, start: AcquisitionStart | None) -> str | None:
 
 
 def ranges(zs: Sequence[int], limit: int = 200) -> str:
-    """[0,1,2,5,7,8] → '0-2,5,7-8' (readable lists of missing planes), cut to ``limit`` characters."""
-    out, i = [], 0
-    zs = list(zs)
-    while i < len(zs):
-        j = i
-        while j + 1 < len(zs) and zs[j + 1] == zs[j] + 1:
-            j += 1
-        out.append(str(zs[i]) if i == j else f"{zs[i]}-{zs[j]}")
-        i = j + 1
-    return clip(",".join(out), limit)
+    """[0,1,2,5,7,8] → '0-2,5,7-8' (readable lists of missing planes), cut to ``limit`` characters.
+
+    Vectorised: a 65,536-plane declaration must not cost a Python loop per plane.
+    """
+    z = np.asarray(zs, dtype=np.int64)
+    if z.size == 0:
+        return ""
+    breaks = np.flatnonzero(np.diff(z) != 1)
+    starts = np.concatenate(([z[0]], z[breaks + 1]))
+    ends = np.concatenate((z[breaks], [z[-1]]))
+    out: list[str] = []
+    size = 0
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        out.append(str(a) if a == b else f"{a}-{b}")
+        size += len(out[-1]) + 1
+        if size > limit:  # the rest is not shown anyway
+            out.append(f"… ({len(starts) - len(out)} more runs)")
+            break
+    return clip(",".join(out), limit + 40)
 
 
 # Memory one stack's reconstruction needs, as a multiple of its deskewed float32 volume: the views, the fusion's
-# padded FFT work arrays and the result (measured peak of the classical fusion on CPU: about 10×; 16 leaves margin).
+# padded FFT work arrays and the result. An estimate (not a measurement) meant to refuse only absurd stacks; the
+# absolute budget is --memory-budget-gb.
 WORK_FACTOR = 16
 # Deskewing pads the sheared axis by nz·dz·cos θ/dx pixels; a stack whose padding is this many times its own width is
 # not a light-sheet stack (e.g. 4096 planes of 2×2 pixels would become 4096×2×7602) and is refused, not computed.

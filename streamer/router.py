@@ -76,9 +76,7 @@ class AcquisitionRouter:
         self.starts[start.acquisition_id] = start
         self.starts.move_to_end(start.acquisition_id)
         while len(self.starts) > self.remember_starts:
-            old, _ = self.starts.popitem(last=False)
-            if old in self.runs:  # an open run keeps its own copy
-                continue
+            self.starts.popitem(last=False)  # an open run keeps its own copy in Run.start
         run = self.runs.get(start.acquisition_id)
         if run is not None and run.start is None:
             run.start = start

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from streamer.textlimits import clip
+
 MAX_LISTED = 50  # entries of each list in a status reply or summary
 
 
@@ -49,3 +51,23 @@ class ProcessorStatus:
     def summary_of(self, acquisition_id: str) -> dict[str, Any] | None:
         """The end-of-acquisition summary of ``acquisition_id``, if it finished (and is among the last kept)."""
         return next((s for s in reversed(self.summaries) if s.get("acquisition_id") == acquisition_id), None)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """One human-readable paragraph for the end of an acquisition."""
+    c = s.get("counters", {})
+    lat = s.get("latency_ms") or {}
+    parts = [f"acquisition {clip(str(s.get('acquisition_id')), 140)} closed ({s.get('closed', 'ended')}):",
+             f"{c.get('volumes_output', 0):g} volumes output, {c.get('stacks_complete', 0):g} stacks complete, "
+             f"{c.get('stacks_incomplete', 0):g} incomplete, {c.get('messages_rejected', 0):g} messages rejected, "
+             f"{s.get('quarantined_total', 0)} quarantined"]
+    if s.get("sender_messages") is not None:
+        parts.append(f"(sender sent {s['sender_messages']} messages)")
+    if lat:
+        parts.append(f"latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms")
+    for inc in s.get("incomplete_stacks", [])[-3:]:
+        parts.append(f"\n  incomplete {inc['stack']}: missing planes {inc.get('missing', '')} ({inc['reason']})")
+    for q in s.get("quarantined", [])[-3:]:
+        parts.append(f"\n  quarantined {q.get('stack') or q.get('acquisition') or 'record ' + str(q.get('record'))}: "
+                     f"{q['reason']}")
+    return " ".join(parts)

@@ -134,6 +134,7 @@ def test_never_ending_acquisitions_keep_threads_bounded(served, max_open):
     st = svc.status()
     assert st["counters"]["volumes_output"] == 40 and st["queues"]["open_acquisitions"] == min(40, max_open)
     assert st["counters"]["acquisitions_closed_full"] == max(0, 40 - max_open)
+    assert svc.status_bytes() < 64_000 and len(st["datasets"]) <= 50
     # the writers are a fixed pool; only the storage library's own bounded pools may still grow a little
     # (asyncio's executor, tensorstore's workers): 36 more acquisitions used to mean 36 more threads
     assert svc.peak_threads <= base_threads + 4, (base_threads, svc.peak_threads)

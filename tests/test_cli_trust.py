@@ -119,7 +119,7 @@ def test_every_reconstructing_command_defaults_to_the_same_rule() -> None:
 def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
     for argv, shown in ((["reconstruct", "--help"], ["(default: 24)", "(default: *.tif*)", "(default: 0.0926)"]),
                         (["fuse", "--help"], ["default 1)", "(default: auto)"]),
-                        (["bench", "--help"], ["(default: 13x64x64)", "(default: 5)"])):
+                        (["bench", "--help"], ["(default: 13x64x64)", "(default: 1)"])):
         with pytest.raises(SystemExit):
             main(argv)
         text = " ".join(capsys.readouterr().out.split())
@@ -181,3 +181,25 @@ def test_an_interrupted_export_leaves_nothing_behind(tmp_path: Path, capsys: pyt
                  "--min-shape", "1x7x16x16", "--opt-shape", "1x7x16x16", "--max-shape", "1x7x24x24"])
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "made").exists()
+
+
+def test_split_views_takes_dx_from_the_file_as_written_after_lateral_sr(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A lateral-SR output records pixel / 1.5; split-views must use it without a hand-computed --dx."""
+    sim = tmp_path / "sim"
+    assert main(["-q", "simulate", "--out", str(sim), "--shape", "48,96,96", "--structure", "beads",
+                 "--seed", "2"]) == 0
+    assert main(["-q", "preprocess", str(sim / "raw_t0000.tif"), str(tmp_path / "pre.tif")]) == 0
+    dz, _, dx = read_voxel(tmp_path / "pre.tif")
+    # The same volume declared on a 1.5× finer lateral grid, as `rllsm lateral-sr` writes its output.
+    finer = (dz, dx / 1.5, dx / 1.5)
+    write_stack(tmp_path / "sr.tif", tifffile.imread(tmp_path / "pre.tif"), "uint16", voxel_um=finer)
+    assert main(["-q", "split-views", str(tmp_path / "sr.tif"), str(tmp_path / "v")]) == 0
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert report["voxel_um"] == pytest.approx(dx / 1.5)
+    assert read_voxel(tmp_path / "v" / "view_A.tif") == pytest.approx((dx / 1.5,) * 3)
+    # An explicit flag still wins, with a warning naming the contradiction.
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "split-views", str(tmp_path / "sr.tif"), str(tmp_path / "w"), "--dx", str(dx)]) == 0
+    assert json.loads((tmp_path / "w" / "report.json").read_text())["voxel_um"] == pytest.approx(dx)
+    assert "using the flags" in caplog.text

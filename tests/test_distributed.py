@@ -174,6 +174,20 @@ def test_killing_a_worker_mid_run_still_yields_every_volume_exactly_once(cluster
 
 
 @pytest.mark.slow
+def test_reconstruct_command_with_embedded_workers_then_resumes(raw_dir, in_process, tmp_path, capsys):
+    out = tmp_path / "night.ome.zarr"
+    assert main(["reconstruct", str(raw_dir), str(out), *ARGS, "--workers", "2", "--no-progress"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["computed"] == N_VOLUMES and not first["failed"]
+    assert sum(first["per_worker"].values()) == N_VOLUMES
+    _assert_same(out, in_process)
+    assert main(["reconstruct", str(raw_dir), str(out), *ARGS, "--workers", "1", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["computed"], again["resumed"]) == (0, N_VOLUMES)
+    assert _counts(out) == {(t, 0): 1 for t in range(N_VOLUMES)}
+
+
+@pytest.mark.slow
 def test_a_volume_that_fails_every_try_is_reported_and_the_rest_completes(cluster, raw_dir, in_process, tmp_path):
     lc, _ = cluster
     raw = tmp_path / "raw"
@@ -200,7 +214,7 @@ def test_lost_input_is_retried_a_bounded_number_of_times_then_reported(cluster, 
     recipe = Recipe.make("streamer.distributed.recipe:service_stages", {"mode": "none", "optics": None})
     jobs = [VolumeJob(0, 0, RecordedInput(str(tmp_path / "gone"), (0,)))]
     summary = run_volumes(client, recipe, jobs, tmp_path / "o.ome.zarr",
-                          lambda shape, dtype: VolumeMeta("a", shape, dtype, (1.0, 1.0, 1.0)), retries=1,
+                          lambda shape, dtype, voxel: VolumeMeta("a", shape, dtype, (1.0, 1.0, 1.0)), retries=1,
                           progress=False, say=lambda s: None)
     assert list(summary.failed) == ["t=0 c=0"] and "gone" in summary.failed["t=0 c=0"]
 
@@ -235,6 +249,8 @@ def test_serve_on_a_scheduler_writes_what_the_in_process_replay_writes(cluster, 
     with Service(cfg) as svc:
         with pusher(svc.ingest_endpoint) as sock:
             send_all(sock, msgs)
+        # the cluster holds up processing, never ingest: every message is recorded while volumes are still out
+        assert wait_for(lambda: svc.metrics.snapshot()["counters"].get("messages_received", 0) == len(msgs), 60)
         assert wait_for(lambda: svc.metrics.snapshot()["counters"].get("volumes_output", 0) >= n, 180)
     live = sorted((tmp_path / "live" / "acq").glob("*.npy"))
     assert [p.name for p in live] == [f"t{t:05d}_c0.npy" for t in range(n)]
@@ -252,6 +268,19 @@ def test_serve_on_a_scheduler_writes_what_the_in_process_replay_writes(cluster, 
     for t in range(n):
         ref = np.load(tmp_path / "ref" / "acq" / f"t{t:05d}_c0.npy")
         assert read_volume(tmp_path / "dist" / "acq.ome.zarr", t, 0).tobytes() == ref.tobytes()
+
+
+@pytest.mark.gpu
+def test_gpu_workers_match_the_in_process_gpu_run(raw_dir, tmp_path, capsys):
+    """One worker per GPU (LocalCUDACluster with dask-cuda, else a LocalCluster on the default GPU)."""
+    gpu_args = [a if a != "cpu" else "cuda" for a in ARGS]
+    assert main(["reconstruct", str(raw_dir), str(tmp_path / "ref"), *gpu_args]) == 0
+    out = tmp_path / "gpu.ome.zarr"
+    assert main(["reconstruct", str(raw_dir), str(out), *gpu_args, "--workers", "2", "--no-progress"]) == 0
+    assert not json.loads(capsys.readouterr().out)["failed"]
+    for t in range(N_VOLUMES):
+        ref = tifffile.imread(tmp_path / "ref" / f"cell_t{t:04d}.tif")
+        assert read_volume(out, t, 0).tobytes() == ref.tobytes(), t
 
 
 # --- small pieces ---------------------------------------------------------------------------------------------------
@@ -284,6 +313,7 @@ def test_cluster_arguments_are_checked():
     assert main(["replay", "rec", "--connect", "tcp://127.0.0.1:1", "--workers", "2"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_an_output_made_by_another_reconstruction(cluster, full_run, raw_dir, tmp_path):
     lc, _ = cluster
     store = tmp_path / "reconstructed.ome.zarr"
@@ -292,3 +322,7 @@ def test_resume_refuses_an_output_made_by_another_reconstruction(cluster, full_r
                                       "--iterations", "5", "--scheduler", lc.scheduler_address])
     with pytest.raises(DistributedError, match="another reconstruction"):
         reconstruct_distributed(args, sorted(raw_dir.glob("*.tif")), progress=False, say=lambda s: None)
+    args.overwrite = True  # replaced as a whole: nothing of the other reconstruction is kept
+    summary = reconstruct_distributed(args, sorted(raw_dir.glob("*.tif")), progress=False, say=lambda s: None)
+    assert (summary.computed, summary.resumed) == (N_VOLUMES, 0)
+    assert {e.run for e in Ledger(store).entries} == {summary.run}

@@ -30,7 +30,7 @@ def test_serve_and_replay_take_reconstructs_model_flags_with_the_same_meaning() 
         assert MODEL_FLAGS | {"--weights"} <= set(acts), command
         for flag in MODEL_FLAGS:
             a, b = acts[flag], rec[flag]
-            assert (a.nargs, a.type, a.default) == (b.nargs, b.type, b.default), (command, flag)
+            assert (a.nargs, a.type, a.default, a.help) == (b.nargs, b.type, b.default, b.help), (command, flag)
 
 
 def test_flags_are_generated_from_the_model_fields() -> None:

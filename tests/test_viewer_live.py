@@ -62,7 +62,7 @@ def simulate(ingest: str, timepoints: int, *extra: str) -> subprocess.Popen:
 
 
 def volumes_output(control: str) -> int:
-    return int(request(control, "status")["counters"].get("volumes_output", 0))
+    return int(request(control, "status", timeout_s=30)["counters"].get("volumes_output", 0))
 
 
 class Recorder:
@@ -200,14 +200,14 @@ def test_view_screenshot_is_not_blank_and_a_killed_viewer_never_stops_the_servic
     doomed = _start_view(xdisplay, service["display"])
     try:
         before = volumes_output(service["control"])
-        sim = simulate(service["ingest"], 3, "--rate", "2")
+        sim = simulate(service["ingest"], 2, "--rate", "2")
         assert wait_for(lambda: volumes_output(service["control"]) >= before + 1, 60)
         doomed.send_signal(signal.SIGKILL)  # a viewer dying mid-stream, socket and all
         doomed.wait(10)
         out, err = sim.communicate(timeout=90)
         assert sim.returncode == 0, err
-        assert wait_for(lambda: volumes_output(service["control"]) == before + 3, 90), "the service stopped"
-        status = request(service["control"], "status")
+        assert wait_for(lambda: volumes_output(service["control"]) == before + 2, 90), "the service stopped"
+        status = request(service["control"], "status", timeout_s=30)
         assert status["state"] == "running" and service["proc"].poll() is None
         assert not status["counters"].get("display_errors")
 
@@ -225,3 +225,80 @@ def test_view_screenshot_is_not_blank_and_a_killed_viewer_never_stops_the_servic
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+# --- the napari plugin ----------------------------------------------------------------------------------------------
+
+
+def test_plugin_manifest_is_declared_and_napari_docks_its_service_panel(qtbot):
+    import importlib.resources
+    import tomllib
+
+    import napari
+    from npe2 import PluginManager, PluginManifest
+
+    from streamer.viewer.plugin import ServicePanel
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["napari.manifest"] == {"rllsm-vsim": "streamer.viewer:napari.yaml"}
+    assert any("napari" in d for d in project["optional-dependencies"]["viewer"])
+    manifest_file = importlib.resources.files("streamer.viewer") / "napari.yaml"
+    manifest = PluginManifest.from_file(str(manifest_file))
+    assert manifest.name == project["name"]
+    pm = PluginManager.instance()
+    if manifest.name not in pm:  # an editable install registered it already through the entry point
+        pm.register(manifest)
+    viewer = napari.Viewer(show=False)  # no layer is drawn: Qt's offscreen platform is enough
+    try:
+        dock, widget = viewer.window.add_plugin_dock_widget("rllsm-vsim", "rLLSM service")
+        assert isinstance(widget, ServicePanel)  # napari hands it a proxy of the viewer, not the viewer itself
+        assert widget.endpoint.text() == "tcp://127.0.0.1:5557"
+        widget.endpoint.setText("tcp://127.0.0.1:1")  # nobody there: said in the panel, napari stays responsive
+        widget.poller_timeout_s = 0.2
+        widget.connect_service()
+        qtbot.waitUntil(lambda: "not answering" in widget.status.text(), timeout=15_000)
+        widget.toggle_following()
+        assert widget.reader is None and "connect to a service first" in widget.status.text()
+        widget.close_all()
+    finally:
+        viewer.close()
+
+
+def test_live_view_pauses_locks_contrast_and_keeps_channels_apart():
+    from napari.components import ViewerModel
+
+    from streamer.viewer.model import auto_contrast, frame_from_volume
+    from streamer.viewer.napari_app import LiveView
+
+    rng = np.random.default_rng(8)
+
+    def frame(t: int, c: int, gain: float = 1.0):
+        vol = (rng.random((4, 6, 8), dtype=np.float32) * gain).astype(np.float32)
+        return frame_from_volume(vol, acquisition_id="acq", timepoint=t, channel=c, voxel_size_um=(0.5, 0.1, 0.1))
+
+    viewer = ViewerModel(ndisplay=3)
+    live = LiveView(viewer)
+    f0 = frame(0, 0)
+    assert live.offer(f0)
+    layer = viewer.layers["fused c0"]
+    assert tuple(layer.contrast_limits) == pytest.approx(auto_contrast(f0.mips["z"]))
+    live.toggle_follow()  # pause
+    f1, f2 = frame(1, 0), frame(2, 0)
+    assert not live.offer(f1) and not live.offer(f2)
+    assert layer.data is f0.volume and "paused" in live.text()
+    live.toggle_follow()  # follow latest: the newest held frame at once
+    assert layer.data is f2.volume and live.follower.held == 1
+    layer.contrast_limits = (0.1, 0.3)  # the user's slider
+    live.set_contrast_locked(True)
+    f3 = frame(3, 0, gain=100.0)
+    live.offer(f3)
+    assert layer.data is f3.volume and tuple(layer.contrast_limits) == pytest.approx((0.1, 0.3))
+    live.set_contrast_locked(False)
+    f4 = frame(4, 0, gain=100.0)
+    live.offer(f4)
+    assert tuple(layer.contrast_limits) == pytest.approx(auto_contrast(f4.mips["z"]))
+    g = frame(4, 1)
+    live.offer(g)  # a second channel gets its own layers, leaving the first as it was
+    assert {ly.name for ly in viewer.layers} == {f"{k} c{c}" for c in (0, 1)
+                                                 for k in ("fused", "MIP z", "MIP y", "MIP x")}
+    assert viewer.layers["fused c1"].data is g.volume and viewer.layers["fused c0"].data is f4.volume

@@ -172,17 +172,21 @@ def test_ngff_voxel_size_multiplies_both_scales_and_converts_units():
 def test_dataset_source_follows_a_dataset_while_it_is_written(tmp_path):
     rng = np.random.default_rng(4)
     meta = _meta()
-    sink = open_sink(OmeZarrConfig(path=tmp_path / "live.ome.zarr"))
+    path = tmp_path / "live.ome.zarr"
+    src = DatasetSource(path, settle_s=0.2)  # named before it exists, as the service's status does
+    assert src.poll(0.05) == []
+    sink = open_sink(OmeZarrConfig(path=path))
     sink.setup(meta)
-    src = DatasetSource(tmp_path / "live.ome.zarr", settle_s=0.2)
-    assert src.voxel_size_um == pytest.approx((0.3, 0.1, 0.1)) and src.acquisition_id == "ds"
-    assert src.poll(0.05) == []  # nothing written yet
+    assert src.poll(0.05) == []  # created, nothing written yet
+    if not path.exists():  # built under a partial name until its first volume: the target already resolves
+        assert resolve_target(str(path)).path == path
     vols = {}
     for t in range(3):
         for c in range(2):
             vols[t, c] = rng.integers(1, 4000, meta.shape, dtype=np.uint16)
             sink.append(vols[t, c], VolumeIndex(t, c))
         frames = src.poll(5.0)
+        assert src.voxel_size_um == pytest.approx((0.3, 0.1, 0.1)) and src.acquisition_id == "ds"
         got = {(f.timepoint, f.channel): f for f in frames}
         assert set(got) == {(t, 0), (t, 1)}, "the newest timepoint of every channel, once written"
         for (tt, c), f in got.items():
@@ -190,6 +194,42 @@ def test_dataset_source_follows_a_dataset_while_it_is_written(tmp_path):
             assert np.array_equal(f.mips["y"], vols[tt, c].max(axis=1)) and f.source == "dataset"
         assert src.poll(0.3) == []  # nothing new: nothing shown again
     sink.close()
+
+
+def test_dataset_source_follows_another_writers_dataset_by_its_chunks(tmp_path):
+    import zarr
+
+    path = tmp_path / "other.zarr"
+    group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+    arr = group.create_array(name="s0", shape=(3, 4, 6, 8), chunks=(1, 2, 3, 8), dtype="float32", fill_value=0)
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "t", "type": "time"}, {"name": "z", "unit": "nanometer"}, {"name": "y", "unit": "nanometer"},
+                 {"name": "x", "unit": "nanometer"}],
+        "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [1, 500, 100, 100]}]}],
+    }]}
+    src = DatasetSource(resolve_target(str(path)).path, settle_s=60)  # never settles by time here
+    assert src.voxel_size_um == pytest.approx((0.5, 0.1, 0.1)) and src.axes == ("t", "z", "y", "x")
+    rng = np.random.default_rng(6)
+    vols = [rng.random((4, 6, 8), dtype=np.float32) + 1 for _ in range(3)]
+    arr[0, :2] = vols[0][:2]  # 2 of t=0's 4 chunks
+    assert src.poll(0.2) == [], "half a timepoint is not shown"
+    arr[0, 2:] = vols[0][2:]
+    (first,) = src.poll(5.0)  # all its chunks: whole
+    assert first.timepoint == 0 and np.array_equal(first.volume, vols[0])
+    arr[1] = vols[1]
+    (second,) = src.poll(5.0)
+    assert second.timepoint == 1 and np.array_equal(second.volume, vols[1])
+    # a volume whose last chunks equal the fill value is never "complete" by count: shown once it stops changing
+    vols[2][2:] = 0
+    arr[2] = vols[2]
+    assert src.poll(0.2) == []
+    settling = DatasetSource(path, settle_s=0.3)
+    frames = []
+    deadline = time.monotonic() + 10
+    while not frames or frames[-1].timepoint != 2:
+        assert time.monotonic() < deadline, "the unchanged timepoint was never shown"
+        frames += settling.poll(0.5)
+    assert np.array_equal(frames[-1].volume, vols[2])
 
 
 def test_stream_source_gives_published_volumes_with_their_mips_and_counts_what_it_skipped():

@@ -108,29 +108,48 @@ def blend_weights(t: Tile, shape: tuple[int, int, int], overlap: int) -> np.ndar
 
 
 #: Fixed part of a patch forward's memory (allocator pools, oneDNN/cuDNN workspaces), bytes.
-PATCH_OVERHEAD_BYTES = 64 * 2**20
+PATCH_OVERHEAD_BYTES = 16 * 2**20
+
+#: Hidden channels of the feature nets: fixed at 64 whatever the U-Net's width (the reference's choice).
+FEATURE_HIDDEN = 64
+
+#: Largest number of elements one activation tensor of a patch may hold. Convolution libraries index with
+#: 32-bit integers and lay channels out in padded blocks; a tensor near 2³¹ elements crashes oneDNN on the CPU
+#: (SIGSEGV, seen on 101×480×509 views) and exceeds cuDNN's limits on the GPU. The margin of 2 covers the
+#: blocked layouts.
+MAX_TENSOR_ELEMENTS = 2**31 // 2
 
 
 def _bytes_per_voxel(width: int) -> int:
-    return 4 * (12 * width + 16)
+    # float32 channels alive at the peak, which is one of two stages: the feature nets (their 64-channel hidden
+    # maps and the RL step's FFT buffers, ~4.5·64) or the U-Net's full-resolution level (skip, up-sampled,
+    # their concatenation, conv outputs and the two gated feature maps, ~9.5·width + 2·64)
+    return int(4 * max(4.5 * FEATURE_HIDDEN, 9.5 * width + 2 * FEATURE_HIDDEN))
+
+
+def max_patch_voxels(width: int = REFERENCE_WIDTH) -> int:
+    """Most voxels one patch may hold so that no activation (2·``width`` or 64 channels) reaches the
+    convolution libraries' 32-bit limits (:data:`MAX_TENSOR_ELEMENTS`) — on the CPU as on the GPU."""
+    return MAX_TENSOR_ELEMENTS // max(2 * int(width), FEATURE_HIDDEN)
 
 
 def estimate_patch_bytes(shape: tuple[int, int, int], width: int = REFERENCE_WIDTH) -> int:
-    """Conservative peak memory (bytes) of one RL-DFN patch forward without gradients, weights excluded.
+    """Peak memory (bytes) of one RL-DFN patch forward without gradients, weights excluded.
 
-    At full resolution the U-Net's first level holds its skip tensor, the up-sampled tensor, their
-    concatenation and a conv/BatchNorm output at once — about 6·``width`` float32 channels — and the
-    feature nets hold two ``width``-channel maps plus their 64-channel hidden maps; coarser levels, the FFT
-    buffers and convolution workspaces add more. We budget 12·``width`` + 16 channels per voxel plus a fixed
-    :data:`PATCH_OVERHEAD_BYTES`. Calibration (width 64, CPU, torch 2.13, growth of peak RSS during one
-    forward, seven patch sizes from 16×32×32 to 32×96×96): measured 57–741 MiB, always below this estimate
-    (by 9–50 %, most for small patches).
+    The peak is reached in one of two stages: the two feature nets (their hidden maps are 64 channels whatever
+    the width, plus the RL step's FFT buffers: ~4.5 × 64 float32 channels per voxel) or the U-Net's
+    full-resolution level (skip tensor, up-sampled tensor, their concatenation, conv outputs and the gated
+    features: ~9.5·``width`` + 128 channels); the estimate is the larger, plus a fixed :data:`PATCH_OVERHEAD_BYTES`.
+    Calibrated on the CPU (torch 2.13, growth of peak RSS during one forward in a fresh process after a warm-up):
+    widths 4–64, patches 16×32×32 to 64×128×128, measured 0.85–1.0× this estimate (e.g. width 16, 64×128×128:
+    1178 MiB measured, 1168 MiB estimated; width 32, 32×64×64: 193–204 MiB vs 232 MiB);
+    ``tests/test_rldfn_memory.py`` measures it in a subprocess.
     """
     return int(np.prod(shape)) * _bytes_per_voxel(width) + PATCH_OVERHEAD_BYTES
 
 
 def tile_for_budget(shape: tuple[int, int, int], budget_bytes: int, overlap: int, width: int = REFERENCE_WIDTH) -> int:
-    """Largest tile edge (multiple of 4) whose patch fits ``budget_bytes``.
+    """Largest tile edge (multiple of 4) whose patch fits ``budget_bytes`` and :func:`max_patch_voxels`.
 
     Raises
     ------
@@ -139,9 +158,10 @@ def tile_for_budget(shape: tuple[int, int, int], budget_bytes: int, overlap: int
     """
     smallest = round_up(2 * overlap + SIZE_MULTIPLE)
     edge = round_up(max(shape))
+    cap = max_patch_voxels(width)
     while edge >= smallest:
         patch = tuple(min(edge, n) for n in shape)
-        if estimate_patch_bytes(patch, width) <= budget_bytes:  # type: ignore[arg-type]
+        if estimate_patch_bytes(patch, width) <= budget_bytes and int(np.prod(patch)) <= cap:  # type: ignore[arg-type]
             return edge
         edge -= SIZE_MULTIPLE
     need = estimate_patch_bytes(tuple(min(smallest, n) for n in shape), width)  # type: ignore[arg-type]
@@ -154,6 +174,13 @@ def tile_for_budget(shape: tuple[int, int, int], budget_bytes: int, overlap: int
 
 def check_budget(patch: tuple[int, int, int], budget_bytes: int | None, width: int, what: str) -> None:
     """Raise :class:`MemoryBudgetError` when one ``patch`` would exceed ``budget_bytes`` (None: no limit)."""
+    n = int(np.prod(patch))
+    if n > max_patch_voxels(width):
+        raise MemoryBudgetError(
+            f"{what} of {'×'.join(map(str, patch))} voxels is larger than one convolution can take "
+            f"({max_patch_voxels(width)} voxels at width {width}: activations would reach the 32-bit index limit "
+            "of the convolution libraries); use tiles (tile='auto' or a size)"
+        )
     if budget_bytes is None:
         return
     need = estimate_patch_bytes(patch, width)

@@ -42,11 +42,6 @@ def run(args: argparse.Namespace) -> int:
     from streamer.cli import CLIError
     from streamer.cli.paths import check_input_file, check_output_dir
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():  # an RL-DFN reference checkpoint is a folder
-        check_input_file(checkpoint, "--checkpoint")
-    check_output_dir(Path(args.out), (f"{args.model}.onnx", "golden.npz", "manifest.json"),
-                     overwrite=args.overwrite, what="export folder")
     try:
         from engines.backends.errors import BackendError
         from export.api import export_model, parse_shape, resolve_ranges
@@ -56,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
         shapes = {w: parse_shape(getattr(args, f"{w}_shape")) if getattr(args, f"{w}_shape") else None
                   for w in ("min", "opt", "max")}
         ranges = resolve_ranges(args.model, shapes["min"], shapes["opt"], shapes["max"])
+        # Flags first (cheap), then the files, all before the minutes of export.
+        checkpoint = Path(args.checkpoint)
+        if not checkpoint.is_dir():  # an RL-DFN reference checkpoint is a folder
+            check_input_file(checkpoint, "--checkpoint")
+        check_output_dir(Path(args.out), (f"{args.model}.onnx", "golden.npz", "manifest.json"),
+                         overwrite=args.overwrite, what="export folder")
         manifest = export_model(args.model, args.checkpoint, args.out, fmt=args.format, precision=args.precision,
                                 ranges=ranges, opset=args.opset, seed=args.seed, n_profiles=args.streams,
                                 workspace_gib=args.workspace_gib, overwrite=args.overwrite,

@@ -32,13 +32,16 @@ def source_fields(exclude: Iterable[str] = ()) -> list[str]:
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, exclude: Iterable[str] = (),
-                   title: str = "model sources (as for `rllsm reconstruct`)") -> None:
-    """Add one flag per :class:`ReconSources` field; ``exclude`` names fields a command does not take."""
+                   title: str = "model sources (as for `rllsm reconstruct`)", dest_prefix: str = _DEST) -> None:
+    """Add one flag per :class:`ReconSources` field; ``exclude`` names fields a command does not take.
+
+    ``dest_prefix`` prefixes the attribute names (``args.model_checkpoint``); ``""`` gives ``args.checkpoint``.
+    """
     group = parser.add_argument_group(title)
     for name in source_fields(exclude):
         field = ReconSources.model_fields[name]
         extra = field.json_schema_extra or {}
-        kwargs: dict[str, Any] = {"dest": _DEST + name, "default": field.default, "help": field.description}
+        kwargs: dict[str, Any] = {"dest": dest_prefix + name, "default": field.default, "help": field.description}
         metavar = extra.get("metavar")  # type: ignore[union-attr]
         args = typing.get_args(field.annotation)
         inner = next((a for a in args if a is not type(None)), field.annotation)
@@ -54,7 +57,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, exclude: Iterable[str] = 
         group.add_argument(_flag(name), **kwargs)
 
 
-def sources_from_args(args: argparse.Namespace) -> ReconSources:
+def sources_from_args(args: argparse.Namespace, dest_prefix: str = _DEST) -> ReconSources:
     """The parsed flags as a validated :class:`ReconSources` (a bad value is a one-line CLI error)."""
     from pydantic import ValidationError
 
@@ -62,7 +65,8 @@ def sources_from_args(args: argparse.Namespace) -> ReconSources:
     from engines.sources import SourcesError
     from streamer.cli import CLIError
 
-    data = {n: getattr(args, _DEST + n) for n in source_fields() if getattr(args, _DEST + n, None) is not None}
+    data = {n: getattr(args, dest_prefix + n) for n in source_fields()
+            if getattr(args, dest_prefix + n, None) is not None}
     try:
         return ReconSources.model_validate(data).check()
     except ValidationError as err:

@@ -36,16 +36,18 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def _check_can_create(path: Path, what: str) -> None:
-    """The folder that will hold *path* exists or can be made, and a file can be created in it."""
-    anc = _existing_ancestor(path.parent)
+def _check_can_create(path: Path, what: str, folder: bool = False) -> None:
+    """*path* (a file, or with *folder* a folder) can be created: its nearest existing ancestor is a writable
+    folder."""
+    anc = _existing_ancestor(path if folder else path.parent)
+    doing = f"cannot create the {what} {path}" if folder else f"cannot write {what} {path}"
     if not anc.is_dir():
-        raise RllsmValueError(f"cannot write {what} {path}: {anc} is a file, not a folder; choose another path")
+        raise RllsmValueError(f"{doing}: {anc} is a file, not a folder; choose another path")
     try:  # access() says yes to root even on a read-only mount; creating a file is the real test
         with tempfile.TemporaryFile(dir=anc):
             pass
     except OSError as err:
-        raise RllsmIOError(f"cannot write {what} {path}: {anc} is not writable ({err.strerror or err}); "
+        raise RllsmIOError(f"{doing}: {anc} is not writable ({err.strerror or err}); "
                            "choose another output folder") from None
 
 
@@ -94,7 +96,7 @@ def check_output_dir(path: Path, names: Sequence[str] = (), *, inputs: Iterable[
         more = " …" if len(taken) > 3 else ""
         raise RllsmValueError(f"{what} {path} already holds {', '.join(taken[:3])}{more}; pass --overwrite to "
                               "replace, or choose another folder")
-    _check_can_create(path / "probe", what)
+    _check_can_create(path, what, folder=True)
     return path
 
 

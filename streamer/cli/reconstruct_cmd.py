@@ -41,20 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", default=DEFAULT_PATTERN, metavar="GLOB",
                    help="folder input: which files are raw stacks (ground_truth_* and our outputs are always skipped)")
     add_overwrite_arg(p)
-    p.add_argument("--checkpoint", type=Path, metavar="PTH", help="VSI-SR checkpoint (reference .pth or ours)")
-    p.add_argument("--otf-dir", type=Path, metavar="DIR",
-                   help="OTF folder in the reference layout (<wavelength>/OTF0.tif, OTF1.tif, apo_*.tif); "
-                   "default: OTFs generated from the optics (approximation)")
-    p.add_argument("--model", type=Path, metavar="DIR_OR_PT", help="RL-DFN weights: reference folder or our .pt")
-    p.add_argument("--psf", type=Path, metavar="TIF", help="measured detection PSF (rotated to both views)")
-    p.add_argument("--psf-voxel-um", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
-                   help="voxel size of --psf (default: the views' voxel)")
-    p.add_argument("--psf-a", type=Path, metavar="TIF", help="measured view-A PSF on the views' grid")
-    p.add_argument("--psf-b", type=Path, metavar="TIF", help="measured view-B PSF on the views' grid")
-    p.add_argument("--iterations", type=int, default=10, metavar="K",
-                   help="Richardson–Lucy iterations (sr-rl, classical, single-view; default 10)")
+    from streamer.cli.model_options import add_model_args
+
+    # the model-source flags of serve and replay too, generated from one model (engines.sources.ReconSources)
+    add_model_args(p, exclude=("weights",), title="model sources", dest_prefix="")
+    p.add_argument("--iterations", type=int, default=10, metavar="K", help="Richardson–Lucy iterations (sr-rl, classical, single-view; default 10)")
     p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
+                   help="RL-DFN: memory per tile in MiB, the unit of `rllsm fuse --memory-budget` (default: from the "
+                   "device's memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stride", type=int, choices=[1, 3], default=1, help="VSI-SR window stride (3: faster)")
     p.add_argument("--keep-intermediates", action="store_true",
@@ -194,7 +190,11 @@ def build_reconstructor(args: argparse.Namespace, optics):
     if networks and args.otf_dir is not None and models.otfs is None:
         models.otfs = load_models(otf_dir=args.otf_dir, optics=optics).otfs
     models.lateral = lateral
-    params = ReconstructParams(mode=args.mode, iterations=args.iterations, tile=_tile(args.tile), overlap=args.overlap)
+    budget_mib = getattr(args, "memory_budget", None)
+    if budget_mib is not None and budget_mib <= 0:
+        raise CLIError(f"--memory-budget must be > 0 MiB, got {budget_mib}")
+    params = ReconstructParams(mode=args.mode, iterations=args.iterations, tile=_tile(args.tile), overlap=args.overlap,
+                               memory_budget_gb=None if budget_mib is None else budget_mib / 1024)
     return Reconstructor(optics, params, models, device=args.device)
 
 
@@ -215,7 +215,8 @@ def reconstruct_file(rec, src: Path, dst: Path, keep: bool = False, float32: boo
     from streamer.cli import CLIError
 
     mode = rec.params.mode
-    raw = read_stack(src, "raw stack", min_planes=min_planes(mode), needed_by=planes_reason(mode))
+    sr = getattr(rec.models, "vsisr", None) is not None  # single-view runs VSI-SR only when it was given
+    raw = read_stack(src, "raw stack", min_planes=min_planes(mode, sr), needed_by=planes_reason(mode, sr))
     try:
         res = rec(raw, keep_intermediates=keep, progress=progress)
     except RllsmError as err:

@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "allocated (default: the larger of 8 GB and half the RAM)")
     p.add_argument("--max-acquisitions", type=int, default=16, metavar="N",
                    help="acquisitions open at once; one more closes the one idle longest (%(default)s)")
+    p.add_argument("--rcvhwm", type=int, default=1000, metavar="N",
+                   help="messages ZMQ may queue before ingest records them; with big messages, N × their size is "
+                   "the memory a burst may take (%(default)s)")
     p.add_argument("--writer-threads", type=int, default=4, metavar="N",
                    help="threads writing the outputs of all acquisitions: a fixed pool (%(default)s)")
     p.add_argument("--acquisition-idle", type=float, default=600.0, metavar="S",
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
             max_message_mb=args.max_message_mb, cache_mb=args.cache_mb, memory_budget_gb=args.memory_budget_gb,
             max_acquisitions=args.max_acquisitions, acquisition_idle_s=args.acquisition_idle,
-            writer_threads=args.writer_threads,
+            writer_threads=args.writer_threads, rcvhwm=args.rcvhwm,
             scheduler=args.scheduler, max_in_flight=args.max_in_flight,
         )
     except ValidationError as err:

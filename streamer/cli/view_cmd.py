@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "e.g. tcp://127.0.0.1:5557")
     p.add_argument("--screenshot", metavar="PNG", default=None,
                    help="save the window as PNG after --after volumes were shown, then exit")
-    p.add_argument("--after", type=int, default=1, metavar="N", help="volumes to show before --screenshot (1)")
+    p.add_argument("--after", type=int, default=1, metavar="N", help="volumes to show before --screenshot")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="close after S seconds (with --screenshot: fail if N volumes did not arrive by then)")
     p.set_defaults(func=run)

@@ -95,6 +95,8 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *, dev
         from distributed import Client
     except ImportError:
         raise DistributedError("distributed runs need Dask: pip install 'rllsm-vsim[cluster]'") from None
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # Dask logs every connection at INFO; -v shows them
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     cluster = None
     try:
         if scheduler is not None:

@@ -1,11 +1,13 @@
-"""The errors of distributed runs."""
+"""The errors of distributed runs (under the package's one root, :class:`engines.errors.RllsmError`)."""
 
 from __future__ import annotations
 
+from engines.errors import RllsmRuntimeError, RllsmValueError
 
-class DistributedError(RuntimeError):
+
+class DistributedError(RllsmRuntimeError):
     """A distributed run cannot start or go on (no scheduler, unusable output, mismatched resume); says why."""
 
 
-class VolumeRejected(ValueError):
+class VolumeRejected(RllsmValueError):
     """One volume cannot be made from its input (bad data, a shape the output was not made for); not retried."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from streamer.distributed.cluster import open_client
 from streamer.distributed.errors import DistributedError
 from streamer.distributed.recipe import Recipe, source_paths
 from streamer.distributed.runner import RunSummary, VolumeJob, run_volumes
+from streamer.distributed.store import LEDGER
 from streamer.distributed.tasks import RecordedInput, TiffInput
 from streamer.sinks.base import VolumeMeta
 
@@ -78,23 +80,35 @@ def reconstruct_distributed(args: argparse.Namespace, inputs: Sequence[Path], op
     recipe = Recipe.make("streamer.distributed.recipe:reconstruct_cli", {"args": kwargs, "optics": optics}, sources,
                          torch_threads=torch.get_num_threads())
     tc = timepoint_channel([p.name for p in inputs])
-    need = {"min_planes": min_planes(args.mode), "needed_by": planes_reason(args.mode)}
+    # the raw-stack checks of the in-process command: single-view reads 7-plane windows only with VSI-SR
+    from engines.reconstruct import uses_lateral_sr
+
+    sr = uses_lateral_sr(args.mode) or (args.mode == "single-view" and getattr(args, "checkpoint", None) is not None)
+    need = {"min_planes": min_planes(args.mode, sr), "needed_by": planes_reason(args.mode, sr)}
     jobs = [VolumeJob(t, c, TiffInput(str(p.resolve()), **need)) for p, (t, c) in zip(inputs, tc)]
     n_c = max(c for _, c in tc) + 1
     from engines.reconstruct import views_voxel_um
 
     v = views_voxel_um(optics, args.mode)
 
-    def meta_for(shape: tuple[int, int, int], dtype: str) -> VolumeMeta:
+    def meta_for(shape: tuple[int, int, int], dtype: str, voxel: Any = None) -> VolumeMeta:
         return VolumeMeta(acquisition_id=Path(str(args.input)).name or "reconstructed", shape=shape, dtype=dtype,
-                          voxel_size_um=(v, v, v), channels=tuple(str(optics.wavelength_nm if n_c == 1 else i)
+                          voxel_size_um=tuple(voxel) if voxel else (v, v, v), channels=tuple(str(optics.wavelength_nm if n_c == 1 else i)
                                                                   for i in range(n_c)),
                           n_timepoints=max(t for t, _ in tc) + 1, optics=optics)
 
     store = store_path(args.output).resolve()
+    if getattr(args, "overwrite", False) and store.exists():
+        if not (store / LEDGER).exists():
+            raise DistributedError(f"{store} exists and is not the output of a distributed run; not replacing it")
+        say(f"reconstruct: --overwrite: removing {store}")
+        shutil.rmtree(store)
+    from engines.scaling import OutputScaling
+
+    scaling = OutputScaling(dtype="float32" if args.float32 else "uint16", gain=getattr(args, "gain", None))
     with open_client(getattr(args, "workers", None), getattr(args, "scheduler", None), device=args.device,
                      say=say) as client:
-        summary = run_volumes(client, recipe, jobs, store, meta_for, progress=progress, say=say)
+        summary = run_volumes(client, recipe, jobs, store, meta_for, progress=progress, say=say, scaling=scaling)
     say(f"reconstruct: {summary.describe()}")
     say(f"reconstruct: wrote {store}")
     return summary
@@ -177,7 +191,7 @@ def replay_distributed(recording: str | Path, out: str | Path, *, workers: int |
             n_c = max(len(start.channels), max(j.c for j in acq_jobs) + 1)
             n_t = max(start.n_timepoints or 0, max(j.t for j in acq_jobs) + 1)
 
-            def meta_for(shape: tuple[int, int, int], dtype: str, start: AcquisitionStart = start,
+            def meta_for(shape: tuple[int, int, int], dtype: str, voxel: Any = None, start: AcquisitionStart = start,
                          n_c: int = n_c) -> VolumeMeta:
                 meta = VolumeMeta.from_start(start, shape=shape, dtype=dtype)
                 if len(meta.channels) < n_c:  # stacks on channels the start did not announce: name them by number

@@ -126,27 +126,24 @@ def cache_info() -> dict[str, Any]:
 # --- builders -----------------------------------------------------------------------------------------------------
 
 
-def to_output_dtype(volume: np.ndarray, float32: bool) -> np.ndarray:
-    """What ``rllsm reconstruct`` writes: float32 as is, or uint16 scaled so the peak is 65535 (clipped, truncated)."""
-    if float32:
-        return np.asarray(volume, dtype=np.float32)
-    peak = float(volume.max())
-    v = volume * (65535.0 / peak) if peak > 0 else volume
-    return np.trunc(np.clip(v, 0, 65535)).astype(np.uint16)
-
-
 def reconstruct_cli(args: dict[str, Any], optics: Any) -> VolumeFn:
-    """The ``rllsm reconstruct`` chain, built from the command's own options and resolved optics as it builds it."""
+    """The ``rllsm reconstruct`` chain, built from the command's own options and resolved optics as it builds it.
+
+    Returns the fused volume in the fusion's own units; the run's one uint16 gain is applied by the task
+    (:func:`streamer.distributed.tasks.compute_volume`). ``last_voxel_zyx_um`` is the fused voxel of the last call.
+    """
     from engines.errors import RllsmError
     from streamer.cli.reconstruct_cmd import build_reconstructor
 
     ns = argparse.Namespace(**args)
     rec = build_reconstructor(ns, optics)
-    float32 = bool(args.get("float32", False))
 
     def run(raw: np.ndarray) -> np.ndarray:
         try:
-            return to_output_dtype(rec(raw).fused, float32)
+            res = rec(raw)
+            v = float(res.voxel_um)
+            run.last_voxel_zyx_um = tuple(getattr(res, "voxel_zyx_um", None) or (v, v, v))  # type: ignore[attr-defined]
+            return res.fused
         except RllsmError as err:  # the command's typed errors are about the data: the volume is rejected
             if isinstance(err, ValueError):
                 raise
@@ -154,6 +151,7 @@ def reconstruct_cli(args: dict[str, Any], optics: Any) -> VolumeFn:
 
             raise VolumeRejected(str(err)) from err
 
+    run.last_voxel_zyx_um = None  # type: ignore[attr-defined]
     return run
 
 

@@ -29,7 +29,8 @@ from streamer.distributed.tasks import VolumeResult, check_volume, compute_volum
 from streamer.sinks.base import VolumeMeta
 
 log = logging.getLogger(__name__)
-MetaFactory = Callable[[tuple[int, int, int], str], VolumeMeta]  # (fused shape, dtype) → the store's metadata
+# (volume shape, dtype, fused voxel (z, y, x) in µm or None) → the store's metadata
+MetaFactory = Callable[[tuple[int, int, int], str, Any], VolumeMeta]
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,14 @@ def _label(t: int, c: int) -> str:
 
 def run_volumes(
     client: Any, recipe: Recipe, jobs: Sequence[VolumeJob], store: Path, meta_for: MetaFactory, *,
-    n_timepoints: int | None = None, retries: int = 2, progress: bool = True,
+    n_timepoints: int | None = None, retries: int = 2, progress: bool = True, scaling: Any = None,
     say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> RunSummary:
     """Make every job's volume into ``store`` on the cluster behind ``client``; see the module text.
+
+    ``scaling`` (:class:`engines.scaling.OutputScaling`) stores the volumes as ``rllsm reconstruct`` does: uint16
+    with one gain for the run, set from the first volume made (the probe) unless given, and kept in the ledger so
+    that a resumed run uses it again; None stores the chain's output as it is.
 
     Raises
     ------
@@ -105,8 +110,11 @@ def run_volumes(
                                "choose a new output")
     if ledger is not None and ledger.recipe != recipe.fingerprint:
         raise DistributedError(f"{store} was made by another reconstruction (recipe {ledger.recipe}, now "
-                               f"{recipe.fingerprint}: different settings or model files); choose a new output")
+                               f"{recipe.fingerprint}: different settings or model files); choose a new output (`rllsm reconstruct --overwrite` replaces it)")
     skey = str(store)
+    fixed = [scaling]  # the run's scaling once its gain is known (set by the probe, or read from the ledger)
+    if ledger is not None and ledger.scaling is not None and scaling is not None:
+        fixed[0] = type(scaling).model_validate(ledger.scaling)
     bar = tqdm(total=len(jobs), unit="vol", desc="volumes", disable=not progress, file=sys.stderr)
     todo = list(jobs)
     try:
@@ -122,11 +130,12 @@ def run_volumes(
             summary.resumed = len(ok)
             bar.update(len(ok))
         else:
-            todo = _probe(client, recipe, todo, store, meta_for, n_t, summary, counts, bar, retries)
+            todo = _probe(client, recipe, todo, store, meta_for, n_t, summary, counts, bar, retries, fixed)
             ledger = Ledger(store) if store.exists() else None
         if ledger is not None and todo:
             def submit(j: VolumeJob) -> Any:
-                return client.submit(compute_volume, recipe, j.source, j.t, j.c, skey, retries=retries, pure=False)
+                return client.submit(compute_volume, recipe, j.source, j.t, j.c, skey, fixed[0], retries=retries,
+                                     pure=False)
 
             futures = {submit(j): j for j in todo}
             pending = as_completed(list(futures))
@@ -170,8 +179,9 @@ def run_volumes(
 
 
 def _probe(client: Any, recipe: Recipe, todo: list[VolumeJob], store: Path, meta_for: MetaFactory, n_t: int,
-           summary: RunSummary, counts: Counter[str], bar: Any, retries: int) -> list[VolumeJob]:
-    """Make volumes one at a time until one succeeds; it sets the store's geometry and is written by the driver."""
+           summary: RunSummary, counts: Counter[str], bar: Any, retries: int, fixed: list[Any]) -> list[VolumeJob]:
+    """Make volumes one at a time until one succeeds; it sets the store's geometry (and the uint16 gain) and is
+    written by the driver."""
     while todo:
         j = todo.pop(0)
         try:
@@ -186,7 +196,20 @@ def _probe(client: Any, recipe: Recipe, todo: list[VolumeJob], store: Path, meta
             bar.update(1)
             continue
         vol = res.volume
-        create_store(store, meta_for(tuple(vol.shape), vol.dtype.name), n_t, recipe.fingerprint)
+        scaling = fixed[0]
+        if scaling is not None:
+            from engines.scaling import ScalingError, VolumeScaler
+
+            scaler = VolumeScaler(scaling)
+            try:
+                vol = scaler(vol)
+            except ScalingError as err:  # e.g. an empty volume: no gain from it; the next one may set it
+                summary.failed[_label(j.t, j.c)] = f"{type(err).__name__}: {err}"
+                bar.update(1)
+                continue
+            fixed[0] = scaling = scaling.model_copy(update={"gain": scaler.gain})
+        create_store(store, meta_for(tuple(vol.shape), vol.dtype.name, res.voxel_zyx_um), n_t, recipe.fingerprint,
+                     scaling.model_dump(mode="json") if scaling is not None else None)
         crc = write_volume(str(store), j.t, j.c, vol)
         ledger = Ledger(store)
         ledger.append(LedgerEntry(j.t, j.c, crc, tuple(vol.shape), res.worker, round(res.seconds, 4), summary.run))

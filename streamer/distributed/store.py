@@ -54,8 +54,10 @@ def canvas_chunks(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(min(cap, -(-c // 16) * 16) for c, cap in zip(default_chunks(shape), (64, 256, 256)))  # type: ignore
 
 
-def create_store(path: Path, meta: VolumeMeta, n_timepoints: int, recipe_fingerprint: str) -> None:
-    """Create the dataset ``(t, c, z, y, x)`` with its NGFF 0.5 metadata and an empty ledger naming the recipe."""
+def create_store(path: Path, meta: VolumeMeta, n_timepoints: int, recipe_fingerprint: str,
+                 scaling: dict[str, Any] | None = None) -> None:
+    """Create the dataset ``(t, c, z, y, x)`` with its NGFF 0.5 metadata and an empty ledger naming the recipe
+    (and the run's output scaling, e.g. its one uint16 gain, which a resumed run must use again)."""
     import zarr
 
     if path.exists():
@@ -72,11 +74,11 @@ def create_store(path: Path, meta: VolumeMeta, n_timepoints: int, recipe_fingerp
         group.attrs.update({"ome": ngff_attributes(meta), "rllsm": {
             "acquisition_id": meta.acquisition_id,
             "optics": meta.optics.model_dump(mode="json") if meta.optics is not None else None,
-            "recipe": recipe_fingerprint, "complete": False, "skipped": {},
+            "recipe": recipe_fingerprint, "scaling": scaling, "complete": False, "skipped": {},
         }})
         with open(path / LEDGER, "w") as fh:
             fh.write(json.dumps({"kind": "store", "recipe": recipe_fingerprint, "shape": list(meta.shape),
-                                 "dtype": str(np.dtype(meta.dtype))}) + "\n")
+                                 "dtype": str(np.dtype(meta.dtype)), "scaling": scaling}) + "\n")
     except OSError as err:
         raise DistributedError(f"cannot create {path}: {err.strerror or err}") from None
 
@@ -174,6 +176,7 @@ class Ledger:
         self.recipe: str | None = None
         self.shape: tuple[int, ...] | None = None
         self.dtype: str | None = None
+        self.scaling: dict[str, Any] | None = None
         self.entries: list[LedgerEntry] = []
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -181,6 +184,7 @@ class Ledger:
                     doc = json.loads(line)
                     if doc.get("kind") == "store":
                         self.recipe, self.shape, self.dtype = doc["recipe"], tuple(doc["shape"]), doc["dtype"]
+                        self.scaling = doc.get("scaling")
                     else:
                         self.entries.append(LedgerEntry(int(doc["t"]), int(doc["c"]), str(doc["crc32"]),
                                                         tuple(int(n) for n in doc["shape"]),

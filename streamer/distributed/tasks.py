@@ -100,6 +100,7 @@ class VolumeResult:
     error: str = ""
     does_not_fit: bool = False  # larger than the canvas: the driver grows it and sends the task again
     volume: np.ndarray | None = field(default=None, repr=False)
+    voxel_zyx_um: tuple[float, ...] | None = None  # the probe's: the store's physical voxel size
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -120,8 +121,13 @@ def _set_threads(recipe: Recipe) -> None:
             torch.set_num_threads(recipe.torch_threads)
 
 
-def compute_volume(recipe: Recipe, source: Any, t: int, c: int, store: str | None) -> VolumeResult:
-    """Make volume ``(t, c)`` and write it to ``store``; with ``store=None`` return it instead (the probe)."""
+def compute_volume(recipe: Recipe, source: Any, t: int, c: int, store: str | None,
+                   scaling: Any = None) -> VolumeResult:
+    """Make volume ``(t, c)`` and write it to ``store``; with ``store=None`` return it instead (the probe).
+
+    ``scaling`` (:class:`engines.scaling.OutputScaling` with the run's gain fixed, or ``float32``) turns the chain's
+    output into what is stored; the probe returns the chain's output unscaled (its gain is set from it).
+    """
     t0 = time.perf_counter()
     name = worker_name()
     try:
@@ -132,7 +138,12 @@ def compute_volume(recipe: Recipe, source: Any, t: int, c: int, store: str | Non
         if vol.ndim != 3:
             raise VolumeRejected(f"t={t} c={c}: the chain returned a {vol.ndim}D array, not a (z, y, x) volume")
         if store is None:
-            return VolumeResult(t, c, name, time.perf_counter() - t0, volume=vol)
+            return VolumeResult(t, c, name, time.perf_counter() - t0, volume=vol,
+                                voxel_zyx_um=getattr(fn, "last_voxel_zyx_um", None))
+        if scaling is not None:
+            from engines.scaling import VolumeScaler
+
+            vol = VolumeScaler(scaling)(vol)
         crc = write_volume(store, t, c, vol)
     except DoesNotFit as err:
         return VolumeResult(t, c, name, time.perf_counter() - t0, shape=err.shape, does_not_fit=True)

@@ -8,14 +8,17 @@ timepoints is unknown the array grows along t as volumes arrive (a metadata-only
 Volumes that never arrive are listed under ``attributes.rllsm.skipped`` with their reason; their chunks stay absent
 (the fill value 0), so a viewer shows them as empty rather than as stale data. ``attributes.rllsm`` also holds the
 provenance (mode, model files with their SHA-256, backend, precision, software version, optics), the per-volume
-placement into the acquisition's grid (split position, padding) and ``stored``, the volumes durably written.
+placement into the acquisition's grid (split position, padding) and ``stored``, the volumes written — a summary
+refreshed every few seconds and at close; the per-volume table itself is ``0/rllsm_volumes.jsonl`` in the dataset
+(:mod:`streamer.sinks.volume_log`), one line appended per volume or skip.
 
 Exactly once across kills: the dataset is created under ``<name>.partial`` and renamed to its name only after its
 first volume (or skip) is written, so a run killed earlier leaves no empty dataset (the next run removes the
-partial one). After each volume the chunk is written (atomically, by every backend) and then ``stored`` is updated
-(atomically); only then are the done listeners called. A restarted service opens the same dataset with
-``resume=True``: it checks that the dataset is this acquisition's, in the same geometry, and a volume written again
-(processed again because the kill came before its completion was recorded) lands on the same chunk: one copy.
+partial one). After each volume the chunk is written (atomically, by every backend) and then its line is appended to
+the volume table; only then are the done listeners called. A restarted service opens the same dataset with
+``resume=True``: it checks that the dataset is this acquisition's, in the same geometry, rebuilds from the table what
+is stored, and a volume it already holds (processed again because the kill came before the service's done.log had
+it) is confirmed without being written again: one copy, written once.
 
 Why this design (measured in docs/benchmarks/writers.md): zarr-python creates the group, the array and the NGFF 0.5
 document (so we control the metadata and accept volumes that finish out of order, which the in-order streams of
@@ -31,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,9 +53,11 @@ from streamer.sinks.base import (
 )
 from streamer.sinks.config import OmeZarrConfig, ZarrCompression
 
+from streamer.sinks.volume_log import LOG_NAME, VolumeLog, read_log
 from streamer.sinks.ngff import AXES, NGFF_VERSION, channel_color, ngff_attributes  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
+_ATTRS_EVERY_S = 5.0  # the attributes' summary (stored, skipped, placements) is refreshed at most this often
 
 
 def _codecs(cfg: OmeZarrConfig) -> Any:
@@ -121,6 +127,8 @@ class OmeZarrSink:
         self._placed: dict[str, Any] = {}
         self._listeners: list[Callable[[VolumeIndex, bool], None]] = []
         self.resumed: frozenset[VolumeIndex] = frozenset()
+        self._log: VolumeLog | None = None
+        self._attrs_at = 0.0  # when the attributes were last refreshed (monotonic s)
 
     @property
     def partial_path(self) -> Path:
@@ -196,6 +204,7 @@ class OmeZarrSink:
             self._meta = meta
             group.attrs.update({"ome": ngff_attributes(meta), "rllsm": self._provenance(meta)})
             self._ts = None if direct else (self._open_tensorstore(root / "0") if self._use_tensorstore() else None)
+            self._log = VolumeLog(root / LOG_NAME)
         except (OSError, ValueError) as err:
             self._meta = None
             raise SinkSetupError(f"{self.name}: cannot create {p}: {describe_error(err)}") from err
@@ -233,12 +242,24 @@ class OmeZarrSink:
             raise SinkSetupError(f"{self.name}: cannot resume {p}: {'; '.join(problems)}. Move it away or choose "
                                  "another output folder")
         self._stored = {VolumeIndex(int(t), int(c)) for t, c in ours.get("stored", [])}
-        self.resumed = frozenset(self._stored)
         for label, reason in (ours.get("skipped") or {}).items():
             idx = _parse_label(label)
             if idx is not None and idx not in self._stored:
                 self.stats.skipped[idx] = str(reason)
         self._placed = dict(ours.get("placements") or {})
+        for rec in read_log(p / LOG_NAME):  # the durable truth: what was written after the attributes were
+            try:
+                idx = VolumeIndex(rec["t"], rec["c"])
+            except SinkStateError:
+                continue
+            if rec.get("stored"):
+                self._stored.add(idx)
+                self.stats.skipped.pop(idx, None)
+                if rec.get("placement"):
+                    self._placed[idx.label()] = rec["placement"]
+            elif idx not in self._stored:
+                self.stats.skipped[idx] = str(rec.get("reason", ""))
+        self.resumed = frozenset(self._stored)
         self._range = {int(c): (float(lo), float(hi)) for c, (lo, hi) in (ours.get("display_range") or {}).items()}
         self._last_t = max([i.timepoint for i in self._stored] or [-1])
         self._group, self._array, self._root = group, array, p
@@ -248,6 +269,7 @@ class OmeZarrSink:
             direct = self.config.backend == "direct"
             self._ts = None if direct else (self._open_tensorstore(p / "0") if self._use_tensorstore() else None)
             group.attrs.update({"rllsm": self._provenance(meta)})
+            self._log = VolumeLog(p / LOG_NAME)
         except (OSError, ValueError) as err:
             raise SinkSetupError(f"{self.name}: cannot resume {p}: {describe_error(err)}") from err
         log.info("%s: resuming %s (%d volumes already stored)", self.name, p, len(self._stored))
@@ -364,6 +386,9 @@ class OmeZarrSink:
         if self._closed:
             raise SinkStateError(f"{self.name}: append({index.label()}) after close()")
         check_volume(self._meta, volume, index, self.name)
+        if index in self.resumed:  # an earlier run stored it (the kill came before done.log had it): once is enough
+            self._done(index, True)
+            return
         try:
             if index.timepoint >= self._n_t:
                 # grow geometrically so an open-ended acquisition rewrites zarr.json O(log T) times, not T times
@@ -391,17 +416,21 @@ class OmeZarrSink:
         row = self._meta.placements.get(index) if self._meta.placements is not None else None
         if row is not None:
             self._placed[index.label()] = row
-        self._commit(index, "writing")
+        self._commit(index, "writing", {"stored": True, **({"placement": row} if row is not None else {})})
         self.stats.written += 1
         self.stats.bytes_written += volume.nbytes
         self._done(index, True)
 
-    def _commit(self, index: VolumeIndex, what: str) -> None:
-        """Record ``index`` in the dataset's attributes (atomically), then give the dataset its name."""
-        assert self._meta is not None
+    def _commit(self, index: VolumeIndex, what: str, record: dict[str, Any]) -> None:
+        """Record ``index`` in the dataset's volume log, then give the dataset its name (once); the attributes'
+        summary is refreshed every few seconds, not per volume (its cost grows with the series)."""
+        assert self._meta is not None and self._log is not None
         try:
-            self._group.attrs.update({"rllsm": self._provenance(self._meta)})
+            self._log.append({"t": index.timepoint, "c": index.channel, **record})
             self._publish()
+            if time.monotonic() - self._attrs_at > _ATTRS_EVERY_S:
+                self._group.attrs.update({"rllsm": self._provenance(self._meta)})
+                self._attrs_at = time.monotonic()
         except (OSError, ValueError) as err:
             self._stored.discard(index)
             self.stats.errors += 1
@@ -422,7 +451,7 @@ class OmeZarrSink:
             self._done(index, True)
             return
         self.stats.skipped[index] = reason
-        self._commit(index, "recording the skip of")
+        self._commit(index, "recording the skip of", {"stored": False, "reason": reason})
         self._done(index, False)
 
     def close(self) -> None:
@@ -436,6 +465,8 @@ class OmeZarrSink:
         self._closed = True
         meta = self._meta
         try:
+            if self._log is not None:
+                self._log.close()
             if self._root != self.path:  # nothing came: no dataset, not an empty one
                 shutil.rmtree(self._root, ignore_errors=True)
                 log.info("%s: no volume for %s; no dataset written", self.name, self.path)

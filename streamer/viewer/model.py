@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from engines.errors import RllsmRuntimeError
+
 DEFAULT_DISPLAY = "tcp://127.0.0.1:5556"
 DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
 MIP_AXES = ("z", "y", "x")
@@ -25,7 +27,7 @@ MIP_AXES = ("z", "y", "x")
 CHANNEL_COLORMAPS = ("gray", "green", "magenta", "cyan", "yellow", "red", "blue")
 
 
-class ViewerError(RuntimeError):
+class ViewerError(RllsmRuntimeError):
     """The viewer cannot do what was asked: an unknown target, no napari or OpenGL, nothing arriving in time."""
 
 
@@ -68,7 +70,9 @@ def resolve_target(text: str | None) -> Target:
         if not 0 < int(m["port"]) < 65536:
             raise ViewerError(f"port {m['port']} in {text!r} is not between 1 and 65535")
         return Target("stream", endpoint=f"tcp://{text}")
-    path = Path(text)
+    path = Path(text.rstrip("/"))
+    if not path.exists() and path.with_name(path.name + ".partial").is_dir():
+        return Target("dataset", path=path)  # being created: our writer renames it after its first volume
     if not path.exists():
         raise ViewerError(f"{text!r} is neither a display endpoint (tcp://HOST:PORT) nor an existing dataset folder")
     if not path.is_dir() or not (path / "zarr.json").is_file():
@@ -173,7 +177,7 @@ def resolve_layers(frame: Frame, contrast_limits: tuple[float, float], *, gap: f
         translate = [0.0, 0.0, 0.0]
         translate[i] = extent[i] + offset
         specs.append(LayerSpec(name=layer_name("mip", frame.channel, ax), role="mip", axis=ax, data=data,
-                               translate=tuple(translate), rendering="translucent", **common))
+                               translate=tuple(translate), rendering="mip", **common))
     return tuple(specs)
 
 
@@ -257,21 +261,27 @@ class Follower:
 
 
 def frame_text(frame: Frame, *, following: bool = True, dropped: int = 0, received: int | None = None,
-               now: float | None = None) -> str:
-    """The line shown under the viewer: acquisition, t/c, shape and voxel size, latency, dropped, follow state."""
+               now: float | None = None, multiline: bool = False) -> str:
+    """The line shown with the view: acquisition, t/c, shape and voxel size, latency, dropped, follow state.
+
+    ``multiline`` puts what, where and how-live on three lines (for the canvas overlay).
+    """
     now = time.time() if now is None else now
     z, y, x = frame.volume.shape
     vox = frame.voxel_size_um
     size = f"{z}×{y}×{x}" + (f" at {vox[0]:.3g}×{vox[1]:.3g}×{vox[2]:.3g} µm" if vox else " (voxel size unknown)")
-    parts = [frame.acquisition_id, f"t={frame.timepoint} c={frame.channel}", size]
+    live = []
     if frame.made_at is not None:
         what = "latency" if frame.source == "stream" else "written"
-        parts.append(f"{what} {max(0.0, now - frame.made_at):.2f} s" + (" ago" if frame.source == "dataset" else ""))
+        live.append(f"{what} {max(0.0, now - frame.made_at):.2f} s" + (" ago" if frame.source == "dataset" else ""))
     if received is not None:
-        parts.append(f"received {received}")
-    parts.append(f"dropped {dropped}")
-    parts.append("following" if following else "paused")
-    return " · ".join(parts)
+        live.append(f"received {received}")
+    live.append(f"dropped {dropped}")
+    live.append("following" if following else "paused")
+    groups = [[frame.acquisition_id, f"t={frame.timepoint} c={frame.channel}"], [size], live]
+    if multiline:
+        return "\n".join(" · ".join(g) for g in groups)
+    return " · ".join(p for g in groups for p in g)
 
 
 # --- a service's status, for the dock widget -------------------------------------------------------------------------
@@ -303,7 +313,9 @@ class ServiceStatusView:
         if self.error:
             out.append(f"ERROR: {self.error}")
         out.append("queues: " + "  ".join(f"{k}={v}" for k, v in self.queues.items()))
-        out.extend(f"  {name:<18} p50 {p50:8.1f} ms   p99 {p99:8.1f} ms" for name, p50, p99 in self.stages)
+        if self.stages:
+            out.append(f"{'stage':<16} {'p50 ms':>9} {'p99 ms':>9}")
+            out.extend(f"{name[:16]:<16} {p50:9.1f} {p99:9.1f}" for name, p50, p99 in self.stages)
         out.append(f"errors: {self.errors}" + "".join(f"\n  {e}" for e in self.last_errors[-3:]))
         out.append("dropped: " + ("  ".join(f"{k}={v:g}" for k, v in self.dropped.items()) or "none"))
         if self.current_dataset:

@@ -154,15 +154,15 @@ class LiveView:
                 self.contrast[c] = state.unlock()
         self._notify()
 
-    def text(self, dropped: int | None = None) -> str:
+    def text(self, dropped: int | None = None, *, multiline: bool = False) -> str:
         dropped = self.dropped if dropped is None else dropped
         if self.last_frame is None:
             return "waiting for the first volume…" + ("" if self.follower.following else " (paused)")
         return frame_text(self.last_frame, following=self.follower.following, dropped=dropped,
-                          received=self.follower.received)
+                          received=self.follower.received, multiline=multiline)
 
     def _notify(self) -> None:
-        _overlay(self.viewer, "text").text = self.text(self.dropped)
+        _overlay(self.viewer, "text").text = self.text(self.dropped, multiline=True)
         for fn in list(self.listeners):
             fn()
 
@@ -227,7 +227,6 @@ def make_live_panel(live: LiveView, reader: FrameReader) -> Any:
     lock.setObjectName("rllsm-lock-contrast")
     for widget in (info, follow, lock):
         lay.addWidget(widget)
-    lay.addStretch(1)
 
     def refresh() -> None:
         text = live.text()
@@ -281,15 +280,21 @@ def open_viewer(target: Target, *, screenshot: str | Path | None = None, after: 
     live = LiveView(viewer)
     reader = FrameReader(source).start()
     panel = make_live_panel(live, reader)
-    viewer.window.add_dock_widget(panel, name="rLLSM live", area="right")
     service: Any = None
+    dock = panel
     if control is not None:
+        from qtpy.QtWidgets import QVBoxLayout, QWidget
+
         from streamer.viewer.plugin import ServicePanel
 
         service = ServicePanel(viewer, control=control, live=live)
         service.adopt_reader(reader, f"{target.kind} {target.label()}")
-        viewer.window.add_dock_widget(service, name="rLLSM service", area="right")
         service.connect_service()
+        dock = QWidget()  # one dock: the live line on top, the service below (two docks split the height evenly)
+        box = QVBoxLayout(dock)
+        box.addWidget(panel)
+        box.addWidget(service, 1)
+    viewer.window.add_dock_widget(dock, name="rLLSM live", area="right")
 
     def current() -> FrameReader | None:  # the service panel may stop following or switch to the dataset
         return service.reader if service is not None else reader

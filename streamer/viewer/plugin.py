@@ -21,7 +21,7 @@ from streamer.viewer.napari_app import FrameReader, LiveView
 class StatusPoller:
     """Asks a service's control socket for ``status`` every ``interval_s`` on a daemon thread; keeps the newest."""
 
-    def __init__(self, control: str, interval_s: float = 1.0, timeout_s: float = 1.0) -> None:
+    def __init__(self, control: str, interval_s: float = 1.0, timeout_s: float = 5.0) -> None:
         self.control = control
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -70,9 +70,11 @@ class ServicePanel(QWidget):
     def __init__(self, napari_viewer: Any, control: str = DEFAULT_CONTROL, live: LiveView | None = None) -> None:
         super().__init__()
         self.setObjectName("rllsm-service")
+        self.setMinimumWidth(340)  # the status table is monospace: room for a stage name and two latencies
         self.viewer = napari_viewer
         self.live = live or LiveView(napari_viewer)
         self.poller: StatusPoller | None = None
+        self.poller_timeout_s = 5.0  # a busy service may take seconds to answer; the thread waits, napari does not
         self.reader: FrameReader | None = None
         self.following: str | None = None  # what the panel's own reader follows
         self.endpoint = QLineEdit(control)
@@ -111,7 +113,7 @@ class ServicePanel(QWidget):
         """(Re)start asking the endpoint in the field for status."""
         if self.poller is not None:
             self.poller.stop()
-        self.poller = StatusPoller(self.endpoint.text().strip())
+        self.poller = StatusPoller(self.endpoint.text().strip(), timeout_s=self.poller_timeout_s)
         self.status.setText(f"asking {self.poller.control}…")
 
     def toggle_following(self) -> None:
@@ -132,6 +134,10 @@ class ServicePanel(QWidget):
         if not path:
             self.status.setText(self.status.text() + "\nthe service reports no dataset (is it writing with --out?)")
             return
+        if not path.rstrip("/").endswith(".zarr"):
+            self.status.setText(self.status.text() + f"\nonly OME-Zarr datasets are followed live; {path} is not one "
+                                "(start the service with --format zarr)")
+            return
         self._stop_reader()
         self._start_reader("dataset", path)
 
@@ -143,11 +149,14 @@ class ServicePanel(QWidget):
         self.follow_button.setText("Stop following")
 
     def _start_reader(self, kind: str, where: str) -> None:
-        from streamer.viewer.model import resolve_target
+        from pathlib import Path
+
+        from streamer.viewer.model import Target, resolve_target
         from streamer.viewer.sources import open_source
 
         try:
-            target = resolve_target(where)
+            # the service names a dataset it is about to create: follow it even before it exists
+            target = resolve_target(where) if kind == "stream" else Target("dataset", path=Path(where))
             source = open_source(target)
         except ViewerError as err:
             self.status.setText(f"cannot open {where}: {err}")
@@ -178,6 +187,8 @@ class ServicePanel(QWidget):
         if self.following:
             lines.append(f"following {self.following}: {self.live.frames_shown} shown, "
                          f"{self.reader.dropped if self.reader else 0} dropped")
+        if self.reader is not None and self.reader.error is not None:
+            lines.append(f"reading stopped: {self.reader.error}")
         self.status.setText("\n".join(lines))
 
     def close_all(self) -> None:

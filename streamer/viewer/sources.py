@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from streamer.display import DisplayClient, DisplayError, DisplayMessage
+from streamer.sinks.volume_log import LOG_NAME
 from streamer.viewer.model import MIP_AXES, Frame, ViewerError, frame_from_volume
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,33 @@ def ngff_voxel_size_um(ome: Mapping[str, Any], dataset: int = 0) -> tuple[tuple[
 class DatasetSource:
     """Frames from an OME-Zarr dataset (NGFF 0.5, Zarr v3, on a local disk) while it is being written.
 
-    A timepoint is shown once it is whole: all its chunks are there, or a later timepoint has started (the writer
-    goes in order), or its chunks did not change between two polls (chunks equal to the fill value are never
-    written, so a count alone cannot tell), or the writer marked the dataset complete.
+    A timepoint is shown once it is whole. Our writer says so itself: its volume table (``0/rllsm_volumes.jsonl``,
+    :mod:`streamer.sinks.volume_log`) gets a line once a volume's chunks are written, read here incrementally (and
+    ``attributes.rllsm.stored``, the summary, for datasets written before the table existed). For other writers the
+    chunk files tell: all of a timepoint's
+    chunks are there, or a later timepoint has started (writers go in order), or its chunks did not change for
+    ``settle_s`` (chunks equal to the fill value are never written, so a count alone cannot tell), or the dataset
+    is marked complete. A dataset that does not exist yet (our writer creates it under ``<name>.partial`` and
+    renames it after the first volume) is waited for.
     """
 
     def __init__(self, path: str | Path, *, settle_s: float = 0.5) -> None:
         self.path = Path(path)
         self.settle_s = settle_s
+        self.axes: tuple[str, ...] = ()
+        self.voxel_size_um: tuple[float, ...] | None = None
+        self.array_path = "0"
+        self.acquisition_id = self.path.name
+        self._opened = False
+        self._shown: dict[int, tuple[int, int, float]] = {}  # channel -> (t, chunk files, newest mtime) shown
+        self._seen: dict[tuple[int, int], tuple[int, float, float]] = {}  # (t, c) -> (files, mtime, first seen)
+        self.frames_read = 0
+        self._log_pos = 0  # bytes of the volume table already read
+        self._logged: set[tuple[int, int]] = set()  # (t, c) the table says are stored
+        if (self.path / "zarr.json").exists():
+            self._open()
+
+    def _open(self) -> None:
         try:
             group = json.loads((self.path / "zarr.json").read_text())
         except (OSError, ValueError) as err:
@@ -184,9 +204,7 @@ class DatasetSource:
         self.axes, self.voxel_size_um, self.array_path = ngff_voxel_size_um(ome)
         self.acquisition_id = str((attrs.get("rllsm") or {}).get("acquisition_id")
                                   or ome["multiscales"][0].get("name") or self.path.name)
-        self._shown: dict[int, tuple[int, int, float]] = {}  # channel -> (t, chunk files, newest mtime) shown
-        self._seen: dict[tuple[int, int], tuple[int, float, float]] = {}  # (t, c) -> (files, mtime, first seen)
-        self.frames_read = 0
+        self._opened = True
 
     def _array_meta(self) -> dict[str, Any]:
         meta = json.loads((self.path / self.array_path / "zarr.json").read_text())
@@ -231,13 +249,45 @@ class DatasetSource:
                 return frames
             time.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic())))
 
+    def _read_volume_table(self) -> bool:
+        """Take the table's new whole lines into ``_logged``; False when the dataset has no table."""
+        path = self.path / LOG_NAME
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < self._log_pos:  # cut back (a torn line dropped at a restart): read it again
+                    self._log_pos, self._logged = 0, set()
+                fh.seek(self._log_pos)
+                data = fh.read(size - self._log_pos)
+        except FileNotFoundError:
+            return False
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being appended waits for the next poll
+        self._log_pos += len(whole)
+        for line in whole.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("stored") and isinstance(rec.get("t"), int) \
+                    and isinstance(rec.get("c"), int):
+                self._logged.add((rec["t"], rec["c"]))
+        return True
+
     def _poll_once(self) -> list[Frame]:
+        if not self._opened:
+            if not (self.path / "zarr.json").exists():
+                return []  # not created (or not yet renamed from .partial): wait
+            self._open()
         try:
             meta = self._array_meta()
             group = json.loads((self.path / "zarr.json").read_text())
         except (OSError, ValueError):
             return []  # the writer is replacing zarr.json this instant: next poll
-        complete = bool(((group.get("attributes") or {}).get("rllsm") or {}).get("complete"))
+        ours = (group.get("attributes") or {}).get("rllsm") or {}
+        complete = bool(ours.get("complete"))
+        stored = {(int(t), int(c)) for t, c in ours["stored"]} if isinstance(ours.get("stored"), list) else None
+        if self._read_volume_table():  # the per-volume truth; the attributes' list is a summary that lags
+            stored = (stored or set()) | self._logged
         shape = tuple(meta["shape"])
         grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         per_volume = int(np.prod([-(-s // c) for s, c in zip(shape[-3:], grid[-3:])]))
@@ -255,8 +305,11 @@ class DatasetSource:
             if first is None or first[:2] != (n, mtime):
                 self._seen[(t, c)] = (n, mtime, now)
                 first = self._seen[(t, c)]
-            settled = n >= per_volume * max(1, t_chunk) or complete or (has_t and key[0] < latest_t) \
-                or now - first[2] >= self.settle_s
+            if stored is not None:  # the writer lists what it finished: nothing to guess
+                settled = (t, c) in stored
+            else:
+                settled = n >= per_volume * max(1, t_chunk) or complete or (has_t and key[0] < latest_t) \
+                    or now - first[2] >= self.settle_s
             if settled and (c not in newest or t >= newest[c][0]):
                 newest[c] = (t, n, mtime)
         frames = []
