@@ -53,7 +53,7 @@ class ReconstructParams(StrictModel):
                        "mirror, deskew (+ VSI-SR when given) + single-view Richardson–Lucy.")
     background: BackgroundParams = Field(default_factory=BackgroundParams)
     views: ViewsParams | None = Field(None, description="Step 3; default: the reference's with the objective angle.")
-    iterations: int = Field(10, ge=1, le=500,
+    iterations: int = Field(30, ge=1, le=500,
                             description="Richardson–Lucy iterations (sr-rl, classical, single-view).")
     tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
     overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
@@ -176,7 +176,14 @@ class Reconstructor:
         if self.params.mode == "single-view":
             # no mirror: no epi-fluorescence band to remove, and the deskewed axis is kept whole
             params = params.model_copy(update={"remove_band": False, "crop_square": False})
-        return preprocess_tensor(raw, self.optics, params)
+        vol, rep = preprocess_tensor(raw, self.optics, params)
+        if uses_lateral_sr(self.params.mode) and self.views_params.mirror_threshold > 0:
+            # whether the stack holds a mirror is judged on what the camera saw, before a network reshapes it
+            from engines.views import check_mirror_tensor
+
+            v = vol.transpose(1, 2) if self.optics.skew_axis.value == "y" else vol
+            check_mirror_tensor(v, self.optics.pixel_size_um, self.optics.deskewed_pixel_z_um, self.views_params)
+        return vol, rep
 
     def _runs_lateral(self) -> bool:
         return uses_lateral_sr(self.params.mode) or self._single_sr
@@ -194,7 +201,10 @@ class Reconstructor:
         if self.optics.skew_axis.value == "y":
             # The view split works with the skew axis last; a y-skewed camera is the same geometry transposed.
             volume = volume.transpose(1, 2)
-        return split_views_tensor(volume, dx, dz, self.views_params)
+        params = self.views_params
+        if uses_lateral_sr(self.params.mode):  # checked before lateral SR (preprocess_t)
+            params = params.model_copy(update={"mirror_threshold": 0.0})
+        return split_views_tensor(volume, dx, dz, params)
 
     def deconvolve_t(self, volume: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """single-view: Richardson–Lucy of the deskewed volume with the single-view PSF, on the device."""

@@ -81,7 +81,7 @@ def single_view_rl(volume: torch.Tensor, psf: np.ndarray, iterations: int, cover
     return weighted_rl([volume], [psf], int(iterations), coverage, progress)
 
 
-def deconvolve_single_view(volume: np.ndarray | torch.Tensor, psf: np.ndarray, iterations: int = 10,
+def deconvolve_single_view(volume: np.ndarray | torch.Tensor, psf: np.ndarray, iterations: int = 30,
                            device: str | torch.device | None = None, coverage: str | None = "auto",
                            progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """numpy wrapper of :func:`single_view_rl`: float32 result of the volume's shape, in its units."""

@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                     both, one = ca & cb, ca ^ cb
                     vox = (res.voxel_um,) * 3
                     lat, ax, corr = best_matching_blur(fused, truth, vox, mask=both)
-                    lat1, ax1, corr1 = best_matching_blur(fused, truth, vox, mask=one) if one.any() else (
-                        math.nan, math.nan, math.nan)
+                    # the real sample may not reach the one-view region at all: then there is nothing to match
+                    lat1, ax1, corr1 = best_matching_blur(fused, truth, vox, mask=one) if (
+                        one.any() and truth[one].max() > 0) else (math.nan, math.nan, math.nan)
                     p = max(np.percentile(va[ca], 99.99), np.percentile(vb[cb], 99.99))
                     hot = float(fused[one].max() / p) if one.any() else math.nan
                     fw = puncta_fwhm(fused, vox) if structure == "beads" else {"z": math.nan, "y": math.nan,

@@ -10,9 +10,11 @@ import pytest
 import tifffile
 
 from engines.config import OpticsConfig
-from engines.reconstruct import Reconstructor, ReconstructParams, load_models
+import torch
+
+from engines.reconstruct import ReconModels, Reconstructor, ReconstructParams, load_models
 from engines.rldfn.metrics import puncta_fwhm
-from engines.views import NoMirrorError
+from engines.views import NoMirrorError, ViewsParams
 
 # the pycudadecon stack's optics (data README): dx 0.1 µm, stage step 0.3 µm, 31.5°, camera offset 98
 OPTICS = dict(pixel_size_um=0.1, stage_step_um=0.3, skew_angle_deg=31.5, objective_angle_deg=31.5,
@@ -20,9 +22,13 @@ OPTICS = dict(pixel_size_um=0.1, stage_step_um=0.3, skew_angle_deg=31.5, objecti
 
 
 @pytest.fixture(scope="module")
-def crop(shared_data) -> np.ndarray:
-    raw = tifffile.imread(shared_data / "llsm-pycudadecon" / "im_raw.tif")
-    return np.ascontiguousarray(raw[:, 150:246, 96:224])  # a field with puncta; 88 planes kept
+def whole(shared_data) -> np.ndarray:
+    return tifffile.imread(shared_data / "llsm-pycudadecon" / "im_raw.tif")
+
+
+@pytest.fixture(scope="module")
+def crop(whole) -> np.ndarray:
+    return np.ascontiguousarray(whole[:, 150:246, 96:224])  # a field with puncta; 88 planes kept
 
 
 def test_single_view_sharpens_real_llsm_without_speckle(crop, shared_data) -> None:
@@ -44,21 +50,46 @@ def test_single_view_sharpens_real_llsm_without_speckle(crop, shared_data) -> No
     assert abs(out.sum() / desk.sum() - 1) < 0.1
 
 
-@pytest.mark.parametrize("mode", ["classical"])
-def test_dual_view_mode_refuses_data_without_mirror(crop, mode) -> None:
-    rec = Reconstructor(OpticsConfig(**OPTICS), ReconstructParams(mode=mode, iterations=1), device="cpu")
+@pytest.mark.parametrize("mode", ["classical", "sr-rl"])
+def test_dual_view_mode_refuses_data_without_mirror(whole, mode) -> None:
+    from engines.vsisr.network import VSISR, VSISRConfig
+    from engines.vsisr.otf import generate_otfs
+
+    optics = OpticsConfig(**OPTICS)
+    models = None
+    if mode == "sr-rl":  # refused before the (here untrained) network runs
+        models = ReconModels(vsisr=VSISR(VSISRConfig(features=16, n_groups=1, n_blocks=1, reduction=4,
+                                                     head_features=16)).eval(), otfs=generate_otfs(optics))
+    rec = Reconstructor(optics, ReconstructParams(mode=mode, iterations=1), models, device="cpu")
     with pytest.raises(NoMirrorError, match="--mode single-view"):
-        rec(crop)
+        rec(whole)
 
 
-def test_cli_names_single_view_mode_for_data_without_mirror(crop, tmp_path) -> None:
-    src = tmp_path / "llsm.tif"
-    tifffile.imwrite(src, crop)
+def test_simulated_rllsm_passes_the_mirror_check() -> None:
+    from engines.background import preprocess
+    from engines.simulate.config import make_sim_config
+    from engines.simulate.microscope import simulate_stack
+    from engines.views import MIRROR_THRESHOLD, check_mirror_tensor
+
+    for structure in ("filaments", "beads"):
+        cfg = make_sim_config(shape=(48, 96, 96), structure=structure)
+        stack, _ = simulate_stack(cfg, seed=5)
+        vol, _ = preprocess(stack.raw, cfg.optics, device="cpu")
+        contrast = check_mirror_tensor(torch.from_numpy(vol), cfg.optics.pixel_size_um,
+                                       cfg.optics.deskewed_pixel_z_um, ViewsParams(angle_deg=cfg.optics.objective_angle_deg))
+        assert contrast > 1.5 * MIRROR_THRESHOLD
+
+
+def test_cli_names_single_view_mode_for_data_without_mirror(whole, crop, tmp_path) -> None:
+    src, small = tmp_path / "llsm.tif", tmp_path / "llsm_crop.tif"
+    tifffile.imwrite(src, whole)
+    tifffile.imwrite(small, crop)
     args = [sys.executable, "-m", "streamer", "reconstruct", str(src), str(tmp_path / "out.tif"), "--device", "cpu",
             "--pixel-size-um", "0.1", "--stage-step-um", "0.3", "--skew-angle-deg", "31.5",
             "--objective-angle-deg", "31.5", "--camera-offset", "98"]
     proc = subprocess.run(args + ["--mode", "classical", "--iterations", "1"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--mode single-view" in proc.stderr and "Traceback" not in proc.stderr
+    args[4] = str(small)
     proc = subprocess.run(args + ["--mode", "single-view", "--iterations", "2", "--float32"], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr

@@ -83,8 +83,8 @@ def best_matching_blur(
     volume: np.ndarray,
     truth: np.ndarray,
     voxel_um: Sequence[float],
-    lateral_nm: Sequence[float] = tuple(range(60, 601, 20)),
-    axial_nm: Sequence[float] = tuple(range(100, 1201, 50)),
+    lateral_nm: Sequence[float] = tuple(range(80, 481, 25)),
+    axial_nm: Sequence[float] = tuple(range(150, 901, 50)),
     mask: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """The Gaussian blur (lateral FWHM, axial FWHM, in nm) of ``truth`` that best correlates with ``volume``.

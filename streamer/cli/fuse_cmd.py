@@ -69,8 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rldfn: refuse (or, with --tile auto, size tiles for) patches estimated above this memory")
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="rldfn: tiles run together (faster on a GPU, N× the memory; default 1)")
-    p.add_argument("--iterations", type=int, default=10, metavar="K",
-                   help="classical: joint RL iterations (default 10); RL-DFN always does one RL step")
+    p.add_argument("--iterations", type=int, default=30, metavar="K",
+                   help="classical: joint RL iterations (default 30); RL-DFN always does one RL step")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from streamer.cli.backend_options import add_backend_args
@@ -144,7 +144,7 @@ def fuse_files(
     tile: str | int = "none",
     overlap: int | None = None,
     memory_budget_mib: float | None = None,
-    iterations: int = 10,
+    iterations: int = 30,
     device: str | None = None,
     progress: bool = True,
     batch: int = 1,

@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     # the model-source flags of serve and replay too, generated from one model (engines.sources.ReconSources)
     add_model_args(p, exclude=("weights",), title="model sources", dest_prefix="")
-    p.add_argument("--iterations", type=int, default=10, metavar="K", help="Richardson–Lucy iterations (sr-rl, classical, single-view; default 10)")
+    p.add_argument("--iterations", type=int, default=30, metavar="K",
+                   help="Richardson–Lucy iterations (sr-rl, classical, single-view; measured against simulated truth "
+                   "in BENCHMARKS.md)")
     p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
     p.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
