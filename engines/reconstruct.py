@@ -262,11 +262,11 @@ class Reconstructor:
         reports: dict[str, Any] = {}
         kept: dict[str, np.ndarray] = {}
 
-        def timed(name: str, fn: Callable[[], Any]) -> Any:
+        def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
             if progress is not None:  # names the step that starts (a CLI shows it beside its progress bar)
                 progress(name)
             t0 = time.perf_counter()
-            out = fn()
+            out = fn(*args)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # else the time lands on whichever step reads back first
             timings[name] = time.perf_counter() - t0
@@ -277,15 +277,15 @@ class Reconstructor:
             vol, reports["preprocess"] = timed("preprocess", lambda: self.preprocess_t(self.to_device(raw)))
             if keep_intermediates:
                 kept["preprocessed"] = to_host(vol)
-            sr = timed("lateral_sr", lambda: self.lateral_t(vol))
+            sr = timed("lateral_sr", self.lateral_t, vol)
             if keep_intermediates and self._runs_lateral():
                 kept["lateral_sr"] = to_host(sr)
             del vol
             if self.params.mode == "single-view":
-                out = timed("deconvolve", lambda: to_host(self.deconvolve_t(sr)))
+                out = timed("deconvolve", lambda v: to_host(self.deconvolve_t(v)), sr)
                 return ReconResult(fused=out, voxel_um=self.voxel_zyx_um[2], voxel_zyx_um=self.voxel_zyx_um,
                                    reports=reports, timings_s=timings, intermediates=kept)
-            view_a, view_b, reports["split_views"] = timed("split_views", lambda: self.split_t(sr))
+            view_a, view_b, reports["split_views"] = timed("split_views", self.split_t, sr)
             del sr
             if keep_intermediates:
                 kept["view_a"], kept["view_b"] = to_host(view_a), to_host(view_b)
@@ -481,7 +481,13 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
     ``views`` replaces Step 3's parameters (default: the reference's with the objective angle).
     """
     from engines.grid import GridFitter, OutputGrid
-    from engines.sources import ReconSources, SourcesError, models_from_sources, software_version, sources_provenance
+    from engines.sources import (
+        ReconSources,
+        SourcesError,
+        models_from_sources,
+        software_version,
+        sources_provenance,
+    )
 
     if mode not in MODES:
         raise ReconstructError(f"unknown reconstruction mode {mode!r}; expected one of {', '.join(MODES)}")

@@ -14,7 +14,12 @@ import logging
 import os
 from pathlib import Path
 
-from engines.backends.manifest import MANIFEST_NAME, Precision, ShapeRange, read_manifest
+from engines.backends.manifest import (
+    MANIFEST_NAME,
+    Precision,
+    ShapeRange,
+    read_manifest,
+)
 from engines.backends.models import get_model, sha256_of
 
 log = logging.getLogger(__name__)

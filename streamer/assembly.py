@@ -161,10 +161,13 @@ class StackAssembler:
         How many emitted keys are remembered to recognise late frames.
     max_stack_bytes
         Largest stack accepted (a frame header announcing more is rejected rather than exhausting memory).
+    max_open_bytes
+        Bytes of open stacks held at once (default: twice ``max_stack_bytes``); opening one more evicts the oldest
+        (flagged incomplete) until it fits, so many big declared stacks cannot add up past it.
     """
 
     def __init__(self, timeout_s: float = 5.0, max_open: int = 64, remember_closed: int = 4096,
-                 max_stack_bytes: int = 8 << 30) -> None:
+                 max_stack_bytes: int = 8 << 30, max_open_bytes: int | None = None) -> None:
         if timeout_s <= 0 or max_open < 1:
             raise ValueError(f"timeout_s must be > 0 and max_open ≥ 1, got {timeout_s}, {max_open}")
         self.timeout_s = float(timeout_s)
@@ -173,6 +176,8 @@ class StackAssembler:
         self._closed: OrderedDict[StackKey, None] = OrderedDict()
         self._remember = int(remember_closed)
         self.max_stack_bytes = int(max_stack_bytes)
+        self.max_open_bytes = int(max_open_bytes) if max_open_bytes is not None else 2 * self.max_stack_bytes
+        self.open_bytes = 0
         self.stats = AssemblerStats()
         self.buffers = StackBuffers()
 
@@ -190,6 +195,7 @@ class StackAssembler:
 
     def _emit(self, key: StackKey, st: _Open, reason: str = "") -> AssembledStack:
         self._close(key)
+        self.open_bytes -= st.data.nbytes  # every stack leaves the open set through here
         complete = st.n_have == st.z_count
         missing = np.flatnonzero(~st.have) if not complete else np.zeros(0, np.int64)
         if missing.size and not st.zeroed:
@@ -236,9 +242,13 @@ class StackAssembler:
             # MemoryError, no evicted stack is lost with the exception (its array is handed on either way, so the
             # order does not change the peak memory).
             data, zeroed = self.buffers.take((header.z_count, *header.shape), dtype.newbyteorder("="))
-            if len(self._open) >= self.max_open:
+            while self._open and (len(self._open) >= self.max_open
+                                  or self.open_bytes + data.nbytes > self.max_open_bytes):
                 old_key, old = self._open.popitem(last=False)
-                out.append(self._emit(old_key, old, f"evicted: more than {self.max_open} stacks open at once"))
+                why = (f"more than {self.max_open} stacks open at once" if len(self._open) + 1 >= self.max_open
+                       else f"open stacks would hold more than {_size(self.max_open_bytes)}")
+                out.append(self._emit(old_key, old, f"evicted: {why}"))
+            self.open_bytes += data.nbytes
             st = _Open(data, np.zeros(header.z_count, bool), 0, dtype, record, record, now, header.z_count,
                        tuple(header.shape), zeroed)
             self._open[key] = st
@@ -288,3 +298,8 @@ class StackAssembler:
     def flush(self, reason: str = "service stopped") -> list[AssembledStack]:
         """Emit every open stack, flagged incomplete."""
         return [self._emit(k, self._open.pop(k), reason) for k in list(self._open)]
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+

@@ -63,7 +63,8 @@ def ranges(zs: Sequence[int], limit: int = 200) -> str:
 
 
 # Memory one stack's reconstruction needs, as a multiple of its deskewed float32 volume: the views, the fusion's
-# padded FFT work arrays and the result (measured peak of the classical fusion on CPU: about 10×; 16 leaves margin).
+# padded FFT work arrays and the result. An estimate (not a measurement) meant to refuse only absurd stacks; the
+# absolute budget is --memory-budget-gb.
 WORK_FACTOR = 16
 # Deskewing pads the sheared axis by nz·dz·cos θ/dx pixels; a stack whose padding is this many times its own width is
 # not a light-sheet stack (e.g. 4096 planes of 2×2 pixels would become 4096×2×7602) and is refused, not computed.

@@ -65,8 +65,8 @@ class StackProcessor:
         Opens the outputs of an acquisition once the first volume's geometry is known.
     metrics
         A :class:`streamer.metrics.Metrics` (counters, stage timings).
-    timeout_s, max_open
-        Assembly: incomplete-stack timeout and memory bound (see :class:`StackAssembler`).
+    timeout_s, max_open, max_stack_bytes, max_open_bytes
+        Assembly: incomplete-stack timeout and memory bounds (see :class:`StackAssembler`).
     ledger
         The resume ledger (done and quarantined stacks); None keeps one in memory only.
     device
@@ -85,11 +85,12 @@ class StackProcessor:
         self, stage_factory: StageFactory, sink_factory: SinkFactory, metrics: Any, *, timeout_s: float = 5.0,
         max_open: int = 64, ledger: ResumeLedger | None = None, device: str | None = None,
         process_incomplete: bool = False, max_stack_bytes: int = 8 << 30, max_acquisitions: int = 16,
-        idle_s: float = 600.0, work_check: WorkCheck | None = None,
+        idle_s: float = 600.0, work_check: WorkCheck | None = None, max_open_bytes: int | None = None,
         done_log: str | os.PathLike[str] | None = None, worker_factory: Callable[[AcquisitionStart], Any] | None = None,
     ) -> None:
         self.metrics = metrics
-        self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes)
+        self.assembler = StackAssembler(timeout_s=timeout_s, max_open=max_open, max_stack_bytes=max_stack_bytes,
+                                        max_open_bytes=max_open_bytes)
         self.router = AcquisitionRouter(stage_factory, sink_factory, device=device, observe=metrics.observe,
                                         max_open=max_acquisitions, idle_s=idle_s, worker_factory=worker_factory)
         if ledger is None:  # done_log: the older spelling, a path to done.log inside the recording folder
@@ -208,8 +209,18 @@ class StackProcessor:
             self._finish_acquisition(acq, None, reason="idle")
         for run in list(self.router.runs.values()):
             if run.worker is not None:
-                for token, volume in run.worker.poll():
+                for token, volume in self._collect(run, block=False):
                     self._deliver_safely(token, volume)
+
+    def _collect(self, run: Run, block: bool) -> list[tuple[Any, Any]]:
+        """Finished work of a run's worker; a worker failing here (e.g. a device error while copying results back)
+        loses what it held: those stacks are counted and will be redone on restart, the stream goes on."""
+        try:
+            return run.worker.drain() if block else run.worker.poll()
+        except Exception as err:
+            self._stage_error(f"collecting the results of {run.acquisition_id} failed: {type(err).__name__}: {err}")
+            run.worker = None  # rebuilt for the next stack
+            return []
 
     def _expire(self, now: float) -> None:
         for st in self.assembler.expire(now):
@@ -414,7 +425,7 @@ class StackProcessor:
     def _finish_acquisition(self, acq: str, end: AcquisitionEnd | None, reason: str = "ended") -> None:
         run = self.router.get(acq)
         if run is not None and run.worker is not None:
-            for token, volume in run.worker.drain():
+            for token, volume in self._collect(run, block=True):
                 self._deliver_safely(token, volume)
         run = self.router.pop(acq)
         if run is not None and run.outputs is not None:

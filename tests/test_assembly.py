@@ -178,3 +178,19 @@ def test_stack_buffer_pool_keeps_at_most_its_memory_budget():
     del in_use
     arr, fresh = pool.take((10, 10, 10), np.dtype("<u2"))
     assert not fresh and pool.reused == 1 and id(arr) == last  # the one kept, now unreferenced, is handed out again
+
+
+def test_open_stacks_are_bounded_in_bytes_too():
+    from streamer.wire import pixels_header
+
+    plane = np.ones((8, 8), np.uint16)  # a stack of 10 planes: 1280 bytes
+    asm = StackAssembler(timeout_s=60, max_open=100, max_stack_bytes=2000, max_open_bytes=3000)
+    out = []
+    for t in range(5):  # five stacks declared, one plane each: only two fit in 3000 bytes
+        h = pixels_header(plane, acquisition_id="b", seq=t, timepoint=t, z_index=0, z_count=10)
+        out += asm.add_frame(h, plane, now=0.0)
+    assert asm.n_open == 2 and asm.open_bytes == 2 * 1280
+    assert [st.key.timepoint for st in out] == [0, 1, 2]
+    assert all(not st.complete and "open stacks would hold more than 3000 bytes" in st.reason for st in out)
+    asm.flush()
+    assert asm.open_bytes == 0

@@ -292,12 +292,14 @@ def test_unknown_checkpoint_layout_names_expected_keys(tmp_path, capsys, kind, e
     (["--max-shape", "1x7xbigx8"], "sizes joined by 'x'"),
 ])
 def test_bad_shape_ranges_are_user_errors(tmp_path, capsys, flags, words):
+    (tmp_path / "x.pth").write_bytes(b"")  # present (a missing checkpoint is refused first), never read
     rc = main(["export", "--model", "vsi-sr", "--checkpoint", str(tmp_path / "x.pth"), "--out",
                str(tmp_path / "o"), *flags])
     assert rc == 2 and words in capsys.readouterr().err
 
 
 def test_rldfn_shape_must_be_multiple_of_four(tmp_path, capsys):
+    (tmp_path / "x").write_bytes(b"")  # present (a missing checkpoint is refused first), never read
     rc = main(["export", "--model", "rl-dfn", "--checkpoint", str(tmp_path / "x"), "--out", str(tmp_path / "o"),
                "--min-shape", "1x1x4x10x8"])
     assert rc == 2 and "not a multiple of 4" in capsys.readouterr().err

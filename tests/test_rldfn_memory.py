@@ -13,7 +13,7 @@ from engines.rldfn.tiling import MemoryBudgetError, check_budget, estimate_patch
 # Runs one RL-DFN patch forward in a fresh interpreter (after a tiny warm-up forward that loads the libraries and
 # their pools) and reports how much the peak RSS grew during it: what the estimate claims to bound.
 _PROBE = r"""
-import json, os, resource, sys
+import json, os, sys
 import numpy as np, torch
 torch.set_num_threads(2)
 from engines.rldfn.model import RLDFN
@@ -27,9 +27,14 @@ with torch.inference_mode():
     model(a[..., :8, :8, :8].contiguous(), b[..., :8, :8, :8].contiguous())
 page = os.sysconf("SC_PAGE_SIZE")
 current = int(open("/proc/self/statm").read().split()[1]) * page
+# ru_maxrss cannot be used: exec keeps the parent's high-water mark, so a big test process inflated it. Reset this
+# process's own peak (VmHWM) instead and read it back after the forward.
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
 with torch.inference_mode():
     out = model(a, b)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+status = open("/proc/self/status").read()
+peak = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
 print(json.dumps({"growth": peak - current}))
 """
 

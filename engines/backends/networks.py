@@ -21,7 +21,12 @@ from typing import Any, Protocol
 from engines.backends.errors import BackendUnavailableError, ExportFailedError
 from engines.backends.manifest import MANIFEST_NAME, Precision
 from engines.backends.models import get_model
-from engines.backends.select import BackendConfig, BackendName, find_sources, make_backend
+from engines.backends.select import (
+    BackendConfig,
+    BackendName,
+    find_sources,
+    make_backend,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.backends.base import Backend
-from engines.backends.errors import BackendUnavailableError, EngineFileError, EngineMismatchError, ModelSourceError
+from engines.backends.errors import (
+    BackendUnavailableError,
+    EngineFileError,
+    EngineMismatchError,
+    ModelSourceError,
+)
 from engines.backends.manifest import MANIFEST_NAME, Manifest, Precision, read_manifest
 from engines.backends.models import get_model
 from engines.support import BackendName, StrictModel  # the one module of allowed values

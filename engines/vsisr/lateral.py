@@ -37,7 +37,6 @@ from engines.vsisr.recombine import (
     adjust_intensity,
     intensity_profile_tensor,
     minmax_norm,
-    minmax_norm_np,
 )
 from engines.vsisr.rotate import rotate_back_and_crop, rotate_planes
 
@@ -236,7 +235,7 @@ def rotate_tensor(t: torch.Tensor, angle_deg: float, back_crop: tuple[int, int] 
         return torch.from_numpy(np.ascontiguousarray(apply(t.contiguous().numpy())))
     if t.device.type == "cuda":
         try:
-            import cupy  # noqa: PLC0415 - optional GPU dependency (the `gpu` extra)
+            import cupy
         except ImportError:
             cupy = None
         if cupy is not None:

@@ -46,11 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamer.cli import CLIError
-
     from engines.backends.errors import BackendError
     from export.api import parse_shape
     from export.bench import bench
+    from streamer.cli import CLIError
 
     for flag, value, low in (("--repeats", args.repeats, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0),
                              ("--live-stacks", args.live_stacks, 1)):

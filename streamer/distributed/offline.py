@@ -80,7 +80,11 @@ def reconstruct_distributed(args: argparse.Namespace, inputs: Sequence[Path], op
     recipe = Recipe.make("streamer.distributed.recipe:reconstruct_cli", {"args": kwargs, "optics": optics}, sources,
                          torch_threads=torch.get_num_threads())
     tc = timepoint_channel([p.name for p in inputs])
-    need = {"min_planes": min_planes(args.mode), "needed_by": planes_reason(args.mode)}
+    # the raw-stack checks of the in-process command: single-view reads 7-plane windows only with VSI-SR
+    from engines.reconstruct import uses_lateral_sr
+
+    sr = uses_lateral_sr(args.mode) or (args.mode == "single-view" and getattr(args, "checkpoint", None) is not None)
+    need = {"min_planes": min_planes(args.mode, sr), "needed_by": planes_reason(args.mode, sr)}
     jobs = [VolumeJob(t, c, TiffInput(str(p.resolve()), **need)) for p, (t, c) in zip(inputs, tc)]
     n_c = max(c for _, c in tc) + 1
     from engines.reconstruct import views_voxel_um
