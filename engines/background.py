@@ -15,6 +15,16 @@ What :func:`preprocess` does, in order (the reference's ``PreProcess``/``RemoveM
 3. Attenuate the band with ``1 − M``, ``M = (w·G(σa) + G(σb)) / (w + 1) · (1 − 2·mod_amp)``, two Gaussians
    across the band of widths σa = ``gs_window_px`` and σb = ``scale_factor``·σa, centred on the fitted,
    tilted, drifting line.
+3b. (Not in the reference; ``residual_band``, on by default, off for reference parity.) Subtract what the mask
+   leaves of the band. The mask's depth (1 − 2·``mod_amp``) and widths are presets that never match a given
+   band exactly, so 20–60 % of it stays and shows as a bright slab next to the mirror in the views. The rest is
+   measured, not assumed: for every plane, the ``residual_quantile`` (default 25th percentile) over rows of all
+   pixels at the same signed distance from the fitted band line gives a profile across the band (sparse
+   structure does not reach a low percentile; the band, present in every row, does). Profiles are smoothed
+   over z (Gaussian σ = ``n_average``/2 planes, the band changes slowly) and across the band (σ 1.5 px); each
+   side's own floor (its profile minimum; the virtual side is dimmer) is taken off, so only what rises above
+   the floor on each side is subtracted, the remainder is never negative, and structure is never removed
+   where the band is absent.
 4. Boost the virtual side by the measured intensity ratio of the real to the virtual side (at least 1), using
    a smooth step (Gaussian edge σa) at the band, measured on the middle half of the planes.
 5. Deskew (:func:`engines.deskew.deskew`), clip at zero, normalise to [0, 1] by min/max (as the
@@ -73,6 +83,12 @@ class BackgroundParams(StrictModel):
         "high", description="Side of the band (higher or lower skew-axis index) holding the virtual image."
     )
     remove_band: bool = Field(True, description="False skips steps 1–4 (plain offset subtraction and deskew).")
+    residual_band: bool = Field(
+        True, description="Step 3b: subtract the band left after the mask (measured). False = the reference's math."
+    )
+    residual_quantile: float = Field(
+        0.25, gt=0.0, lt=0.5, description="Low quantile over rows that measures the residual band (step 3b)."
+    )
     deskew_interp: Literal["linear", "cubic"] = Field("cubic", description="Interpolation of the deskew.")
     normalize: bool = Field(True, description="Scale the result to [0, 1] by its min and max.")
     crop_square: bool = Field(True, description="Crop the deskewed axis to the size of the other camera axis.")
@@ -279,25 +295,31 @@ def _projections(frames: np.ndarray | torch.Tensor, n_average: int) -> tuple[np.
 # masking (torch, on the chosen device)
 
 
-def band_masks(
-    shape: tuple[int, int, int], fit: BandFit, params: BackgroundParams, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attenuation mask ``M`` and virtual-side step ``B`` (both in [0, 1]) for frames of ``shape``."""
+def band_distance(shape: tuple[int, int, int], fit: BandFit, device: torch.device) -> torch.Tensor:
+    """Signed distance (px, float32) across the fitted (tilted, drifting) band of every pixel of frames ``shape``."""
     import torch
 
     nz, nv, nu = shape
     f64 = torch.float64
     ta = math.tan(math.radians(fit.tilt_deg))
     ct = math.cos(math.radians(fit.tilt_deg))
-    # Signed distance across the (tilted, drifting) band in px: one float64 term per axis, summed in float32
-    # (the full float64 volume would cost more than the masks themselves).
+    # One float64 term per axis, summed in float32 (the full float64 volume would cost more than the masks).
     z = torch.arange(nz, dtype=f64, device=device) - (nz - 1) / 2.0
     v = torch.arange(nv, dtype=f64, device=device) - (nv - 1) / 2.0
     u = torch.arange(nu, dtype=f64, device=device)
     dz_term = (-fit.drift_px_per_plane * ct * z).float()[:, None, None]
     dv_term = (-ta * ct * v).float()[None, :, None]
     du_term = ((u - fit.position_px) * ct).float()[None, None, :]
-    d = du_term + dv_term + dz_term
+    return du_term + dv_term + dz_term
+
+
+def band_masks(
+    shape: tuple[int, int, int], fit: BandFit, params: BackgroundParams, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attenuation mask ``M`` and virtual-side step ``B`` (both in [0, 1]) for frames of ``shape``."""
+    import torch
+
+    d = band_distance(shape, fit, device)
     sa = params.gs_window_px
     sb = params.gs_window_px * params.scale_factor
     w = params.sigma_weight
@@ -305,6 +327,74 @@ def band_masks(
     sign = 1.0 if params.virtual_side == "high" else -1.0
     step = torch.special.ndtr(sign * d / sa)
     return mask, step
+
+
+def residual_band(frames: torch.Tensor, fit: BandFit, params: BackgroundParams) -> torch.Tensor:
+    """Step 3b: the band left in band-masked frames (nz, nv, nu), as a non-negative volume of the same shape.
+
+    Per plane, the ``residual_quantile`` over rows of the pixels in each 1-px bin of signed distance from the
+    band line gives a profile across the band; it is smoothed over planes and across the band, each side's
+    floor (its minimum) is taken off, and the rest is spread back along the fitted line.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    nz, nv, nu = frames.shape
+    dev = frames.device
+    d = band_distance(tuple(frames.shape), fit, dev)
+    lo = math.floor(float(d.min()))
+    nb = int(math.ceil(float(d.max()))) - lo + 1
+    idx = (d - lo).round_().long().clamp_(0, nb - 1)
+    key = (torch.arange(nz, device=dev)[:, None, None] * nb + idx).reshape(-1)
+    del idx
+    # Grouped quantile: sort by value, then stably by key, so each key's values are contiguous and ascending.
+    vals = frames.reshape(-1)
+    order = torch.argsort(vals)
+    k_sorted = key[order]
+    order2 = torch.argsort(k_sorted, stable=True)
+    v_sorted = vals[order][order2]
+    del order, order2
+    counts = torch.bincount(key, minlength=nz * nb)
+    starts = torch.cumsum(counts, 0) - counts
+    pick = starts + (params.residual_quantile * (counts - 1).clamp(min=0).double()).floor().long()
+    prof = v_sorted[pick.clamp(max=v_sorted.numel() - 1)].double()
+    # Bins with few samples (the frame's corners, where the tilted line leaves it) are not trusted.
+    weight = (counts >= max(4, nv // 8)).double()
+    prof = (prof * weight).reshape(1, nz, nb)
+    weight = weight.reshape(1, nz, nb)
+
+    def smooth(x: torch.Tensor, sigma: float, dim: int) -> torch.Tensor:
+        r = max(1, int(math.ceil(3 * sigma)))
+        g = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=dev, dtype=torch.float64) / sigma) ** 2)
+        g = (g / g.sum()).reshape(1, 1, -1)
+        y = x.transpose(dim, -1).reshape(-1, 1, x.shape[dim])
+        y = F.conv1d(F.pad(y, (r, r)), g)  # zero padding: normalised by the smoothed weights below
+        shape = list(x.transpose(dim, -1).shape)
+        return y.reshape(shape).transpose(dim, -1)
+
+    s_z = max(1.0, params.n_average / 2.0)
+    prof = smooth(smooth(prof, s_z, 1), 1.5, 2)
+    wsm = smooth(smooth(weight, s_z, 1), 1.5, 2)
+    prof = torch.where(wsm > 1e-3, prof / wsm.clamp(min=1e-3), torch.zeros_like(prof))[0]  # (nz, nb)
+    valid = wsm[0] > 0.5
+    # Each side's own floor (the virtual side is dimmer): what rises above it is band.
+    centre = -lo  # bin of d = 0
+    big = torch.finfo(torch.float64).max
+    side = torch.arange(nb, device=dev)[None, :] < centre
+    floor_low = torch.where(valid & side, prof, torch.full_like(prof, big)).amin(dim=1, keepdim=True)
+    floor_high = torch.where(valid & ~side, prof, torch.full_like(prof, big)).amin(dim=1, keepdim=True)
+    floor_low = torch.where(floor_low < big, floor_low, floor_high)
+    floor_high = torch.where(floor_high < big, floor_high, floor_low)
+    floor = torch.where(side, floor_low, floor_high)
+    res = torch.where(valid, (prof - floor).clamp(min=0.0), torch.zeros_like(prof)).float()
+    # Spread back: linear interpolation of the profile at every pixel's distance.
+    pos = (d - lo).clamp_(0, nb - 1)
+    i0 = pos.floor().long().clamp_(max=nb - 2) if nb > 1 else pos.floor().long()
+    t = pos - i0
+    zi = torch.arange(nz, device=dev)[:, None, None].expand_as(i0)
+    if nb == 1:
+        return res[zi, i0]
+    return res[zi, i0] * (1 - t) + res[zi, i0 + 1] * t
 
 
 def _intensity_ratio(masked: torch.Tensor, step: torch.Tensor) -> float:
@@ -326,7 +416,7 @@ def _intensity_ratio(masked: torch.Tensor, step: torch.Tensor) -> float:
 def remove_band(
     frames: np.ndarray, params: BackgroundParams, device: torch.device, fit: BandFit | None = None
 ) -> tuple[np.ndarray, BandFit, float]:
-    """Steps 1–4 on offset-subtracted frames (nz, nv, nu), skew axis last. Returns (frames, fit, ratio)."""
+    """Steps 1–4 (3b when ``params.residual_band``) on offset-subtracted frames (nz, nv, nu), skew axis last. Returns (frames, fit, ratio)."""
     from engines.device import to_device, to_host
 
     t = to_device(np.ascontiguousarray(frames, dtype=np.float32), device)
@@ -346,6 +436,8 @@ def remove_band_tensor(
         mask, step = band_masks(tuple(frames.shape), fit, params, frames.device)
         t = frames * (1 - mask)
         del mask
+        if params.residual_band:
+            t.sub_(residual_band(t, fit, params))
         ratio = _intensity_ratio(t, step)
         t.mul_(1 + step * (ratio - 1))
     return t, fit, ratio

@@ -13,11 +13,13 @@ from scipy.ndimage import gaussian_filter
 from engines.background import (
     BackgroundError,
     BackgroundParams,
+    BandFit,
     background_preset,
     band_masks,
     fit_band,
     preprocess,
     remove_band,
+    residual_band,
     square_crop_start,
 )
 from engines.config import OpticsConfig
@@ -57,7 +59,7 @@ def sample_stack(shape: tuple[int, int, int], split: float, real: float, virtual
     return s * np.where(u < split, real, virtual)
 
 
-PARAMS = BackgroundParams(gs_window_px=6.0, n_average=7)
+PARAMS = BackgroundParams(residual_band=False, gs_window_px=6.0, n_average=7)
 
 
 @pytest.mark.parametrize("tilt,drift", [(0.6, 0.05), (-0.45, -0.03), (0.0, 0.0)])
@@ -75,7 +77,7 @@ def test_fit_recovers_band_position_tilt_and_drift(tilt, drift):
 
 def test_band_energy_reduced_tenfold_with_full_depth_mask():
     band = band_stack()
-    params = BackgroundParams(gs_window_px=6.0, n_average=7, mod_amp=0.0)
+    params = BackgroundParams(residual_band=False, gs_window_px=6.0, n_average=7, mod_amp=0.0)
     fit = fit_band(band, params)
     out, _, ratio = remove_band(band.astype(np.float32), params, CPU, fit=fit)
     assert ratio == pytest.approx(1.0, abs=0.05)  # a symmetric band: neither side is brighter
@@ -84,7 +86,7 @@ def test_band_energy_reduced_tenfold_with_full_depth_mask():
 
 def test_reference_depth_leaves_two_mod_amp_at_the_band_centre():
     # The reference masks partially on purpose (sample signal overlaps the band): depth 1 − 2·mod_amp.
-    params = BackgroundParams(gs_window_px=6.0, n_average=7)  # Lifeact: mod_amp 0.2 → 40 % left at the centre
+    params = BackgroundParams(residual_band=False, gs_window_px=6.0, n_average=7)  # Lifeact: mod_amp 0.2 → 40 % left at the centre
     band = band_stack(tilt=0.0, drift=0.0, pos=80.0, width=1.0)
     out, fit, _ = remove_band(band.astype(np.float32), params, CPU)
     centre = out[:, :, 80] / band[:, :, 80]
@@ -94,7 +96,7 @@ def test_reference_depth_leaves_two_mod_amp_at_the_band_centre():
 def test_virtual_side_is_boosted_by_the_measured_ratio():
     shape = (40, 64, 120)
     sample = sample_stack(shape, 60.0, 200.0, 100.0, seed=3, n=1500)
-    params = BackgroundParams(gs_window_px=4.0, n_average=7, mod_amp=0.0)
+    params = BackgroundParams(residual_band=False, gs_window_px=4.0, n_average=7, mod_amp=0.0)
     fit = fit_band(band_stack(*shape, pos=60.0, tilt=0.0, drift=0.0), params)  # band fixed at column 60
     out, _, ratio = remove_band(sample.astype(np.float32), params, CPU, fit=fit)
     assert ratio == pytest.approx(2.0, rel=0.1)
@@ -105,7 +107,7 @@ def test_virtual_side_is_boosted_by_the_measured_ratio():
 
 
 def test_masks_follow_the_fitted_line():
-    params = BackgroundParams(gs_window_px=5.0, mod_amp=0.0)
+    params = BackgroundParams(residual_band=False, gs_window_px=5.0, mod_amp=0.0)
     fit = fit_band(band_stack(tilt=0.8, drift=0.1), params)
     mask, step = band_masks((42, 128, 160), fit, params, CPU)
     peak = mask.argmax(dim=2).numpy()
@@ -209,7 +211,7 @@ def test_parity_with_the_reference_band_removal():
     ref = json.loads((Path(__file__).parent / "fixtures" / "geometry" / "reference_band.json").read_text())
     assert ref["case"] == CASE, "band_case.py changed: regenerate reference_band.json"
     raw = case_stack()
-    params = BackgroundParams(**CASE["params"])
+    params = BackgroundParams(**CASE["params"], residual_band=False)
     out, fit, ratio = remove_band((raw - CASE["offset"]).astype(np.float32), params, CPU)
     nz, nv, nu = raw.shape
     z = np.arange(nz)[:, None] - (nz - 1) / 2
@@ -227,3 +229,43 @@ def test_parity_with_the_reference_band_removal():
     assert np.abs(prof - ref_prof).max() <= 0.05 * ref_prof.max()
     # Where we differ on purpose: the reference's hill climb misses this 0.6° tilt; our search finds it.
     assert ref["accAngle_deg"] == 0.0 and abs(fit.tilt_deg - CASE["band_tilt_deg"]) < 0.1
+
+
+def _near_mirror_over_mid(band_photons: float, residual: bool, seed: int) -> float:
+    """Median background of the 5 view slices next to the mirror over that of the 5 mid-volume slices."""
+    from engines.simulate import Microscope, make_sim_config
+    from engines.views import split_views
+
+    cfg = make_sim_config(shape=(48, 96, 96), structure="beads", band_photons=band_photons)
+    raw = Microscope(cfg, seed=seed).acquire(0, with_ground_truth=False).raw
+    o = cfg.optics
+    vol, _ = preprocess(raw, o, BackgroundParams(residual_band=residual), device="cpu")
+    dz = o.stage_step_um * math.sin(math.radians(abs(o.skew_angle_deg)))
+    view, _, _ = split_views(vol, o.pixel_size_um, dz, device="cpu")
+    near, mid = view[-5:], view[view.shape[0] // 2 - 2 : view.shape[0] // 2 + 3]  # the mirror is at the end
+    return float(np.median(near[near > 0]) / np.median(mid[mid > 0]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_residual_band_step_brings_the_mirror_slab_to_the_band_free_level(seed):
+    # Known truth: the same sample and noise seed with and without the simulator's band.
+    truth = _near_mirror_over_mid(0.0, False, seed)
+    reference_only = _near_mirror_over_mid(40.0, False, seed)
+    ours = _near_mirror_over_mid(40.0, True, seed)
+    assert reference_only > 2.5 * truth  # the reference's mask leaves a bright slab next to the mirror
+    assert ours < 1.5 * truth and ours < 0.4 * reference_only
+
+
+def test_residual_band_is_never_negative_and_zero_without_a_band():
+    import torch
+
+    params = BackgroundParams(gs_window_px=6.0, n_average=7)
+    frames = torch.zeros(14, 40, 64)
+    fit = BandFit(position_px=30.0, tilt_deg=0.0, drift_px_per_plane=0.0)
+    assert float(residual_band(frames, fit, params).abs().max()) == 0.0
+    u = torch.arange(64.0)
+    frames = frames + 5.0 * torch.exp(-0.5 * ((u - 30.0) / 3.0) ** 2) + 1.0
+    res = residual_band(frames, fit, params)
+    assert float(res.min()) >= 0.0
+    assert float(res[:, :, 30].mean()) == pytest.approx(5.0, rel=0.15)  # the band above the floor of 1
+    assert float(res[:, :, 0].max()) < 0.1
