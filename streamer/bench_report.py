@@ -275,12 +275,12 @@ def _live(mode: str, raw: np.ndarray, optics: Any, weights: Path | None, device:
                             stack_timeout_s=120.0, **({"weights": weights} if weights is not None else {}))
         def stages(start: Any) -> Any:
             # the service's own chain (stage_chain, as build_stages wires it), with the report's Step 3 parameters
-            from engines.device import default_memory_budget_gb
+            from engines.device import default_memory_budget_mib
             from engines.reconstruct import stage_chain
             from streamer.pipeline import Stage
 
             chain = stage_chain(mode, start.optics, device=device, weights=str(weights) if weights else None,
-                                memory_budget_gb=default_memory_budget_gb(device), views=_views(start.optics, mode))
+                                memory_budget_mib=default_memory_budget_mib(device), views=_views(start.optics, mode))
             chain[:] = [Stage(s[0], s[1], getattr(s, "kind", "numpy")) for s in chain]
             return chain
 
