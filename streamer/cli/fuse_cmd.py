@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "device's memory)")
     p.add_argument("--overlap", type=int, default=None, metavar="N",
                    help="rldfn: voxels shared by neighbouring tiles (default 24; rounded up to a multiple of 4)")
+    from streamer.cli.options import add_memory_budget_arg
+
     add_memory_budget_arg(p)
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="rldfn: tiles run together (faster on a GPU, N× the memory; default 1)")
@@ -75,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from streamer.cli.backend_options import add_backend_args
 
     add_backend_args(p, device=False)  # --backend runs the network; the RL step stays in torch (FFT, FP32)
-    from streamer.cli.options import add_memory_budget_arg, add_optics_args
+    from streamer.cli.options import add_optics_args
     from streamer.cli.paths import add_overwrite_arg
 
     add_optics_args(p)  # emission wavelength, NA, refractive index of the computed PSF

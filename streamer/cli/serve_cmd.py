@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-mb", type=float, default=64.0, metavar="MB",
                    help="received messages kept in memory for the processor; the rest is read back from the "
                    "recording (%(default)s)")
+    from streamer.cli.options import add_memory_budget_arg
+
     add_memory_budget_arg(p, deprecated_gb=True)
     p.add_argument("--max-acquisitions", type=int, default=16, metavar="N",
                    help="acquisitions open at once; one more closes the one idle longest (%(default)s)")
@@ -82,7 +84,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --scheduler: stacks out on the cluster at most (default %(default)s)")
     from streamer.cli.backend_options import add_backend_args
     from streamer.cli.model_options import add_model_args
-    from streamer.cli.options import add_memory_budget_arg
 
     add_model_args(p)  # the same model sources as `rllsm reconstruct` (plus a --weights folder)
     add_backend_args(p, device=False)  # mode full: what runs VSI-SR and RL-DFN
