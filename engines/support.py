@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from engines.errors import RllsmTypeError, RllsmValueError
 
 __all__ = [
-    "BackendName", "ExportFormat", "MEMORY_BUDGET_HELP", "MemoryBudgetMiB", "Mode", "OutputDType", "Precision", "StrictModel",
-    "bytes_to_mib", "check_stack", "default_mode", "mib_to_bytes", "min_planes", "parse_memory_budget",
+    "MEMORY_BUDGET_HELP", "BackendName", "ExportFormat", "MemoryBudgetMiB", "Mode", "OutputDType", "Precision",
+    "StrictModel", "bytes_to_mib", "check_stack", "default_mode", "mib_to_bytes", "min_planes", "parse_memory_budget",
     "resolve_mode",
 ]
 

@@ -116,8 +116,29 @@ def test_old_gb_spellings_convert_and_warn():
 
 def test_command_line_error_is_one_line_in_a_real_process():
     proc = subprocess.run([sys.executable, "-m", "streamer", "reconstruct", "in.tif", "out.tif", "--memory-budget",
-                           "12GB"], capture_output=True, text=True, timeout=120)
+                           "12GB"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--memory-budget" in lines[0] and "MiB" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("given", [64.0, None])
+def test_build_stages_hands_the_budget_in_mib_to_the_chain(given, monkeypatch):
+    """serve, replay --offline and the distributed replay build their chains here: the budget arrives in MiB."""
+    from engines import reconstruct
+    from engines.config import OpticsConfig
+    from streamer.pipeline import build_stages, default_budget_mib
+
+    seen = {}
+
+    def chain(mode, optics, **kw):
+        seen.update(kw)
+        return []
+
+    monkeypatch.setattr(reconstruct, "stage_chain", chain)
+    build_stages("classical", OpticsConfig(), device="cpu", memory_budget_mib=given)
+    want = given if given is not None else default_budget_mib("cpu")
+    assert seen["memory_budget_mib"] == pytest.approx(want, rel=0.2)  # the default follows the free RAM
+    assert reconstruct.ReconstructParams(memory_budget_mib=seen["memory_budget_mib"]).memory_budget_mib == \
+        seen["memory_budget_mib"]
