@@ -10,7 +10,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engines.config import ConfigError, OpticsConfig, describe_validation_error, load_optics, read_optics_mapping
+from engines.config import (
+    ConfigError,
+    OpticsConfig,
+    describe_validation_error,
+    load_optics,
+    read_optics_mapping,
+)
 from engines.errors import RllsmError
 from streamer.cli import CLIError
 
