@@ -164,3 +164,51 @@ def test_computed_psf_has_the_textbook_widths():
     assert lateral == pytest.approx(0.51 * lam / na, rel=0.3)
     assert axial == pytest.approx(0.88 * lam / (n - np.sqrt(n**2 - na**2)), rel=0.4)
     assert axial > 2.5 * lateral
+
+
+def _half_covered(gaussian_pair, seed: int):
+    """Noisy bead views where view B has data only for x < 28: x ≥ 34 is seen by view A alone."""
+    pa, pb = gaussian_pair
+    (va, vb), beads = _simulate(pa, pb, shape=(40, 24, 48), seed=seed)
+    obj = np.zeros(va.shape, np.float32)
+    obj[tuple(beads.T)] = 1.0
+    blurred = fftconvolve(obj, pa, mode="same")
+    empty = blurred < 0.01 * blurred.max()  # no bead light: anything bright here is noise made by the fusion
+    rng = np.random.default_rng(seed + 10)
+    va = np.clip(va + rng.normal(0, 0.02 * va.max(), va.shape), 0, None).astype(np.float32)
+    vb = np.clip(vb + rng.normal(0, 0.02 * vb.max(), vb.shape), 0, None).astype(np.float32)
+    vb[:, :, 28:] = 0
+    return va, vb, empty
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_view_region_is_damped_and_two_view_region_kept(gaussian_pair, seed):
+    pa, pb = gaussian_pair
+    va, vb, empty = _half_covered(gaussian_pair, seed)
+    plain = classical_fuse(va, vb, pa, pb, iterations=20, tv_one_view=0.0, one_view_step=1.0)
+    damped = classical_fuse(va, vb, pa, pb, iterations=20, tv_one_view=0.0, one_view_step=0.3)
+    regularised = classical_fuse(va, vb, pa, pb, iterations=20, tv_one_view=0.02, one_view_step=1.0)
+    one, two = (slice(None), slice(None), slice(36, 48)), (slice(None), slice(None), slice(0, 20))
+    noise = empty[one]
+    # fewer effective iterations (or TV) where one view sees: lower noise peaks away from the beads there
+    assert damped[one][noise].max() < 0.9 * plain[one][noise].max()
+    assert regularised[one][noise].max() < plain[one][noise].max()
+    # where both views are trusted the update is the plain one: the two-view region barely moves
+    assert np.abs(damped[two] - plain[two]).max() < 0.05 * plain[two].max()
+
+
+def test_undamped_one_view_step_zero_keeps_the_view(gaussian_pair):
+    pa, pb = gaussian_pair
+    va, vb, _ = _half_covered(gaussian_pair, 0)
+    fused = classical_fuse(va, vb, pa, pb, iterations=5, tv_one_view=0.0, one_view_step=0.0)
+    one = (slice(None), slice(None), slice(40, 48))
+    np.testing.assert_allclose(fused[one], np.maximum(va[one], 1e-6), rtol=1e-4, atol=1e-5)
+
+
+def test_one_view_parameters_are_checked(gaussian_pair):
+    pa, pb = gaussian_pair
+    va, vb, _ = _half_covered(gaussian_pair, 0)
+    with pytest.raises(VolumeShapeError, match="tv_one_view"):
+        classical_fuse(va, vb, pa, pb, iterations=1, tv_one_view=0.5)
+    with pytest.raises(VolumeShapeError, match="one_view_step"):
+        classical_fuse(va, vb, pa, pb, iterations=1, one_view_step=1.5)

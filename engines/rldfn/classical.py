@@ -39,6 +39,32 @@ DEFAULT_ITERATIONS = 30
 
 _DIMS = (-3, -2, -1)
 
+#: Total-variation weight λ of the Richardson–Lucy–TV update (Dey et al., Microsc. Res. Tech. 2006) applied
+#: where only one view has data (scaled by 1 − the second view's weight, so 0 where both views are trusted).
+#: There the object is seen through one elongated PSF, and plain RL amplifies noise into hot voxels along it;
+#: the TV factor ``1 / (1 − λ·div(∇u/|∇u|))`` shrinks isolated peaks and keeps edges. λ is dimensionless
+#: (the TV term does not depend on the intensity scale); measured in BENCHMARKS.md ("one-view regions").
+DEFAULT_TV_ONE_VIEW = 0.004
+
+#: Exponent α of the RL correction (``estimate · correction**α``) where only one view is trusted, blended
+#: to 1 where two are: a damped RL step, so a one-view region gets fewer effective iterations than the
+#: two-view region, whose two corrections per iteration it would otherwise chase with one noisy view.
+DEFAULT_ONE_VIEW_STEP = 1.0
+
+#: |div(∇u/|∇u|)| ≤ 6 on a 3-D grid, so λ < 1/6 keeps the TV factor positive.
+_MAX_TV = 1.0 / 6.0
+
+
+def tv_divergence(u: torch.Tensor, eps: float) -> torch.Tensor:
+    """div(∇u / |∇u|_ε) of a (Z, Y, X) volume: forward differences for ∇, backward ones for div (adjoint pair)."""
+    g = [torch.diff(u, dim=d, append=u.narrow(d, u.shape[d] - 1, 1)) for d in range(-3, 0)]  # 0 at the far face
+    norm = torch.sqrt(g[0] ** 2 + g[1] ** 2 + g[2] ** 2 + eps * eps)
+    div = torch.zeros_like(u)
+    for d, gd in zip(range(-3, 0), g):
+        n = gd / norm
+        div += torch.diff(n, dim=d, prepend=torch.zeros_like(n.narrow(d, 0, 1)))
+    return div
+
 
 def centred_otf(psf: np.ndarray, shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """Real-FFT OTF of ``psf`` for volumes of ``shape``, with the PSF's centre voxel moved to index 0.
@@ -106,6 +132,8 @@ def weighted_rl(
     iterations: int,
     coverage: Coverage = "auto",
     progress: Callable[[int, int], None] | None = None,
+    tv_one_view: float = DEFAULT_TV_ONE_VIEW,
+    one_view_step: float | None = None,
 ) -> torch.Tensor:
     """Richardson–Lucy of one or more registered (Z, Y, X) views, each weighted by its coverage, on their device.
 
@@ -113,10 +141,15 @@ def weighted_rl(
     data (:func:`~engines.rldfn.coverage.coverage_mask`) and weights it with a smooth edge; one (Z, Y, X)
     weight volume in [0, 1] per view gives the weights; ``None`` treats every view as covering the whole
     volume (plain RL). With weights, every view is brought to the first view's brightness where both are
-    trusted, and the result is in the first view's units.
+    trusted, and the result is in the first view's units. ``tv_one_view`` (λ of RL–TV, ≥ 0, < 1/6) regularises
+    where fewer than two views are trusted (:data:`DEFAULT_TV_ONE_VIEW`); it needs weights and two or more views.
     """
     if len(views) != len(psfs) or not views:
         raise VolumeShapeError(f"need one PSF per view, got {len(views)} views and {len(psfs)} PSFs")
+    if not 0.0 <= float(tv_one_view) < _MAX_TV:
+        raise VolumeShapeError(f"tv_one_view must be in [0, 1/6), got {tv_one_view}")
+    if one_view_step is not None and not 0.0 <= float(one_view_step) <= 1.0:
+        raise VolumeShapeError(f"one_view_step must be in [0, 1], got {one_view_step}")
     dev = views[0].device
     shape = tuple(views[0].shape)
     vs = [torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0) for v in views]
@@ -152,12 +185,29 @@ def weighted_rl(
             soft = sum(w * v for w, v in zip(ws, padded_views)) / torch.clamp(wsum, min=1e-6)
             hard_mean = sum(h * v for h, v in zip(hard, padded_views)) / torch.clamp(sum(hard), min=1)
             estimate = torch.clamp(torch.where(wsum > 1e-3, soft, hard_mean), min=EPS)
+        lam: torch.Tensor | None = None
+        alpha: torch.Tensor | None = None
+        step = DEFAULT_ONE_VIEW_STEP if one_view_step is None else float(one_view_step)
+        if weights is not None and len(ws) > 1:
+            stacked = torch.stack(ws)  # type: ignore[arg-type]
+            second = stacked.topk(2, dim=0).values[1]  # 1 where two views are trusted, 0 where one or none
+            del stacked
+            if tv_one_view > 0:
+                lam = tv_one_view * (1 - second)
+                tv_eps = 1e-3 * float(estimate.mean())
+            if step != 1.0:
+                alpha = 1 - (1 - step) * (1 - second)
         for it in range(int(iterations)):
+            if lam is not None:
+                estimate = estimate / (1 - lam * tv_divergence(estimate, tv_eps))
             for view, otf, w in zip(padded_views, otfs, ws):
                 ratio = view / torch.clamp(conv(estimate, otf), min=EPS)
                 if w is not None:
                     ratio = 1 + w * (ratio - 1)  # neutral where this view has no data
-                estimate = torch.clamp(estimate * conv(ratio, otf, adjoint=True), min=EPS)
+                corr = conv(ratio, otf, adjoint=True)
+                if alpha is not None:  # damped step where one view is trusted: corr**α, α = 1 where two are
+                    corr = torch.clamp(corr, min=EPS).pow_(alpha)
+                estimate = torch.clamp(estimate * corr, min=EPS)
             if progress is not None:
                 progress(it + 1, int(iterations))
     inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))
@@ -172,9 +222,11 @@ def joint_rl(
     iterations: int,
     coverage: Coverage = "auto",
     progress: Callable[[int, int], None] | None = None,
+    tv_one_view: float = DEFAULT_TV_ONE_VIEW,
+    one_view_step: float | None = None,
 ) -> torch.Tensor:
     """Joint Richardson–Lucy of two views (:func:`weighted_rl`), on their device."""
-    return weighted_rl([view_a, view_b], [psf_a, psf_b], iterations, coverage, progress)
+    return weighted_rl([view_a, view_b], [psf_a, psf_b], iterations, coverage, progress, tv_one_view, one_view_step)
 
 
 def classical_fuse(
@@ -186,6 +238,8 @@ def classical_fuse(
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
     coverage: Coverage = "auto",
+    tv_one_view: float = DEFAULT_TV_ONE_VIEW,
+    one_view_step: float | None = None,
 ) -> np.ndarray:
     """Fuse two registered views by joint Richardson–Lucy deconvolution, each view weighted by its coverage.
 
@@ -224,5 +278,6 @@ def classical_fuse(
     dev = pick_device(str(device) if device is not None else None)
     ta, tb = (torch.as_tensor(np.asarray(v, np.float32) if not isinstance(v, torch.Tensor) else v).to(dev)
               for v in (view_a, view_b))
-    out = joint_rl(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), coverage, progress)
+    out = joint_rl(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), coverage, progress, tv_one_view,
+                   one_view_step)
     return out.cpu().numpy().astype(np.float32)
