@@ -44,12 +44,12 @@ _DIMS = (-3, -2, -1)
 #: There the object is seen through one elongated PSF, and plain RL amplifies noise into hot voxels along it;
 #: the TV factor ``1 / (1 − λ·div(∇u/|∇u|))`` shrinks isolated peaks and keeps edges. λ is dimensionless
 #: (the TV term does not depend on the intensity scale); measured in BENCHMARKS.md ("one-view regions").
-DEFAULT_TV_ONE_VIEW = 0.004
+DEFAULT_TV_ONE_VIEW = 0.01
 
 #: Exponent α of the RL correction (``estimate · correction**α``) where only one view is trusted, blended
 #: to 1 where two are: a damped RL step, so a one-view region gets fewer effective iterations than the
 #: two-view region, whose two corrections per iteration it would otherwise chase with one noisy view.
-DEFAULT_ONE_VIEW_STEP = 1.0
+DEFAULT_ONE_VIEW_STEP = 0.3
 
 #: |div(∇u/|∇u|)| ≤ 6 on a 3-D grid, so λ < 1/6 keeps the TV factor positive.
 _MAX_TV = 1.0 / 6.0
