@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "preprocess",
         help="Step 1: remove the mirror's mid-plane band, deskew, subtract the offset, normalise, crop",
         description="Read a raw sample-scan (z, y, x) TIFF stack, fit and attenuate the mirror's mid-plane "
-        "fluorescence band, boost the virtual image, deskew, subtract the camera offset, clip at 0, normalise "
+        "fluorescence band, subtract what the mask leaves of it (--no-residual-band: the reference's math only), "
+        "boost the virtual image, deskew, subtract the camera offset, clip at 0, normalise "
         "to [0, 1] and crop the deskewed axis to the other camera axis. Writes uint16 (×65535) like the "
         "reference, or float32. The geometry comes from the optics flags/config (pixel size, stage step, "
         "skew angle and axis, camera offset).",
