@@ -45,8 +45,14 @@ def _full_models(cfg):
     return models
 
 
-#: RL-DFN in tiles small enough that the views are cut into several, so that cutting and blending are exercised
-FULL_TILES = {"tile": 32, "overlap": 8}
+#: RL-DFN in tiles small enough that the views are cut into several (four for :func:`_full_input`'s views of about
+#: 20×72×65 voxels), so that cutting and blending are exercised
+FULL_TILES = {"tile": 48, "overlap": 8}
+
+
+def _full_input(raw: np.ndarray) -> np.ndarray:
+    # a corner of the stack: RL-DFN's feature nets (64 channels) make whole views slow on two CPU cores
+    return raw[:12, 24:72, 24:72]
 
 
 def _any_mirror(cfg):
@@ -76,8 +82,9 @@ def _check_chain(rec: Reconstructor, raw: np.ndarray) -> None:
     n = got()
     assert (n.h2d, n.h2d_bytes) == (1, raw.nbytes), n
     assert (n.d2h, n.d2h_bytes) == (1, fused.nbytes), n
-    # what the host-side fits read back (projections, profiles) is small next to the stack
-    assert n.probe_bytes < raw.size * 4 / 4, n
+    # what the host-side fits read back (2-D projections, profiles) is small next to the volumes: under a quarter
+    # of the stack or of the fused volume as float32 (lateral SR makes the views' projections larger than the raw's)
+    assert n.probe_bytes < max(raw.size, fused.size), n
     direct = rec(raw).fused
     np.testing.assert_allclose(fused, direct, rtol=1e-5, atol=1e-6)
 
@@ -101,7 +108,7 @@ def test_full_chain_with_rldfn_tiles_stays_on_the_device(beads) -> None:
     params = ReconstructParams(mode="full", views=_any_mirror(cfg), **FULL_TILES)
     rec = Reconstructor(cfg.optics, params, _full_models(cfg), device="cpu")
     assert [s.name for s in rec.stages()] == ["preprocess", "lateral_sr", "split_views", "fuse"]
-    _check_chain(rec, raw[:16])
+    _check_chain(rec, _full_input(raw))
 
 
 def test_rldfn_fusion_takes_and_returns_device_tensors_without_copies() -> None:
@@ -110,12 +117,12 @@ def test_rldfn_fusion_takes_and_returns_device_tensors_without_copies() -> None:
     from engines.rldfn.network import DualViewFusionNet
 
     rng = np.random.default_rng(4)
-    a, b = rng.random((2, 20, 44, 37), dtype=np.float32)  # not multiples of 4: padded and cropped on the device
+    a, b = rng.random((2, 11, 26, 21), dtype=np.float32)  # not multiples of 4: padded and cropped on the device
     a[:, :6] = 0  # an empty region: the registered step's coverage weights are not all one
     torch.manual_seed(2)
     psf = rng.random((5, 7, 7)).astype(np.float32)
     model = RLDFN(DualViewFusionNet(width=4).eval(), psf, psf[::-1].copy())
-    for kw in ({"tile": "none"}, {"tile": 16, "overlap": 4, "batch_size": 2}):
+    for kw in ({"tile": "none"}, {"tile": 16, "overlap": 4, "batch_size": 2}):  # one patch; four tiles
         want = fuse_rldfn(a, b, model, device="cpu", **kw)
         assert isinstance(want, np.ndarray) and want.shape == a.shape
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -192,7 +199,7 @@ def test_deskew_stage_of_the_service_is_a_device_stage(beads) -> None:
 def test_cuda_chain_is_device_resident_and_matches_cpu(beads) -> None:
     cfg, raw = beads
     for mode, models, data in (("classical", None, raw), ("sr-rl", _sr_models(cfg), raw[:16]),
-                               ("full", _full_models(cfg), raw[:16])):
+                               ("full", _full_models(cfg), _full_input(raw))):
         params = ReconstructParams(mode=mode, iterations=2, views=_any_mirror(cfg), **FULL_TILES)
         gpu = Reconstructor(cfg.optics, params, models, device="cuda")
         _check_chain(gpu, data)
