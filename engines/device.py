@@ -27,20 +27,26 @@ def pick_device(requested: str | None = None) -> torch.device:
     return dev
 
 
-def default_memory_budget_gb(device: torch.device | str | None = None) -> float:
-    """Memory one reconstruction may use: 80 % of the GPU's free memory, or half the free RAM (at most 16 GB).
+def default_memory_budget_mib(device: torch.device | str | None = None) -> float:
+    """Memory one reconstruction may use, in MiB (:data:`engines.support.MemoryBudgetMiB`): 80 % of the GPU's free
+    memory, or half the free RAM (at most 16 GiB), never under 512 MiB.
 
     Tiled steps size their tiles from this, so a volume of any size fits whatever else the machine is doing.
     """
     dev = torch.device(device) if device is not None else pick_device()
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
-        return max(0.5, 0.8 * free / 2**30)
+        return max(512.0, 0.8 * free / 2**20)
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 4.0
-    return float(min(16.0, max(0.5, 0.5 * free / 2**30)))
+        return 4096.0
+    return float(min(16384.0, max(512.0, 0.5 * free / 2**20)))
+
+
+def default_memory_budget_gb(device: torch.device | str | None = None) -> float:
+    """:func:`default_memory_budget_mib` in GiB, for callers not yet moved to the one unit (MiB)."""
+    return default_memory_budget_mib(device) / 1024
 
 
 # --- edges of the device-resident chain -----------------------------------------------------------------------

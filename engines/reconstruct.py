@@ -31,7 +31,7 @@ from engines.background import BackgroundParams, PreprocessReport, preprocess_te
 from engines.config import OpticsConfig
 from engines.device import default_memory_budget_gb, pick_device, to_device, to_host
 from engines.errors import RllsmValueError
-from engines.support import StrictModel
+from engines.support import MemoryBudgetMiB, StrictModel
 from engines.views import ViewsParams, ViewsReport, split_views_tensor
 
 Mode = Literal["full", "sr-rl", "classical", "single-view"]
@@ -57,7 +57,14 @@ class ReconstructParams(StrictModel):
                             description="Richardson–Lucy iterations (sr-rl, classical, single-view).")
     tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
     overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
-    memory_budget_gb: float | None = Field(None, gt=0, le=1024, description="RL-DFN memory budget per tile (GB).")
+    memory_budget_mib: MemoryBudgetMiB | None = Field(
+        None, description="Memory one reconstruction may use, in MiB; RL-DFN tiles are sized to fit it (None: from "
+        "the device's free memory, engines.device.default_memory_budget_mib).")
+
+    @property
+    def memory_budget_gb(self) -> float | None:
+        """The budget in GiB, as :meth:`Reconstructor.fuse_t` reads it until it takes :attr:`memory_budget_mib`."""
+        return None if self.memory_budget_mib is None else self.memory_budget_mib / 1024
 
 
 @dataclass
@@ -426,7 +433,7 @@ class StageChain(list):
 
 
 def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, weights: str | None = None,
-                memory_budget_gb: float | None = None, backend: Any = None, sources: Any = None,
+                memory_budget_mib: float | None = None, backend: Any = None, sources: Any = None,
                 fused_depth: int | None = None, views: ViewsParams | None = None) -> StageChain:
     """Named stages for the streaming service; the fused volume leaves placed in the acquisition's fixed grid.
 
@@ -434,7 +441,7 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
     checkpoint, OTF folder, RL-DFN weights, measured PSFs, or a ``weights`` folder holding ``vsi-sr.pt`` (or
     ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder ``rl-dfn/``) and optionally ``otf/`` (``weights`` here is
     the same folder, kept for callers that pass only it); without networks the shipped demo weights are used.
-    ``memory_budget_gb`` bounds RL-DFN's tiles (default: :func:`engines.device.default_memory_budget_gb`).
+    ``memory_budget_mib`` (MiB) bounds RL-DFN's tiles (default: :func:`engines.device.default_memory_budget_mib`).
     ``backend`` (:class:`engines.backends.BackendConfig`) runs both networks on torch, ONNX Runtime or TensorRT
     (see :func:`load_models`); ``None``: the torch modules. ``fused_depth`` fixes the planes of the output grid
     (default: :func:`engines.grid.nominal_depth` of the first stack).
@@ -462,7 +469,7 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
         models, used = models_from_sources(sources, mode, optics, backend=backend)
     except SourcesError as err:
         raise ReconstructError(str(err)) from None
-    params = ReconstructParams(mode=mode, memory_budget_gb=memory_budget_gb, views=views)
+    params = ReconstructParams(mode=mode, memory_budget_mib=memory_budget_mib, views=views)
     rec = Reconstructor(optics, params, models, device=device)
     v = views_voxel_um(optics, mode)  # the fused grid is isotropic: the views' voxel
     fitter = GridFitter(OutputGrid((v, v, v), depth=fused_depth), max_depth=rec.views_params.max_depth)

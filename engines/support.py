@@ -8,13 +8,14 @@ from enum import StrEnum
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from engines.errors import RllsmTypeError, RllsmValueError
 
 __all__ = [
-    "BackendName", "ExportFormat", "MemoryBudgetMiB", "Mode", "OutputDType", "Precision", "StrictModel",
-    "check_stack", "default_mode", "min_planes", "resolve_mode",
+    "MEMORY_BUDGET_HELP", "BackendName", "ExportFormat", "MemoryBudgetMiB", "Mode", "OutputDType", "Precision",
+    "StrictModel", "bytes_to_mib", "check_stack", "default_mode", "mib_to_bytes", "min_planes", "parse_memory_budget",
+    "resolve_mode",
 ]
 
 
@@ -66,8 +67,74 @@ class OutputDType(StrEnum):
     FLOAT32 = "float32"
 
 
-#: The one unit of memory budgets on the command line and in configs: MiB (2**20 bytes).
-MemoryBudgetMiB = Annotated[float, Field(gt=0, description="memory budget in MiB (2**20 bytes)")]
+#: Largest budget accepted: 16 TiB, far above any machine; a bigger number is a unit mistake (bytes given as MiB).
+MEMORY_BUDGET_MAX_MIB = float(1 << 24)
+
+MemoryBudgetMiB = Annotated[float, Field(gt=0, le=MEMORY_BUDGET_MAX_MIB, allow_inf_nan=False,
+                                         description="memory budget in MiB (2**20 bytes)")]
+"""The one memory-budget type: MiB (2**20 bytes), a finite number in (0, 16 TiB].
+
+Every user-facing budget — the ``--memory-budget`` flag of every command, :class:`engines.reconstruct.ReconstructParams`,
+:class:`streamer.service.ServiceConfig`, :func:`engines.reconstruct.stage_chain` — is a ``MemoryBudgetMiB`` (``None``
+meaning *auto*: sized from the device's free memory). Compute functions that check allocations
+(:func:`engines.rldfn.fuse.fuse_rldfn`, :func:`streamer.decoding.make_work_check`) take **bytes**, converted once
+with :func:`mib_to_bytes` where a config meets the compute.
+"""
+
+_MEMORY_BUDGET = TypeAdapter(MemoryBudgetMiB)
+
+#: The help text of ``--memory-budget``, the same on every command that has the flag.
+MEMORY_BUDGET_HELP = (
+    "memory one reconstruction may use, in MiB (2**20 bytes), e.g. 8192; RL-DFN tiles are sized to fit it (with "
+    "--tile auto) and a stack needing more is refused before anything is allocated. 'auto' (default): from this "
+    "machine's free device memory"
+)
+
+
+def mib_to_bytes(mib: float) -> int:
+    """A :data:`MemoryBudgetMiB` in bytes, for the compute functions that check allocations."""
+    return int(mib * 2**20)
+
+
+def bytes_to_mib(n: float) -> float:
+    """Bytes as MiB (the budget unit)."""
+    return float(n) / 2**20
+
+
+def parse_memory_budget(value: str | float | None, *, allow_auto: bool = True) -> float | None:
+    """Parse a memory budget as the command line and configs give it: a number of MiB, or ``auto`` (→ ``None``).
+
+    Raises
+    ------
+    RllsmValueError
+        Not a number (``12GB``: units are not accepted, the unit is always MiB), not finite, ≤ 0, above
+        16 TiB, or ``auto`` where *allow_auto* is false. The message names the unit.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "auto":
+            if allow_auto:
+                return None
+            raise RllsmValueError("'auto' is not allowed here; give a number of MiB (2**20 bytes), e.g. 8192")
+        try:
+            number = float(text)
+        except ValueError:
+            raise RllsmValueError(
+                f"{value!r} is not a number of MiB (2**20 bytes){' or auto' if allow_auto else ''}; "
+                "give the plain number without a unit, e.g. 8192 for 8 GiB") from None
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise RllsmValueError(f"a memory budget is a number of MiB (2**20 bytes), got {type(value).__name__}")
+    else:
+        number = float(value)
+    try:
+        return float(_MEMORY_BUDGET.validate_python(number))
+    except ValidationError:
+        raise RllsmValueError(
+            f"{value!r} is not a usable memory budget: expected a finite number of MiB (2**20 bytes) > 0 and "
+            f"≤ {MEMORY_BUDGET_MAX_MIB:.0f}") from None
+
 
 #: Lateral SR reads 7-plane windows and drops 3 planes at each end.
 LATERAL_SR_MIN_PLANES = 7

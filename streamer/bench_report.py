@@ -166,7 +166,7 @@ def _views(optics: Any, mode: str) -> Any:
 
 
 def _time_mode(mode: str, precision: str, raw: np.ndarray, optics: Any, weights: Path, device: Any,
-               repeats: int, peak: float) -> dict[str, Any]:
+               repeats: int, peak: float, memory_budget_mib: float | None = None) -> dict[str, Any]:
     import torch
 
     from engines.backends.select import BackendConfig
@@ -178,7 +178,8 @@ def _time_mode(mode: str, precision: str, raw: np.ndarray, optics: Any, weights:
         models = load_models(vsisr_checkpoint=weights / "vsi-sr.pt",
                              rldfn_weights=weights / "rl-dfn.pt" if mode == "full" else None, optics=optics,
                              backend=BackendConfig(backend="torch", precision=precision, device=str(device)))
-    rec = Reconstructor(optics, ReconstructParams(mode=mode, iterations=10, views=_views(optics, mode)), models,
+    rec = Reconstructor(optics, ReconstructParams(mode=mode, iterations=10, views=_views(optics, mode),
+                                                  memory_budget_mib=memory_budget_mib), models,
                         device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -241,7 +242,7 @@ def _parity(optics_size: tuple[int, int, int], weights: Path, cuda: bool) -> lis
 
 
 def _live(mode: str, raw: np.ndarray, optics: Any, weights: Path | None, device: str, n_stacks: int,
-          timeout_s: float) -> dict[str, Any]:
+          timeout_s: float, memory_budget_mib: float | None = None) -> dict[str, Any]:
     """Stream ``n_stacks`` copies of ``raw`` plane by plane into a live service; time what it publishes."""
     from streamer.sender import SenderConfig, StreamSender
     from streamer.service import Service, ServiceConfig, wait_for
@@ -272,15 +273,15 @@ def _live(mode: str, raw: np.ndarray, optics: Any, weights: Path | None, device:
     with tempfile.TemporaryDirectory(prefix="rllsm-live-") as tmp:
         cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", recording=Path(tmp) / "rec",
                             output=Path(tmp) / "out", output_format="npy", mode=mode, device=device,
-                            stack_timeout_s=120.0, **({"weights": weights} if weights is not None else {}))
+                            stack_timeout_s=120.0, memory_budget_mib=memory_budget_mib, **({"weights": weights} if weights is not None else {}))
         def stages(start: Any) -> Any:
             # the service's own chain (stage_chain, as build_stages wires it), with the report's Step 3 parameters
-            from engines.device import default_memory_budget_gb
+            from engines.device import default_memory_budget_mib
             from engines.reconstruct import stage_chain
             from streamer.pipeline import Stage
 
             chain = stage_chain(mode, start.optics, device=device, weights=str(weights) if weights else None,
-                                memory_budget_gb=default_memory_budget_gb(device), views=_views(start.optics, mode))
+                                memory_budget_mib=memory_budget_mib or default_memory_budget_mib(device), views=_views(start.optics, mode))
             chain[:] = [Stage(s[0], s[1], getattr(s, "kind", "numpy")) for s in chain]
             return chain
 
@@ -330,8 +331,12 @@ def _live(mode: str, raw: np.ndarray, optics: Any, weights: Path | None, device:
 def run_report(out_dir: str | os.PathLike[str], *, size: tuple[int, int, int] | None = None,
                modes: tuple[str, ...] | None = None, precisions: tuple[str, ...] | None = None,
                repeats: int = 2, live_stacks: int | None = None, budget_s: float = 420.0, run_tests: bool = True,
-               device: str | None = None) -> dict[str, Any]:
-    """Measure and write ``report.json`` + ``report.md`` into ``out_dir``; returns the report as a dict."""
+               device: str | None = None, memory_budget_mib: float | None = None) -> dict[str, Any]:
+    """Measure and write ``report.json`` + ``report.md`` into ``out_dir``; returns the report as a dict.
+
+    ``memory_budget_mib`` (MiB; None: from the device's free memory) bounds each reconstruction as ``--memory-budget``
+    does for ``rllsm reconstruct`` and ``serve``.
+    """
     import torch
 
     from engines.device import pick_device
@@ -384,7 +389,7 @@ def run_report(out_dir: str | os.PathLike[str], *, size: tuple[int, int, int] | 
                     continue
                 try:
                     rows.append(_time_mode(mode, p, raw, optics, weights, dev, repeats,
-                                           report["peak_tflops"].get(p, 0.0)))
+                                           report["peak_tflops"].get(p, 0.0), memory_budget_mib))
                 except Exception as err:  # noqa: BLE001 - one failing configuration is reported, not fatal
                     report["skipped"].append(f"{mode} {p}: {type(err).__name__}: {err}")
         report["timings"] = rows
@@ -395,7 +400,8 @@ def run_report(out_dir: str | os.PathLike[str], *, size: tuple[int, int, int] | 
                 continue
             try:
                 live.append(_live(mode, raw, optics, weights if mode != "classical" else None, str(dev),
-                                  live_stacks, timeout_s=max(30.0, budget_s - (time.perf_counter() - t_start))))
+                                  live_stacks, timeout_s=max(30.0, budget_s - (time.perf_counter() - t_start)),
+                                  memory_budget_mib=memory_budget_mib))
             except Exception as err:  # noqa: BLE001
                 report["skipped"].append(f"live {mode}: {type(err).__name__}: {err}")
         report["live"] = live

@@ -64,7 +64,7 @@ def ranges(zs: Sequence[int], limit: int = 200) -> str:
 
 # Memory one stack's reconstruction needs, as a multiple of its deskewed float32 volume: the views, the fusion's
 # padded FFT work arrays and the result. An estimate (not a measurement) meant to refuse only absurd stacks; the
-# absolute budget is --memory-budget-gb.
+# absolute budget is --memory-budget (MiB).
 WORK_FACTOR = 16
 # Deskewing pads the sheared axis by nz·dz·cos θ/dx pixels; a stack whose padding is this many times its own width is
 # not a light-sheet stack (e.g. 4096 planes of 2×2 pixels would become 4096×2×7602) and is refused, not computed.
@@ -72,7 +72,7 @@ MAX_DESKEW_GROWTH = 32.0
 
 
 def make_work_check(mode: str, budget_bytes: int) -> Any:
-    """A :data:`streamer.processor.WorkCheck` for the stage chains of ``mode`` under a memory budget."""
+    """A :data:`streamer.processor.WorkCheck` for the stage chains of ``mode`` under a memory budget in bytes."""
     from engines.config import OpticsConfig
     from engines.deskew import deskewed_width
 
@@ -95,8 +95,8 @@ def make_work_check(mode: str, budget_bytes: int) -> Any:
                         f"({wide / n_sheared:.0f}× its width): not a light-sheet stack this service reconstructs")
             work = nz * (ny * wide if along_x else nx * wide) * 4 * WORK_FACTOR
         if work > budget_bytes:
-            return (f"reconstructing {nz}×{ny}×{nx} needs about {work / 1e9:.1f} GB, more than the "
-                    f"{budget_bytes / 1e9:.1f} GB memory budget (--memory-budget-gb)")
+            return (f"reconstructing {nz}×{ny}×{nx} needs about {work / 2**20:.0f} MiB, more than the "
+                    f"{budget_bytes / 2**20:.0f} MiB memory budget (--memory-budget)")
         return None
 
     return check

@@ -57,7 +57,7 @@ class Stage:
 
 def build_stages(
     mode: PipelineMode | str, optics: Any, *, device: str | None = None, weights: str | None = None,
-    backend: Any = None, sources: Any = None, fused_depth: int | None = None,
+    backend: Any = None, sources: Any = None, fused_depth: int | None = None, memory_budget_mib: float | None = None,
 ) -> list[Stage]:
     """Wire the reconstruction steps for ``mode``; the single function to complete when engines land.
 
@@ -66,6 +66,8 @@ def build_stages(
     ``backend`` (:class:`engines.backends.BackendConfig`) says what runs the networks in ``full`` mode; ``sources``
     (:class:`engines.sources.ReconSources`) names the model files as for ``rllsm reconstruct``. The returned list
     keeps what the chain declares about its output (``grid``, ``fitter``, ``provenance``) when it has them.
+    ``memory_budget_mib`` (MiB, :data:`engines.support.MemoryBudgetMiB`) bounds RL-DFN's tiles; ``None``: from the
+    device's free memory (:func:`memory_budget_mib`).
 
     Raises
     ------
@@ -97,7 +99,7 @@ def build_stages(
     if backend is not None:
         install_exporter()
     chain = reconstruct.stage_chain(str(mode), optics, device=device, weights=weights,
-                                    memory_budget_gb=memory_budget_gb(device), backend=backend, sources=sources,
+                                    memory_budget_mib=memory_budget_mib or default_budget_mib(device), backend=backend, sources=sources,
                                     fused_depth=fused_depth)
     # in place: keeps the chain's grid. engines.reconstruct's stages unpack as (name, fn) and say by .kind that they
     # take device tensors
@@ -120,11 +122,11 @@ def install_exporter() -> None:
     install()
 
 
-def memory_budget_gb(device: str | None) -> float:
-    """Memory one reconstruction may use (see :func:`engines.device.default_memory_budget_gb`)."""
-    from engines.device import default_memory_budget_gb, pick_device
+def default_budget_mib(device: str | None) -> float:
+    """Memory one reconstruction may use, in MiB (see :func:`engines.device.default_memory_budget_mib`)."""
+    from engines.device import default_memory_budget_mib, pick_device
 
-    return default_memory_budget_gb(pick_device(device))
+    return default_memory_budget_mib(pick_device(device))
 
 
 # --- the worker ---------------------------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def replay_offline(
     sink_factory: SinkFactory | None = None, device: str | None = None, timeout_s: float = 5.0,
     max_open: int = 64, process_incomplete: bool = False, weights: str | os.PathLike[str] | None = None,
     backend: Any = None, sources: Any = None, output_format: str = "npy", fused_depth: int | None = None,
+    memory_budget_mib: float | None = None,
 ) -> dict[str, Any]:
     """Process a recording in this process, without sockets; returns the end-of-run summary.
 
@@ -123,7 +124,8 @@ def replay_offline(
     if stage_factory is None:
         w = str(weights) if weights is not None else None
         stage_factory = lambda start: build_stages(mode, start.optics, device=device, weights=w,  # noqa: E731
-                                                   backend=backend, sources=sources, fused_depth=fused_depth)
+                                                   backend=backend, sources=sources, fused_depth=fused_depth,
+                                                   memory_budget_mib=memory_budget_mib)
     if sink_factory is None:
         if out is None:
             raise ReplayError("offline replay needs --out DIR (or a sink factory)")

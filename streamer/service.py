@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import zmq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engines.backends.select import BackendConfig
 from engines.sources import ReconSources
 from engines.errors import RllsmRuntimeError
-from engines.support import StrictModel
+from engines.support import MemoryBudgetMiB, StrictModel, bytes_to_mib, mib_to_bytes
 from streamer.metrics import Metrics, MetricsError
 from streamer.pipeline import PipelineMode, Stage, build_stages
 from streamer.decoding import make_work_check
@@ -86,10 +86,28 @@ class ServiceConfig(StrictModel):
     max_message_mb: float = Field(2048.0, gt=0, le=1 << 22,
                                   description="Largest message part accepted; a bigger one is refused by ZMQ before "
                                   "it is allocated (the sender is disconnected).")
-    memory_budget_gb: float | None = Field(None, gt=0, le=1 << 14,
-                                           description="Memory one stack's reconstruction may use; a stack needing "
-                                           "more is refused before anything is allocated (default: the larger of "
-                                           "8 GB and half the RAM).")
+    memory_budget_mib: MemoryBudgetMiB | None = Field(
+        None, description="Memory one stack's reconstruction may use, in MiB (2**20 bytes): a stack needing more is "
+        "refused before anything is allocated, and RL-DFN tiles are sized to fit it (default: the larger of 8 GiB "
+        "and half the RAM for refusing, the device's free memory for tiles).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_in_gb(cls, data: Any) -> Any:
+        """Configs written before the one unit (MiB) said ``memory_budget_gb`` (GB = 1e9 bytes): converted, warned."""
+        if isinstance(data, dict) and "memory_budget_gb" in data and "memory_budget_mib" not in data:
+            import warnings
+
+            data = dict(data)
+            gb = data.pop("memory_budget_gb")
+            if gb is not None:
+                try:
+                    data["memory_budget_mib"] = bytes_to_mib(float(gb) * 1e9)
+                except (TypeError, ValueError):
+                    data["memory_budget_mib"] = gb  # let the field's own validation name the bad value
+                warnings.warn("ServiceConfig.memory_budget_gb is deprecated; use memory_budget_mib (MiB)",
+                              FutureWarning, stacklevel=2)
+        return data
     max_acquisitions: int = Field(16, ge=1, le=4096, description="Acquisitions open at once (outputs, workers).")
     writer_threads: int = Field(4, ge=1, le=64, description="Threads writing the outputs of every acquisition (a "
                                 "fixed pool, plus one for the display).")
@@ -160,7 +178,7 @@ class Service:
         weights = str(self.config.weights) if self.config.weights is not None else None
         return build_stages(self.config.mode, start.optics, device=self.config.device, weights=weights,
                             backend=self.config.backend, sources=self.config.sources,
-                            fused_depth=self.config.fused_depth)
+                            fused_depth=self.config.fused_depth, memory_budget_mib=self.config.memory_budget_mib)
 
     def _pool(self, name: str, n: int) -> Any:
         from streamer.sinks.pool import WriterPool
@@ -219,7 +237,7 @@ class Service:
             self._close_resources()
             raise ServiceError(str(err)) from None
         self.metrics.set_gauge("recording_recovered_bytes", self.recording.recovered_bytes)
-        budget = int(memory_budget_bytes(cfg.memory_budget_gb))
+        budget = memory_budget_bytes(cfg.memory_budget_mib)
         try:
             ledger = ResumeLedger(cfg.recording)
         except OSError as err:
@@ -595,15 +613,15 @@ def trim_heap() -> bool:
     return True
 
 
-def memory_budget_bytes(gb: float | None) -> float:
-    """The memory one stack's reconstruction may use: ``gb``, or the larger of 8 GB and half the RAM."""
-    if gb is not None:
-        return gb * 1e9
+def memory_budget_bytes(mib: float | None) -> int:
+    """The memory one stack's reconstruction may use, in bytes: ``mib`` MiB, or the larger of 8 GiB and half the RAM."""
+    if mib is not None:
+        return mib_to_bytes(mib)
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        ram = 16e9
-    return max(8e9, 0.5 * ram)
+        ram = 16 * 2**30
+    return int(max(8 * 2**30, 0.5 * ram))
 
 
 def request(endpoint: str, cmd: str, timeout_s: float = 5.0, context: zmq.Context | None = None) -> dict[str, Any]:

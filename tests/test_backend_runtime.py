@@ -170,7 +170,7 @@ def test_fuse_command_explicit_unavailable_backend_is_a_clear_error(weights, tmp
 def test_service_with_onnxruntime_backend_matches_torch_chain(weights, cache, beads, tmp_path) -> None:
     from streaming_util import end_msg, pusher, send_all, stack_frames, start_msg
 
-    from streamer.pipeline import Stage, install_exporter, memory_budget_gb
+    from streamer.pipeline import Stage, default_budget_mib, install_exporter
     from streamer.service import Service, ServiceConfig, wait_for
 
     optics, raw = beads
@@ -179,7 +179,7 @@ def test_service_with_onnxruntime_backend_matches_torch_chain(weights, cache, be
     def stages(start):  # the service's chain (as build_stages wires it), split without the mirror check
         install_exporter()
         chain = stage_chain("full", start.optics, device="cpu", weights=str(weights),
-                            memory_budget_gb=memory_budget_gb("cpu"), backend=backend, views=_any_mirror(optics))
+                            memory_budget_mib=default_budget_mib("cpu"), backend=backend, views=_any_mirror(optics))
         chain[:] = [Stage(s[0], s[1], getattr(s, "kind", "numpy")) for s in chain]
         return chain
 
@@ -201,7 +201,7 @@ def test_service_with_onnxruntime_backend_matches_torch_chain(weights, cache, be
     # The same chain on torch, built as the service builds it (same weights folder, same tile budget).
     vol = raw
     for _, fn in stage_chain("full", optics, device="cpu", weights=str(weights),
-                             memory_budget_gb=memory_budget_gb("cpu"), views=_any_mirror(optics)):
+                             memory_budget_mib=default_budget_mib("cpu"), views=_any_mirror(optics)):
         vol = fn(vol)
     vol = np.asarray(vol)  # the stages hand device tensors along; the runner copies the last one back
     assert got.shape == vol.shape

@@ -248,7 +248,7 @@ def test_stack_of_another_size_mid_acquisition_is_refused_not_fatal(tmp_path):
 
 def test_build_stages_modes_and_memory_budget():
     from engines.config import OpticsConfig
-    from streamer.pipeline import build_stages, memory_budget_gb
+    from streamer.pipeline import build_stages, default_budget_mib
 
     assert build_stages("none", OpticsConfig()) == []
     (st,) = build_stages("deskew", OpticsConfig(), device="cpu")
@@ -258,7 +258,7 @@ def test_build_stages_modes_and_memory_budget():
     assert names == ["preprocess", "split_views", "fuse"]
     with pytest.raises(ValueError):
         build_stages("turbo", OpticsConfig())
-    assert 0.5 <= memory_budget_gb("cpu") <= 16.0
+    assert 512 <= default_budget_mib("cpu") <= 16384  # MiB, the one unit of budgets
 
 
 def test_failed_start_releases_the_recording_and_the_ports(tmp_path):

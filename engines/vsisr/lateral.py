@@ -279,11 +279,11 @@ def resolve_batch_size(batch_size: int | str, plane_shape: tuple[int, int], devi
         return int(batch_size)
     if device.type != "cuda":
         return 4
-    from engines.device import default_memory_budget_gb
+    from engines.device import default_memory_budget_mib
     from engines.vsisr.rotate import rotated_shape
 
     canvas = rotated_shape(*plane_shape, ANGLE_STEP_DEG)  # the rotated planes are the largest network inputs
-    return auto_batch_size(canvas, int(0.5 * default_memory_budget_gb(device) * 2**30))
+    return auto_batch_size(canvas, int(0.5 * default_memory_budget_mib(device) * 2**20))
 
 
 def lateral_sr(

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--budget-s", type=float, default=420.0,
                    help="report: time budget; configurations that would not fit are listed as skipped")
     g.add_argument("--no-tests", action="store_true", help="report: do not run the gpu-marked tests")
+    from streamer.cli.options import add_memory_budget_arg
+
+    add_memory_budget_arg(g)
     p.add_argument("--no-progress", action="store_true", help="no elapsed-time line on stderr")
     p.set_defaults(func=run)
 
@@ -92,7 +95,7 @@ def _report(args: argparse.Namespace) -> int:
             modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None,
             precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()) if args.precisions else None,
             repeats=args.repeats or 2, live_stacks=args.live_stacks, budget_s=args.budget_s,
-            run_tests=not args.no_tests, device=args.device)
+            run_tests=not args.no_tests, device=args.device, memory_budget_mib=args.memory_budget)
     except (ReportError, ValueError, RuntimeError) as err:
         raise CLIError(str(err)) from None
     print(f"report written to {args.report}/report.md and report.json ({report['wall_s']} s)"

@@ -65,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "device's memory)")
     p.add_argument("--overlap", type=int, default=None, metavar="N",
                    help="rldfn: voxels shared by neighbouring tiles (default 24; rounded up to a multiple of 4)")
-    p.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
-                   help="rldfn: refuse (or, with --tile auto, size tiles for) patches estimated above this memory")
+    from streamer.cli.options import add_memory_budget_arg
+
+    add_memory_budget_arg(p)
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="rldfn: tiles run together (faster on a GPU, N× the memory; default 1)")
     p.add_argument("--iterations", type=int, default=30, metavar="K",
@@ -165,9 +166,11 @@ def fuse_files(
 
     from engines.device import pick_device
     from engines.rldfn.errors import FusionError
+    from engines.support import mib_to_bytes, parse_memory_budget
     from streamer.cli import CLIError
     from streamer.cli.geometry_io import read_stack, write_stack
 
+    memory_budget_mib = parse_memory_budget(memory_budget_mib)  # MiB (engines.support.MemoryBudgetMiB) or None: auto
     if mode not in ("rldfn", "classical"):
         raise CLIError(f"--mode must be rldfn or classical, got {mode!r}")
     if mode == "auto":
@@ -218,10 +221,10 @@ def fuse_files(
                 except BackendError as err:
                     raise CLIError(f"--model {model}: {err}") from None
             if memory_budget_mib is None and tile == "auto":
-                from engines.device import default_memory_budget_gb
+                from engines.device import default_memory_budget_mib
 
-                memory_budget_mib = default_memory_budget_gb(dev) * 1024
-            budget = None if memory_budget_mib is None else int(memory_budget_mib * 2**20)
+                memory_budget_mib = default_memory_budget_mib(dev)
+            budget = None if memory_budget_mib is None else mib_to_bytes(memory_budget_mib)
             with torch.inference_mode():
                 fused = fuse_rldfn(a, b, RLDFN(net, pa, pb), tile=tile,  # type: ignore[arg-type]
                                    overlap=DEFAULT_OVERLAP if overlap is None else overlap, device=dev,
@@ -249,8 +252,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch must be ≥ 1, got {args.batch}")
     if args.iterations < 1:
         raise CLIError(f"--iterations must be ≥ 1, got {args.iterations}")
-    if args.memory_budget is not None and args.memory_budget <= 0:
-        raise CLIError(f"--memory-budget must be > 0 MiB, got {args.memory_budget}")
     from streamer.cli.backend_options import backend_config_from_args
     from streamer.cli.geometry_io import read_voxel
     from streamer.cli.paths import check_input_file, check_output_file

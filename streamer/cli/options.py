@@ -1,4 +1,4 @@
-"""Shared CLI options: the optical configuration as a file plus one flag per field."""
+"""Shared CLI options: the optical configuration as a file plus one flag per field, and the memory budget."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engines.config import ConfigError, OpticsConfig, describe_validation_error, load_optics, read_optics_mapping
+from engines.config import (
+    ConfigError,
+    OpticsConfig,
+    describe_validation_error,
+    load_optics,
+    read_optics_mapping,
+)
+from engines.errors import RllsmError
 from streamer.cli import CLIError
 
 log = logging.getLogger(__name__)
@@ -87,3 +94,47 @@ def optics_with_voxel(args: argparse.Namespace, optics: OpticsConfig, voxel: tup
     except ValidationError as err:
         raise CLIError(f"{what}: recorded voxel size {voxel} µm is not usable: {describe_validation_error(err)}; "
                        "give --pixel-size-um/--stage-step-um") from None
+
+
+def memory_budget_arg(text: str) -> float | None:
+    """argparse ``type`` of ``--memory-budget``: MiB, or ``auto`` (→ None); a bad value is a one-line usage error."""
+    from engines.support import parse_memory_budget
+
+    try:
+        return parse_memory_budget(text)
+    except RllsmError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _deprecated_gb(text: str) -> float | None:
+    """``--memory-budget-gb`` (GB = 1e9 bytes), kept hidden for old scripts: converted to MiB with a warning."""
+    import warnings
+
+    from engines.support import bytes_to_mib, parse_memory_budget
+
+    try:
+        gb = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GB; use --memory-budget MIB instead") from None
+    warnings.warn("--memory-budget-gb is deprecated; use --memory-budget in MiB "
+                  f"(--memory-budget {bytes_to_mib(gb * 1e9):.0f})", FutureWarning, stacklevel=2)
+    try:
+        return parse_memory_budget(bytes_to_mib(gb * 1e9))
+    except RllsmError as err:
+        raise argparse.ArgumentTypeError(f"{text} GB: {err}") from None
+
+
+def add_memory_budget_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
+                          deprecated_gb: bool = False) -> None:
+    """``--memory-budget MIB|auto``, the same flag, unit, parser and help on every command that has a budget.
+
+    The value lands in ``args.memory_budget``: MiB (:data:`engines.support.MemoryBudgetMiB`) or ``None`` for auto.
+    *deprecated_gb* adds the old ``--memory-budget-gb`` as a hidden alias that converts and warns.
+    """
+    from engines.support import MEMORY_BUDGET_HELP
+
+    parser.add_argument("--memory-budget", type=memory_budget_arg, default=None, metavar="MIB|auto",
+                        dest="memory_budget", help=MEMORY_BUDGET_HELP)
+    if deprecated_gb:
+        parser.add_argument("--memory-budget-gb", type=_deprecated_gb, dest="memory_budget", metavar="GB",
+                            help=argparse.SUPPRESS)

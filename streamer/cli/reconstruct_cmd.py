@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from streamer.cli.geometry_io import read_stack, write_stack
-from streamer.cli.options import add_optics_args, optics_from_args
+from streamer.cli.options import add_memory_budget_arg, add_optics_args, optics_from_args
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "in BENCHMARKS.md)")
     p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
-    p.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
-                   help="RL-DFN: memory per tile in MiB, the unit of `rllsm fuse --memory-budget` (default: from the "
-                   "device's memory)")
+    add_memory_budget_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stride", type=int, choices=[1, 3], default=1, help="VSI-SR window stride (3: faster)")
     p.add_argument("--keep-intermediates", action="store_true",
@@ -192,11 +190,8 @@ def build_reconstructor(args: argparse.Namespace, optics):
     if networks and args.otf_dir is not None and models.otfs is None:
         models.otfs = load_models(otf_dir=args.otf_dir, optics=optics).otfs
     models.lateral = lateral
-    budget_mib = getattr(args, "memory_budget", None)
-    if budget_mib is not None and budget_mib <= 0:
-        raise CLIError(f"--memory-budget must be > 0 MiB, got {budget_mib}")
     params = ReconstructParams(mode=args.mode, iterations=args.iterations, tile=_tile(args.tile), overlap=args.overlap,
-                               memory_budget_gb=None if budget_mib is None else budget_mib / 1024)
+                               memory_budget_mib=getattr(args, "memory_budget", None))
     return Reconstructor(optics, params, models, device=args.device)
 
 

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_cluster_args(p, "with --offline, one task per stack, each written to DIR/<acquisition>.ome.zarr, resumable")
     from streamer.cli.backend_options import add_backend_args
     from streamer.cli.model_options import add_model_args
+    from streamer.cli.options import add_memory_budget_arg
 
+    add_memory_budget_arg(p.add_argument_group("memory, with --offline"))
     add_model_args(p, title="model sources, with --offline (as for `rllsm reconstruct` and `serve`)")
     add_backend_args(p, device=False)  # --offline, networks: what runs them
     p.set_defaults(func=run)
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             summary = replay_offline(args.recording, args.out, mode=mode, device=args.device,
                                      timeout_s=args.stack_timeout, sources=src,
                                      output_format=args.output_format, fused_depth=args.fused_depth,
-                                     backend=backend_config_from_args(args))
+                                     backend=backend_config_from_args(args), memory_budget_mib=args.memory_budget)
         else:
             keys = tuple(args.keys) if args.keys else None
             summary = replay_to(args.recording, args.connect, speed=parse_speed(args.speed), client_keys=keys)

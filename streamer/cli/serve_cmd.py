@@ -65,9 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-mb", type=float, default=64.0, metavar="MB",
                    help="received messages kept in memory for the processor; the rest is read back from the "
                    "recording (%(default)s)")
-    p.add_argument("--memory-budget-gb", type=float, metavar="GB",
-                   help="memory one stack's reconstruction may use; bigger stacks are refused before anything is "
-                   "allocated (default: the larger of 8 GB and half the RAM)")
+    from streamer.cli.options import add_memory_budget_arg
+
+    add_memory_budget_arg(p, deprecated_gb=True)
     p.add_argument("--max-acquisitions", type=int, default=16, metavar="N",
                    help="acquisitions open at once; one more closes the one idle longest (%(default)s)")
     p.add_argument("--rcvhwm", type=int, default=1000, metavar="N",
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             sources=sources, fused_depth=args.fused_depth, backend=backend,
             stack_timeout_s=args.stack_timeout, process_incomplete=args.process_incomplete,
             fsync_every=args.fsync_every, keys=args.keys, metrics_port=args.metrics_port,
-            max_message_mb=args.max_message_mb, cache_mb=args.cache_mb, memory_budget_gb=args.memory_budget_gb,
+            max_message_mb=args.max_message_mb, cache_mb=args.cache_mb, memory_budget_mib=args.memory_budget,
             max_acquisitions=args.max_acquisitions, acquisition_idle_s=args.acquisition_idle,
             writer_threads=args.writer_threads, rcvhwm=args.rcvhwm,
             scheduler=args.scheduler, max_in_flight=args.max_in_flight,

@@ -52,7 +52,8 @@ def run_replay(args: argparse.Namespace, backend: Any, sources: Any = None, mode
     try:
         report = replay_distributed(args.recording, args.out, workers=args.workers, scheduler=args.scheduler,
                                     mode=str(mode or args.mode), device=args.device, backend=backend,
-                                    sources=sources, fused_depth=getattr(args, "fused_depth", None))
+                                    sources=sources, fused_depth=getattr(args, "fused_depth", None),
+                                    memory_budget_mib=getattr(args, "memory_budget", None))
     except DistributedError as err:
         raise CLIError(str(err)) from None
     print(json.dumps(report, indent=1, default=str))

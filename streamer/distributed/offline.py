@@ -167,7 +167,7 @@ def plan_recording(recording: str | Path) -> tuple[dict[str, Any], dict[str, lis
 def replay_distributed(recording: str | Path, out: str | Path, *, workers: int | None = None,
                        scheduler: str | None = None, mode: str = "classical", device: str | None = None,
                        weights: str | Path | None = None, backend: Any = None, sources: Any = None,
-                       fused_depth: int | None = None, retries: int = 2,
+                       fused_depth: int | None = None, memory_budget_mib: float | None = None, retries: int = 2,
                        progress: bool = True, say: Callable[[str], None] = _stderr) -> dict[str, Any]:
     """``rllsm replay REC --offline --out DIR --workers N | --scheduler ADDRESS``: ``DIR/<acquisition>.ome.zarr``."""
     import torch
@@ -186,7 +186,8 @@ def replay_distributed(recording: str | Path, out: str | Path, *, workers: int |
             optics: OpticsConfig = start.optics
             recipe = Recipe.make("streamer.distributed.recipe:service_stages",
                                  {"mode": str(mode), "optics": optics, "device": device, "weights": w,
-                                  "backend": backend, "sources": sources, "fused_depth": fused_depth},
+                                  "backend": backend, "sources": sources, "fused_depth": fused_depth,
+                                  "memory_budget_mib": memory_budget_mib},
                                  [w, *source_paths(sources)], torch_threads=torch.get_num_threads())
             n_c = max(len(start.channels), max(j.c for j in acq_jobs) + 1)
             n_t = max(start.n_timepoints or 0, max(j.t for j in acq_jobs) + 1)

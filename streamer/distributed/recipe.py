@@ -156,7 +156,8 @@ def reconstruct_cli(args: dict[str, Any], optics: Any) -> VolumeFn:
 
 
 def service_stages(mode: str, optics: Any, device: str | None = None, weights: str | None = None,
-                   backend: Any = None, sources: Any = None, fused_depth: int | None = None) -> VolumeFn:
+                   backend: Any = None, sources: Any = None, fused_depth: int | None = None,
+                   memory_budget_mib: float | None = None) -> VolumeFn:
     """The service's stage chain for ``mode`` (what ``rllsm serve`` and ``rllsm replay --offline`` run).
 
     The function keeps what the chain declares (``chain``: grid, provenance), the per-stage seconds of the last
@@ -166,7 +167,7 @@ def service_stages(mode: str, optics: Any, device: str | None = None, weights: s
 
     timings: dict[str, float] = {}
     chain = build_stages(mode, optics, device=device, weights=weights, backend=backend, sources=sources,
-                         fused_depth=fused_depth)
+                         fused_depth=fused_depth, memory_budget_mib=memory_budget_mib)
     worker = StageWorker(chain, device=device, observe=timings.__setitem__)
     fitter = getattr(chain, "fitter", None)
 
