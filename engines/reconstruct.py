@@ -29,7 +29,7 @@ from pydantic import Field
 
 from engines.background import BackgroundParams, PreprocessReport, preprocess_tensor
 from engines.config import OpticsConfig
-from engines.device import default_memory_budget_gb, pick_device, to_device, to_host
+from engines.device import default_memory_budget_mib, pick_device, to_device, to_host
 from engines.errors import RllsmValueError
 from engines.support import MemoryBudgetMiB, StrictModel
 from engines.views import ViewsParams, ViewsReport, split_views_tensor
@@ -224,10 +224,10 @@ class Reconstructor:
         if self.params.mode == "full":
             from engines.rldfn.fuse import fuse_rldfn
 
-            gb = self.params.memory_budget_gb
-            if gb is None and self.params.tile == "auto":
-                gb = default_memory_budget_gb(self.device)
-            budget = None if gb is None else int(gb * 2**30)
+            mib = self.params.memory_budget_mib
+            if mib is None and self.params.tile == "auto":
+                mib = default_memory_budget_mib(self.device)
+            budget = None if mib is None else int(mib * 2**20)
             # tensors in, a tensor out on the same device: tiles are cut and blended there, no host copy
             return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
                               device=self.device, memory_budget_bytes=budget, progress=progress)
