@@ -29,7 +29,7 @@ from pydantic import Field
 
 from engines.background import BackgroundParams, PreprocessReport, preprocess_tensor
 from engines.config import OpticsConfig
-from engines.device import default_memory_budget_gb, pick_device, to_device, to_host
+from engines.device import default_memory_budget_mib, pick_device, to_device, to_host
 from engines.errors import RllsmValueError
 from engines.support import MemoryBudgetMiB, StrictModel
 from engines.views import ViewsParams, ViewsReport, split_views_tensor
@@ -224,13 +224,13 @@ class Reconstructor:
         if self.params.mode == "full":
             from engines.rldfn.fuse import fuse_rldfn
 
-            gb = self.params.memory_budget_gb
-            if gb is None and self.params.tile == "auto":
-                gb = default_memory_budget_gb(self.device)
-            budget = None if gb is None else int(gb * 2**30)
-            return _fusion_call(fuse_rldfn, view_a, view_b, self._rldfn, tile=self.params.tile,
-                                overlap=self.params.overlap, device=self.device, memory_budget_bytes=budget,
-                                progress=progress)
+            mib = self.params.memory_budget_mib
+            if mib is None and self.params.tile == "auto":
+                mib = default_memory_budget_mib(self.device)
+            budget = None if mib is None else int(mib * 2**20)
+            # tensors in, a tensor out on the same device: tiles are cut and blended there, no host copy
+            return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
+                              device=self.device, memory_budget_bytes=budget, progress=progress)
         from engines.rldfn.classical import joint_rl
 
         return joint_rl(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, "auto", progress)
@@ -327,46 +327,6 @@ class ChainStage(NamedTuple):
     @property
     def kind(self) -> str:
         return "torch"
-
-
-_BRIDGE_WARNED: set[str] = set()
-
-
-def _fusion_call(fn: Callable[..., Any], view_a: torch.Tensor, view_b: torch.Tensor, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-    """Call a fusion function with device tensors; a numpy-only implementation gets host views instead.
-
-    A fusion function whose view arguments are annotated as tensors runs on the device directly. One that takes
-    numpy arrays gets zero-copy views on the CPU, and counted host copies on a GPU (logged once), so a GPU run
-    still works, and shows the extra transfers in its counts, until fusion is tensor-native.
-    """
-    dev = view_a.device
-    if _takes_tensors(fn):
-        out = fn(view_a, view_b, *args, **kwargs)
-    elif dev.type == "cpu":
-        out = fn(view_a.numpy(), view_b.numpy(), *args, **kwargs)
-    else:
-        name = getattr(fn, "__qualname__", str(fn))
-        if name not in _BRIDGE_WARNED:
-            import logging
-
-            logging.getLogger(__name__).warning("%s takes numpy arrays: the views make a round trip to the host", name)
-            _BRIDGE_WARNED.add(name)
-        out = fn(to_host(view_a), to_host(view_b), *args, **kwargs)
-    if isinstance(out, torch.Tensor):
-        return out.to(dev)
-    arr = np.ascontiguousarray(out, dtype=np.float32)
-    return torch.from_numpy(arr) if dev.type == "cpu" else to_device(arr, dev)
-
-
-def _takes_tensors(fn: Callable[..., Any]) -> bool:
-    import inspect
-
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    return bool(params) and "Tensor" in str(params[0].annotation)
 
 
 # --- loading ----------------------------------------------------------------------------------------------------

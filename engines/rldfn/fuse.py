@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from engines.device import pick_device
+from engines.device import pick_device, probe_to_host, to_device, to_host
 from engines.rldfn.errors import MemoryBudgetError, VolumeShapeError
 from engines.rldfn.model import RLDFN
 from engines.rldfn.tiling import (
-    blend_weights,
+    blend_weights_t,
     check_budget,
     estimate_patch_bytes,
     plan_tiles,
@@ -30,26 +30,40 @@ _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 DEFAULT_OVERLAP = 24
 
 
-def check_views(view_a: np.ndarray, view_b: np.ndarray) -> None:
+def _shape(v: object) -> tuple[int, ...]:
+    # a CUDA tensor has no __array__: read its shape without np.shape, which would copy it to the host
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(np.shape(v))
+
+
+def check_views(view_a: np.ndarray | torch.Tensor, view_b: np.ndarray | torch.Tensor) -> None:
     """Raise :class:`VolumeShapeError` unless both views are 3-D, non-empty and of one shape."""
     for name, v in (("view A", view_a), ("view B", view_b)):
-        if np.ndim(v) != 3:
-            raise VolumeShapeError(f"{name} must be a 3-D stack (Z, Y, X), got shape {tuple(np.shape(v))}")
-    if view_a.shape != view_b.shape:
+        if len(_shape(v)) != 3:
+            raise VolumeShapeError(f"{name} must be a 3-D stack (Z, Y, X), got shape {_shape(v)}")
+    sa, sb = _shape(view_a), _shape(view_b)
+    if sa != sb:
         raise VolumeShapeError(
-            f"view A is {'×'.join(map(str, view_a.shape))} and view B is {'×'.join(map(str, view_b.shape))} "
+            f"view A is {'×'.join(map(str, sa))} and view B is {'×'.join(map(str, sb))} "
             "(Z×Y×X); the views must be registered onto one grid before fusion (step 3)"
         )
-    if min(view_a.shape) < 1:
-        raise VolumeShapeError(f"views are empty: {view_a.shape}")
+    if min(sa) < 1:
+        raise VolumeShapeError(f"views are empty: {sa}")
 
 
-def _normalise(v: np.ndarray, name: str) -> np.ndarray:
-    v = np.nan_to_num(np.asarray(v, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    peak = float(v.max())
-    if peak <= 0:
-        raise VolumeShapeError(f"{name} has no positive voxel (max {peak:g}); nothing to fuse")
-    return v / peak
+def _as_float(v: np.ndarray | torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A view as float32 on ``dev``: a tensor there stays there; a host array is moved once (counted)."""
+    if isinstance(v, torch.Tensor):
+        return to_device(v, dev).float()
+    # numpy converts first (uint16 and friends), as before; on the CPU the tensor shares the array's memory
+    return to_device(np.asarray(v, dtype=np.float32), dev)
+
+
+def _normalise(v: torch.Tensor, name: str) -> torch.Tensor:
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = v.max()
+    if float(probe_to_host(peak)) <= 0:
+        raise VolumeShapeError(f"{name} has no positive voxel (max {float(peak):g}); nothing to fuse")
+    return v / peak  # float32 ÷ float32, the same rounding as numpy's division by the peak
 
 
 def _batches(tiles: list, batch_size: int) -> list[list]:
@@ -63,14 +77,38 @@ def _batches(tiles: list, batch_size: int) -> list[list]:
     return groups
 
 
-def _pad_end(v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _pad_end(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     # zeros at the far end, like the reference's own Z padding: the padded voxels are cut off afterwards
-    return np.pad(v, [(0, s - n) for s, n in zip(shape, v.shape)])
+    if tuple(v.shape) == tuple(shape):
+        return v
+    out = v.new_zeros(shape)
+    out[: v.shape[0], : v.shape[1], : v.shape[2]] = v
+    return out
+
+
+class _HostNet:
+    """A network backend that reads host arrays only (ONNX Runtime's CPU provider) fed from another device.
+
+    Each tile's two correction volumes go to the host and the fused tile comes back, through the counted edge
+    functions, so the transfer counts show the cost; every other backend takes the device tensors as they are.
+    """
+
+    def __init__(self, net: Callable[..., Any], device: torch.device) -> None:
+        self.net, self.device = net, device
+
+    def __call__(self, corr_a: torch.Tensor, corr_b: torch.Tensor) -> torch.Tensor:
+        out = self.net(*to_host((corr_a, corr_b)))
+        return to_device(np.asarray(out, dtype=np.float32), self.device)
+
+
+def _host_only(net: object, dev: torch.device) -> bool:
+    # runtime backends declare the arrays they compute on; ORT with a GPU provider binds CUDA tensors directly
+    return dev.type != "cpu" and getattr(net, "native", None) == "numpy" and not getattr(net, "_on_gpu", False)
 
 
 def fuse_rldfn(
-    view_a: np.ndarray,
-    view_b: np.ndarray,
+    view_a: torch.Tensor | np.ndarray,
+    view_b: torch.Tensor | np.ndarray,
     model: RLDFN,
     tile: TileSpec = "none",
     overlap: int = DEFAULT_OVERLAP,
@@ -80,13 +118,16 @@ def fuse_rldfn(
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 1,
     registered: bool | None = None,
-) -> np.ndarray:
+) -> torch.Tensor | np.ndarray:
     """Fuse two registered views with RL-DFN.
 
     Parameters
     ----------
     view_a, view_b
-        The two views on one grid, (Z, Y, X), any real dtype.
+        The two views on one grid, (Z, Y, X), any real dtype: torch tensors on any device (the result is a
+        tensor on the same device) or numpy arrays (the result is a numpy array). Everything between — the
+        normalisation, padding, coverage weights, cutting the tiles and blending them — runs on ``device``;
+        nothing crosses to the host but a scalar per view (its peak).
     model
         :class:`~engines.rldfn.model.RLDFN` holding the network and both views' PSFs.
     tile
@@ -97,9 +138,12 @@ def fuse_rldfn(
         Voxels shared by neighbouring tiles; rounded up to a multiple of 4 so that every tile keeps the whole
         volume's pooling grid.
     device
-        Torch device (default: :func:`engines.device.pick_device`).
+        Torch device to compute on (default: the views' device for tensors, :func:`engines.device.pick_device`
+        for numpy arrays).
     memory_budget_bytes
         Upper bound for one patch's estimated peak memory; ``None`` disables the check (required for ``"auto"``).
+        On a GPU the whole-volume buffers (both padded views, the blend accumulators and, when registered, the
+        coverage weights) live there too and are taken off the budget first.
     normalize
         Divide each whole view by its maximum first, as the reference's training data loader does (its
         reconstruction script divides each patch by the patch's maximum instead; per volume keeps all tiles on
@@ -117,8 +161,8 @@ def fuse_rldfn(
 
     Returns
     -------
-    np.ndarray
-        float32 fused volume of the views' shape.
+    torch.Tensor or np.ndarray
+        float32 fused volume of the views' shape, a tensor on the views' device or a numpy array like the views.
 
     Raises
     ------
@@ -134,67 +178,100 @@ def fuse_rldfn(
     if overlap < 0:
         raise VolumeShapeError(f"overlap must be ≥ 0 voxels, got {overlap}")
     overlap = round_up(overlap)
-    shape = tuple(int(n) for n in view_a.shape)
+    shape = tuple(int(n) for n in _shape(view_a))
     padded = tuple(round_up(n) for n in shape)
     width = int(getattr(model.net, "width", 64))
+    tensors = isinstance(view_a, torch.Tensor) and isinstance(view_b, torch.Tensor)
+    home = view_a.device if tensors else torch.device("cpu")  # type: ignore[union-attr]
+    if device is not None:
+        dev = pick_device(str(device))
+    else:
+        dev = home if tensors else pick_device(None)
+    registered = tile != "none" if registered is None else bool(registered)
+    budget = _patch_budget(memory_budget_bytes, padded, dev, registered)
     if tile == "auto":
-        if memory_budget_bytes is None:
+        if budget is None:
             raise VolumeShapeError("tile='auto' needs a memory budget (memory_budget_bytes)")
-        tile = tile_for_budget(padded, memory_budget_bytes // int(batch_size), overlap, width)
+        tile = tile_for_budget(padded, budget // int(batch_size), overlap, width)
     if tile == "none":
-        check_budget(padded, memory_budget_bytes, width, "the whole volume as one patch")
+        check_budget(padded, budget, width, "the whole volume as one patch")
         tiles = plan_tiles(padded, max(padded), 0)
     elif isinstance(tile, (int, np.integer)) and not isinstance(tile, bool):
         if tile <= 0 or tile % 4:
             raise VolumeShapeError(f"tile size {tile} must be a positive multiple of 4 (the U-Net pools twice)")
         if overlap >= tile:
             raise VolumeShapeError(f"overlap {overlap} must be smaller than the tile size {tile}")
-        check_budget(tuple(min(int(tile), n) for n in padded), None if memory_budget_bytes is None
-                     else memory_budget_bytes // int(batch_size), width,
+        check_budget(tuple(min(int(tile), n) for n in padded), None if budget is None
+                     else budget // int(batch_size), width,
                      "one tile" if batch_size == 1 else f"one tile (of a batch of {batch_size})")
         tiles = plan_tiles(padded, int(tile), overlap)
     else:
         raise VolumeShapeError(f"tile must be 'none', 'auto' or a positive multiple of 4, got {tile!r}")
 
-    a = _normalise(view_a, "view A") if normalize else np.asarray(view_a, np.float32)
-    b = _normalise(view_b, "view B") if normalize else np.asarray(view_b, np.float32)
+    a, b = _as_float(view_a, dev), _as_float(view_b, dev)
+    if normalize:
+        a, b = _normalise(a, "view A"), _normalise(b, "view B")
     a, b = _pad_end(a, padded), _pad_end(b, padded)
-    dev = pick_device(str(device) if device is not None else None)
     model = model.to(dev).eval()
-    registered = tile != "none" if registered is None else bool(registered)
     weights = None
     if registered:
         from engines.rldfn.coverage import blend_weight, coverage_mask
 
-        weights = [blend_weight(coverage_mask(torch.from_numpy(v))).numpy() for v in (a, b)]
-    was_registered = getattr(model, "registered", False)
+        weights = [blend_weight(coverage_mask(v)) for v in (a, b)]
+    was_registered, net = getattr(model, "registered", False), model.net
     model.registered = registered
+    if _host_only(net, dev):
+        model.net = _HostNet(net, dev)
     try:
-        return _run_tiles(a, b, model, tiles, padded, shape, overlap, width, dev, batch_size, weights, progress)
+        fused = _run_tiles(a, b, model, tiles, padded, shape, overlap, width, dev, batch_size, weights, progress)
     finally:
-        model.registered = was_registered
+        model.registered, model.net = was_registered, net
+    if not tensors:
+        return fused.numpy() if dev.type == "cpu" else to_host(fused)
+    if fused.device == home:
+        return fused
+    return torch.from_numpy(to_host(fused)) if home.type == "cpu" else fused.to(home)
 
 
-def _run_tiles(a: np.ndarray, b: np.ndarray, model: RLDFN, tiles: list, padded: tuple[int, ...],
+def _patch_budget(budget: int | None, padded: tuple[int, ...], dev: torch.device, registered: bool) -> int | None:
+    """What is left of ``budget`` for the patches once the whole-volume buffers sit on an accelerator."""
+    if budget is None or dev.type == "cpu":
+        # on the CPU those buffers were host memory before the chain became device-resident, and the budget
+        # (calibrated for the patch forward) never counted them; keep the tiles it picks unchanged there
+        return budget
+    volumes = 4 + (2 if registered else 0)  # a, b, accumulator, weight sum (+ two coverage weights)
+    resident = volumes * 4 * int(np.prod(padded))
+    if resident >= budget:
+        raise MemoryBudgetError(
+            f"the {'×'.join(map(str, padded))}-voxel volume's own buffers on the {dev.type.upper()} "
+            f"({volumes} float32 volumes, ≈{resident / 2**20:.0f} MiB) do not fit the memory budget of "
+            f"{budget / 2**20:.0f} MiB; raise the budget"
+        )
+    return budget - resident
+
+
+def _run_tiles(a: torch.Tensor, b: torch.Tensor, model: RLDFN, tiles: list, padded: tuple[int, ...],
                shape: tuple[int, ...], overlap: int, width: int, dev: torch.device, batch_size: int,
-               weights: list[np.ndarray] | None, progress: Callable[[int, int], None] | None) -> np.ndarray:
+               weights: list[torch.Tensor] | None, progress: Callable[[int, int], None] | None) -> torch.Tensor:
 
-    acc = np.zeros(padded, np.float32)
-    wsum = np.zeros(padded, np.float32)
+    def cut(v: torch.Tensor, group: list) -> torch.Tensor:
+        # (N, 1, Z, Y, X), contiguous like the numpy stack the network was checked against
+        return torch.stack([v[t.slices] for t in group])[:, None]
+
+    acc = torch.zeros(padded, dtype=torch.float32, device=dev)
+    wsum = torch.zeros(padded, dtype=torch.float32, device=dev)
     done = 0
     with torch.inference_mode():
         for group in _batches(tiles, batch_size):
-            ta = torch.from_numpy(np.stack([a[t.slices] for t in group])[:, None]).to(dev)
-            tb = torch.from_numpy(np.stack([b[t.slices] for t in group])[:, None]).to(dev)
-            tw = None if weights is None else tuple(
-                torch.from_numpy(np.stack([w[t.slices] for t in group])[:, None]).to(dev) for w in weights)
+            ta, tb = cut(a, group), cut(b, group)
+            tw = None if weights is None else (cut(weights[0], group), cut(weights[1], group))
             try:
-                out = (model(ta, tb) if tw is None else model(ta, tb, tw))[:, 0].float().cpu().numpy()
+                out = (model(ta, tb) if tw is None else model(ta, tb, tw))[:, 0].float()
             except (_OOM, RuntimeError) as err:
                 # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError "can't allocate memory"
                 if not isinstance(err, _OOM) and "allocate" not in str(err):
                     raise
-                del ta, tb
+                del ta, tb, tw
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 size = group[0].size
@@ -203,13 +280,19 @@ def _run_tiles(a: np.ndarray, b: np.ndarray, model: RLDFN, tiles: list, padded: 
                     f"(estimated ≈{len(group) * estimate_patch_bytes(size, width) / 2**20:.0f} MiB); use a smaller "
                     "tile (tile=N or tile='auto' with a memory budget) or batch_size=1"
                 ) from None
-            out = np.nan_to_num(out, nan=0.0)  # the reference zeroes NaNs as well
+            out = torch.nan_to_num(out.to(dev), nan=0.0)  # the reference zeroes NaNs as well
             for t, o in zip(group, out):
-                w = blend_weights(t, padded, overlap) if len(tiles) > 1 else np.ones(t.size, np.float32)
-                acc[t.slices] += w * o
-                wsum[t.slices] += w
+                if len(tiles) > 1:
+                    w = blend_weights_t(t, padded, overlap, dev)
+                    acc[t.slices] += w * o
+                    wsum[t.slices] += w
+                else:  # one patch: weight 1, the same numbers as 1·o
+                    acc[t.slices] += o
+                    wsum[t.slices] += 1.0
             done += len(group)
             if progress is not None:
                 progress(done, len(tiles))
     fused = acc / wsum
-    return fused[: shape[0], : shape[1], : shape[2]]
+    if tuple(shape) == tuple(padded):
+        return fused
+    return fused[: shape[0], : shape[1], : shape[2]].contiguous()

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from engines.rldfn.errors import MemoryBudgetError, VolumeShapeError
 from engines.rldfn.network import REFERENCE_WIDTH, SIZE_MULTIPLE
@@ -98,13 +99,22 @@ def _ramp(n: int, overlap: int, rise: bool, fall: bool) -> np.ndarray:
     return w
 
 
+def _ramps(t: Tile, shape: tuple[int, int, int], overlap: int) -> list[np.ndarray]:
+    return [_ramp(t.size[ax], overlap, rise=t.start[ax] > 0, fall=t.start[ax] + t.size[ax] < shape[ax])
+            for ax in range(3)]
+
+
 def blend_weights(t: Tile, shape: tuple[int, int, int], overlap: int) -> np.ndarray:
     """Separable blending weights for ``t``: cosine ramps on inner borders, 1 at the volume's border."""
-    ramps = []
-    for ax in range(3):
-        start, size = t.start[ax], t.size[ax]
-        ramps.append(_ramp(size, overlap, rise=start > 0, fall=start + size < shape[ax]))
-    return ramps[0][:, None, None] * ramps[1][None, :, None] * ramps[2][None, None, :]
+    r = _ramps(t, shape, overlap)
+    return r[0][:, None, None] * r[1][None, :, None] * r[2][None, None, :]
+
+
+def blend_weights_t(t: Tile, shape: tuple[int, int, int], overlap: int, device: torch.device | str) -> torch.Tensor:
+    """:func:`blend_weights` as a tensor built on ``device``: only the three 1-D ramps (a tile edge each) are
+    moved there, and their float32 product is the same, bit for bit."""
+    r = [torch.from_numpy(v).to(device) for v in _ramps(t, shape, overlap)]
+    return r[0][:, None, None] * r[1][None, :, None] * r[2][None, None, :]
 
 
 #: Fixed part of a patch forward's memory (allocator pools, oneDNN/cuDNN workspaces), bytes.
