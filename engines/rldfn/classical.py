@@ -142,7 +142,9 @@ def weighted_rl(
     weight volume in [0, 1] per view gives the weights; ``None`` treats every view as covering the whole
     volume (plain RL). With weights, every view is brought to the first view's brightness where both are
     trusted, and the result is in the first view's units. ``tv_one_view`` (λ of RL–TV, ≥ 0, < 1/6) regularises
-    where fewer than two views are trusted (:data:`DEFAULT_TV_ONE_VIEW`); it needs weights and two or more views.
+    where fewer than two views are trusted (:data:`DEFAULT_TV_ONE_VIEW`); ``one_view_step`` (α in [0, 1], None for
+    :data:`DEFAULT_ONE_VIEW_STEP`) damps the correction there to ``correction**α``. Both need weights and two or
+    more views; where two views are trusted the update is the plain one.
     """
     if len(views) != len(psfs) or not views:
         raise VolumeShapeError(f"need one PSF per view, got {len(views)} views and {len(psfs)} PSFs")
