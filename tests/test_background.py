@@ -19,9 +19,9 @@ from engines.background import (
     fit_band,
     preprocess,
     remove_band,
-    residual_band,
     square_crop_start,
 )
+from engines.band_residual import residual_band
 from engines.config import OpticsConfig
 from engines.deskew import deskewed_width
 
