@@ -71,7 +71,7 @@ def test_failing_stack_is_quarantined_and_skipped_with_its_reason_after_restart_
     assert q["stack"] == "q t=1 c=0" and f"containing {POISON}" in q["reason"]
     assert any("quarantined" in e for e in st["errors"]["last"])
     text = format_status(st)  # what `rllsm status` prints without --json
-    assert "quarantined (1;" in text and f"q t=1 c=0: " in text and f"containing {POISON}" in text
+    assert "quarantined (1;" in text and "q t=1 c=0: " in text and f"containing {POISON}" in text
     assert "last errors:" in text
     out = tmp_path / "out" / "q"
     assert sorted(p.name for p in out.iterdir()) == ["t00000_c0.npy", "t00001_c0.skipped.txt", "t00002_c0.npy"]

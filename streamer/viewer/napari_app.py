@@ -8,7 +8,6 @@ GUI never holds the socket back and the service, which never waits for a viewer 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
