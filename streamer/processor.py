@@ -270,19 +270,15 @@ class StackProcessor:
     # --- processing -------------------------------------------------------------------------------------------
 
     def _process_safely(self, st: AssembledStack) -> None:
-        try:
-            self._process(st)
-        except CriticalOutputError:
-            raise
-        except VolumeRejected as err:
-            self._quarantine(str(err), stack=st.key)
-        except Exception as err:
-            self._quarantine(f"{st.key.label()}: {type(err).__name__}: {err}", stack=st.key)
-            self._skip(st, f"quarantined: {type(err).__name__}: {clip(str(err))}", quiet=True)
+        self._quarantine_failure(st, self._process, st)
 
     def _deliver_safely(self, st: AssembledStack, volume: np.ndarray) -> None:
+        self._quarantine_failure(st, self._deliver, st, volume)
+
+    def _quarantine_failure(self, st: AssembledStack, step: Callable[..., None], *args: Any) -> None:
+        """Run one stack's step; anything but a disk failure of a critical output quarantines that stack only."""
         try:
-            self._deliver(st, volume)
+            step(*args)
         except CriticalOutputError:
             raise
         except VolumeRejected as err:

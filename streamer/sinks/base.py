@@ -21,6 +21,7 @@ that buffers chunks and knows when they are flushed). A volume that fails is nev
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from engines.errors import RllsmRuntimeError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from engines.config import OpticsConfig
@@ -277,3 +280,28 @@ class ConfirmingSink(Sink, Protocol):
 
     def add_done_listener(self, fn: Callable[[VolumeIndex, bool], None]) -> None:
         """Call ``fn(index, stored)`` after the volume at ``index`` (or its skip) is durably written."""
+
+
+DoneListener = Callable[[VolumeIndex, bool], None]
+
+
+class DoneListeners:
+    """The ``add_done_listener`` half of :class:`ConfirmingSink`, for sinks that know when their own writes are durable.
+
+    The sink sets ``self._listeners = []`` and ``self.name`` and calls ``self._done(index, stored)`` once a volume (or
+    its skip) is on disk.
+    """
+
+    name: str
+    _listeners: list[DoneListener]
+
+    def add_done_listener(self, fn: DoneListener) -> None:
+        """``fn(index, stored)`` once a volume (stored=True) or its skip (False) is durably written."""
+        self._listeners.append(fn)
+
+    def _done(self, index: VolumeIndex, stored: bool) -> None:
+        for fn in self._listeners:
+            try:
+                fn(index, stored)
+            except Exception:  # a listener's bug must not turn a written volume into a write error
+                log.exception("%s: done listener raised for %s", self.name, index.label())

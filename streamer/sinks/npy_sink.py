@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from streamer.sinks.base import (
+    DoneListener,
+    DoneListeners,
     SinkSetupError,
     SinkStateError,
     SinkStats,
@@ -29,7 +30,7 @@ from streamer.sinks.config import NpyConfig
 log = logging.getLogger(__name__)
 
 
-class NpyDirSink:
+class NpyDirSink(DoneListeners):
     """Synchronous ``.npy`` writer (one file per volume).
 
     Parameters
@@ -45,18 +46,7 @@ class NpyDirSink:
         self.name = "npy"
         self.stats = SinkStats()
         self._dir: Path | None = None
-        self._listeners: list[Callable[[VolumeIndex, bool], None]] = []
-
-    def add_done_listener(self, fn: Callable[[VolumeIndex, bool], None]) -> None:
-        """``fn(index, stored)`` once a volume's file (stored=True) or its skip note (False) is complete on disk."""
-        self._listeners.append(fn)
-
-    def _done(self, index: VolumeIndex, stored: bool) -> None:
-        for fn in self._listeners:
-            try:
-                fn(index, stored)
-            except Exception:  # a listener's bug must not turn a written file into a write error
-                log.exception("%s: done listener raised for %s", self.name, index.label())
+        self._listeners: list[DoneListener] = []
 
     def setup(self, meta: VolumeMeta) -> None:
         """Create ``DIR/<acquisition>/``; remove the temporary files of an interrupted run."""

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from streamer.sinks.base import (
+    DoneListener,
     Sink,
     SinkError,
     SinkFailed,
@@ -42,7 +43,6 @@ from streamer.sinks.base import (
 log = logging.getLogger(__name__)
 
 OnFull = Literal["drop", "drop_oldest", "block"]
-DoneListener = Callable[[VolumeIndex, bool], None]
 _STOP = object()
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from streamer.sinks.base import (
+    DoneListener,
+    DoneListeners,
     SinkError,
     SinkSetupError,
     SinkStateError,
@@ -96,7 +98,7 @@ def ome_metadata(meta: VolumeMeta, index: VolumeIndex) -> dict[str, Any]:
     return md
 
 
-class OmeTiffSink:
+class OmeTiffSink(DoneListeners):
     """Synchronous OME-TIFF writer (one file per volume).
 
     Parameters
@@ -113,18 +115,7 @@ class OmeTiffSink:
         self._meta: VolumeMeta | None = None
         self._closed = False
         self.paths: list[Path] = []
-        self._listeners: list[Any] = []
-
-    def add_done_listener(self, fn: Any) -> None:
-        """``fn(index, stored)`` once a volume's file (stored=True) or its skip (False) is complete on disk."""
-        self._listeners.append(fn)
-
-    def _done(self, index: VolumeIndex, stored: bool) -> None:
-        for fn in self._listeners:
-            try:
-                fn(index, stored)
-            except Exception:  # a listener's bug must not turn a written file into a write error
-                log.exception("%s: done listener raised for %s", self.name, index.label())
+        self._listeners: list[DoneListener] = []
 
     def _skipped_path(self) -> Path:
         assert self._meta is not None

@@ -35,13 +35,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from streamer.sinks.base import (
+    DoneListener,
+    DoneListeners,
     SinkSetupError,
     SinkStateError,
     SinkStats,
@@ -99,7 +100,7 @@ def default_chunks(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return (min(z, 64), min(y, 256), min(x, 256))
 
 
-class OmeZarrSink:
+class OmeZarrSink(DoneListeners):
     """Synchronous OME-Zarr writer; put it behind :class:`~streamer.sinks.threaded.ThreadedSink` in the service.
 
     Parameters
@@ -125,7 +126,7 @@ class OmeZarrSink:
         self._root = self.path  # where the dataset is now: path, or path.partial until its first volume
         self._stored: set[VolumeIndex] = set()
         self._placed: dict[str, Any] = {}
-        self._listeners: list[Callable[[VolumeIndex, bool], None]] = []
+        self._listeners: list[DoneListener] = []
         self.resumed: frozenset[VolumeIndex] = frozenset()
         self._log: VolumeLog | None = None
         self._attrs_at = 0.0  # when the attributes were last refreshed (monotonic s)
@@ -139,17 +140,6 @@ class OmeZarrSink:
     def present(self) -> frozenset[VolumeIndex]:
         """Volumes durably stored in the dataset (this run's and, when resumed, the earlier runs')."""
         return frozenset(self._stored)
-
-    def add_done_listener(self, fn: Callable[[VolumeIndex, bool], None]) -> None:
-        """``fn(index, stored)`` once a volume (stored=True) or its skip (False) is durably in the dataset."""
-        self._listeners.append(fn)
-
-    def _done(self, index: VolumeIndex, stored: bool) -> None:
-        for fn in self._listeners:
-            try:
-                fn(index, stored)
-            except Exception:  # a listener's bug must not turn a written volume into a write error
-                log.exception("%s: done listener raised for %s", self.name, index.label())
 
     def setup(self, meta: VolumeMeta) -> None:
         """Create the dataset (under its partial name) and write its NGFF metadata; or, with ``resume``, reopen it.
