@@ -179,19 +179,23 @@ def window_centres(nz: int, stride: int) -> list[int]:
     return sorted(set(centres))
 
 
-def _check_volume(volume: np.ndarray) -> np.ndarray:
-    if not isinstance(volume, np.ndarray):
-        raise LateralSRError(f"stack must be a numpy array, got {type(volume).__name__}")
-    if volume.ndim != 3:
+def _check_shape(shape: tuple[int, ...]) -> None:
+    if len(shape) != 3:
         raise LateralSRError(
-            f"stack must be 3-D (z, y, x), got {volume.ndim}-D shape {volume.shape}; "
+            f"stack must be 3-D (z, y, x), got {len(shape)}-D shape {shape}; "
             "split channels and time points before Step 2"
         )
-    nz, ny, nx = volume.shape
+    nz, ny, nx = shape
     if nz < WINDOW:
         raise LateralSRError(f"stack has {nz} planes; lateral SR needs at least {WINDOW} (it drops 3 at each end)")
     if ny < 8 or nx < 8:
         raise LateralSRError(f"planes of {ny}×{nx} pixels are too small (need at least 8×8)")
+
+
+def _check_volume(volume: np.ndarray) -> np.ndarray:
+    if not isinstance(volume, np.ndarray):
+        raise LateralSRError(f"stack must be a numpy array, got {type(volume).__name__}")
+    _check_shape(volume.shape)
     vol = volume.astype(np.float32, copy=False)
     if not np.all(np.isfinite(vol)):
         raise LateralSRError("stack contains NaN or infinite values")
@@ -199,16 +203,7 @@ def _check_volume(volume: np.ndarray) -> np.ndarray:
 
 
 def _check_tensor(volume: torch.Tensor) -> torch.Tensor:
-    if volume.ndim != 3:
-        raise LateralSRError(
-            f"stack must be 3-D (z, y, x), got {volume.ndim}-D shape {tuple(volume.shape)}; "
-            "split channels and time points before Step 2"
-        )
-    nz, ny, nx = volume.shape
-    if nz < WINDOW:
-        raise LateralSRError(f"stack has {nz} planes; lateral SR needs at least {WINDOW} (it drops 3 at each end)")
-    if ny < 8 or nx < 8:
-        raise LateralSRError(f"planes of {ny}×{nx} pixels are too small (need at least 8×8)")
+    _check_shape(tuple(volume.shape))
     vol = volume.to(torch.float32)
     if not bool(torch.isfinite(vol).all()):
         raise LateralSRError("stack contains NaN or infinite values")
