@@ -71,6 +71,10 @@ class ViewsParams(StrictModel):
         False, description="Crop the rotated volume to the input's voxel counts (as the reference) instead of "
         "keeping the whole rotated volume.",
     )
+    refine_mirror: bool = Field(
+        True, description="Refine the mirror position on the rotated volume itself (3-D overlap normalised by the "
+        "data's support) after the projection search; the projection alone is biased on filaments.",
+    )
     mirror_threshold: float = Field(
         MIRROR_THRESHOLD, ge=0.0, le=1.0, description="Smallest mirror contrast accepted as a mirror; below it the "
         "split stops with NoMirrorError (0 accepts any volume).",
@@ -99,6 +103,9 @@ class ViewsReport(BaseModel):
     angle_x_deg: float = Field(description="Rotation about x found by the mirror search.")
     split_index: float = Field(description="Mirror position in slices of the rotated volume (may be x.5).")
     split_offset: float = Field(description="Mirror offset from the rotated volume's centre, in half-slices.")
+    projection_offset: float | None = Field(
+        None, description="The projection search's offset (half-slices) before the 3-D refinement; None without it.",
+    )
     depth: int = Field(description="Slices in each view.")
     rotated_shape: tuple[int, int, int]
     voxel_um: float = Field(description="Isotropic voxel size of the views (µm).")
@@ -175,6 +182,56 @@ def _vertex(ym: float, y0: float, yp: float) -> tuple[float, float]:
         return 0.0, y0
     d = float(np.clip(0.5 * (ym - yp) / den, -0.5, 0.5))
     return d, float(y0 - 0.25 * (ym - yp) * d)
+
+
+#: Index sums (half-slices) either side of the projection's mirror that the 3-D refinement scores.
+REFINE_REACH = 2
+
+
+def refine_mirror_3d(part: torch.Tensor, first: int, nz: int, offset: float,
+                     reach: int = REFINE_REACH) -> float | None:
+    """Sub-slice mirror offset (half-slices from the centre) from the rotated planes ``part`` themselves.
+
+    ``part`` holds planes ``first …`` of a rotated volume of ``nz`` planes. For index sums ``k`` (mirror at
+    ``k / 2``) within ``reach`` of the projection's ``offset`` the score is the volume's overlap with its mirror
+    image over the data's support, ``Σ_z ⟨V_z, V_{k−z}⟩ / Σ_z ⟨V_z², S_{k−z}⟩`` (S: where the data are, as
+    fusion's coverage masks find it). A max projection mixes structures at different depths and its support is
+    not symmetric about the mirror, which moves the projection's peak by up to a slice on filaments; the 3-D
+    overlap pairs each voxel with its own mirror voxel, and the normaliser only counts pairs that can match.
+    Returns None when the scores have no interior maximum (the projection's offset then stands).
+    """
+    import torch
+
+    from engines.rldfn.coverage import coverage_mask
+
+    n = int(part.shape[0])
+    if n < 3:
+        return None
+    v = part.float()
+    sq = v * v
+    flipped = torch.flip(v, [0]).flatten(1)
+    support = torch.flip(coverage_mask(v), [0]).flatten(1).float()
+    v, sq = v.flatten(1), sq.flatten(1)
+    k0 = int(round(nz - 1 + offset))
+
+    def score(k: int) -> float:
+        kl = k - 2 * first  # z + z' = kl in part's own indices; part[z'] = flipped[n − 1 − z']
+        z0, z1 = max(0, kl - (n - 1)), min(n - 1, kl)
+        if z1 < z0:
+            return -math.inf
+        a = slice(z0, z1 + 1)
+        b = slice(n - 1 - kl + z0, n - kl + z1)
+        den = float(torch.dot(sq[a].reshape(-1), support[b].reshape(-1)))
+        return float(torch.dot(v[a].reshape(-1), flipped[b].reshape(-1))) / den if den > 0 else -math.inf
+
+    ks = list(range(k0 - reach - 1, k0 + reach + 2))
+    vals = [score(k) for k in ks]
+    inner = range(1, len(ks) - 1)
+    i = max(inner, key=lambda j: vals[j])
+    if not all(math.isfinite(vals[j]) for j in (i - 1, i, i + 1)) or vals[i] < max(vals[i - 1], vals[i + 1]):
+        return None
+    d, _ = _vertex(vals[i - 1], vals[i], vals[i + 1])
+    return float(ks[i] + d - (nz - 1))
 
 
 def mirror_contrast(proj: np.ndarray, angle: float, offset: float, blur: float, scale: float = 8.0) -> float:
@@ -345,7 +402,21 @@ def split_views_tensor(
         n_rot = oshape[0]
         a_idx, b_idx = view_indices(n_rot, offset, params.max_depth)
         lo, hi = int(a_idx.min()), int(b_idx.max()) + 1
+        coarse: float | None = None
+        if params.refine_mirror:
+            # a few planes more at each end, so that a refined cut one or two planes away needs no new rotation
+            m = REFINE_REACH + 1
+            lo, hi = max(lo - m, 0), min(hi + m, n_rot)
         part = rotate_volume_tensor(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, z_slices=(lo, hi))
+        if params.refine_mirror:
+            refined = refine_mirror_3d(part, lo, n_rot, offset)
+            if refined is not None:
+                coarse, offset = offset, refined
+                a_idx, b_idx = view_indices(n_rot, offset, params.max_depth)
+                if int(a_idx.min()) < lo or int(b_idx.max()) >= hi:  # the cut moved past the margin
+                    lo, hi = int(a_idx.min()), int(b_idx.max()) + 1
+                    part = rotate_volume_tensor(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape,
+                                                z_slices=(lo, hi))
         ia = torch.from_numpy(a_idx - lo).to(part.device)
         ib = torch.from_numpy(b_idx - lo).to(part.device)
         view_a, view_b = part.index_select(0, ia), part.index_select(0, ib)
@@ -355,6 +426,7 @@ def split_views_tensor(
         angle_x_deg=ax,
         split_index=(n_rot - 1 + offset) / 2.0,
         split_offset=offset,
+        projection_offset=coarse,
         depth=int(view_a.shape[0]),
         rotated_shape=(int(oshape[0]), int(oshape[1]), int(oshape[2])),
         voxel_um=float(dx_um),
