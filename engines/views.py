@@ -75,6 +75,10 @@ class ViewsParams(StrictModel):
         True, description="Refine the mirror position on the rotated volume itself (3-D overlap normalised by the "
         "data's support) after the projection search; the projection alone is biased on filaments.",
     )
+    interpolate_gap: bool = Field(
+        True, description="Interpolate view B to the mirror's exact position when it lies between two index sums "
+        "(otherwise the views can be up to half a slice apart along z).",
+    )
     mirror_threshold: float = Field(
         MIRROR_THRESHOLD, ge=0.0, le=1.0, description="Smallest mirror contrast accepted as a mirror; below it the "
         "split stops with NoMirrorError (0 accepts any volume).",
@@ -413,13 +417,23 @@ def split_views_tensor(
             if refined is not None:
                 coarse, offset = offset, refined
                 a_idx, b_idx = view_indices(n_rot, offset, params.max_depth)
-                if int(a_idx.min()) < lo or int(b_idx.max()) >= hi:  # the cut moved past the margin
-                    lo, hi = int(a_idx.min()), int(b_idx.max()) + 1
-                    part = rotate_volume_tensor(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape,
-                                                z_slices=(lo, hi))
+        # the mirror lies between index sums: view B's planes sit ``frac`` planes beyond b_idx
+        frac = (n_rot - 1 + offset) - int(round(n_rot - 1 + offset)) if params.interpolate_gap else 0.0
+        step = 1 if frac > 0 else -1
+        need_lo = min(int(a_idx.min()), int(b_idx.min()) + min(step, 0))
+        need_hi = max(int(a_idx.max()), int(b_idx.max()) + max(step, 0)) + 1
+        need_lo, need_hi = max(need_lo, 0), min(need_hi, n_rot)
+        if need_lo < lo or need_hi > hi:  # the cut moved past the margin
+            lo, hi = need_lo, need_hi
+            part = rotate_volume_tensor(arr, spacing, rot, out_spacing=dx_um, out_shape=oshape, z_slices=(lo, hi))
         ia = torch.from_numpy(a_idx - lo).to(part.device)
         ib = torch.from_numpy(b_idx - lo).to(part.device)
         view_a, view_b = part.index_select(0, ia), part.index_select(0, ib)
+        if abs(frac) > 1e-6:
+            # linear interpolation to the true mirror planes, so that the views are registered to a fraction of
+            # a voxel instead of up to half a slice apart; a plane beyond the rotated volume repeats the last one
+            ib2 = torch.from_numpy(np.clip(b_idx + step, lo, hi - 1) - lo).to(part.device)
+            view_b = view_b * (1 - abs(frac)) + part.index_select(0, ib2) * abs(frac)
     report = ViewsReport(
         angle_y_deg=params.angle_deg + dy,
         angle_y_correction_deg=dy,

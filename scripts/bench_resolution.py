@@ -7,7 +7,15 @@ view cut the chain used, and reports
 * the median FWHM (lateral y, x and axial z, nm) of isolated beads in the fused volume (beads only);
 * the Gaussian blur (lateral, axial FWHM in nm) of the truth that best correlates with the fused volume, over the
   voxels both views cover and over those only one view covers;
-* the brightest voxel in the one-view region over the views' 99.99th percentile (≤ 2 means no hot voxels).
+* the brightest voxel in the one-view region over the views' 99.99th percentile (≤ 2 means no hot voxels);
+* per one-view region (seen by view A only, by view B only): the Pearson correlation with the truth of the
+  fused volume and of the view that holds data there (the better single view: the other one is empty);
+* the shift of the fused volume against the views' mean where both views have data, and against the truth
+  (voxels, largest axis; ``engines.rldfn.metrics.registration_shift``).
+
+The truth is rendered on the deskewed grid widened by ``PAD`` voxels on every side before it is carried onto
+the fused grid, so that the one-view regions — which show emitters the other view's field does not reach —
+hold their truth too.
 
 Run ``python scripts/bench_resolution.py --shape 101,256,256 --seeds 0,1 --modes classical,sr-rl,full`` (the demo
 weights serve sr-rl and full); it prints a Markdown table for BENCHMARKS.md.
@@ -23,12 +31,27 @@ import numpy as np
 import torch
 
 
-def truth_on_views(truth: np.ndarray, rec, report_pre, report_views, sr: bool) -> np.ndarray:
-    """The deskewed-grid truth resampled onto the fused (view A) grid of this reconstruction."""
+#: Voxels the truth's deskewed grid is widened by on every side (see the module's docstring).
+PAD = 24
+
+
+def wide_truth(mic, timepoint: int = 0, pad: int = PAD) -> np.ndarray:
+    """Real emitters on the deskewed grid widened by ``pad`` voxels on every side (same centre)."""
+    from engines.simulate.geometry import splat
+
+    g = mic.geometry
+    pts = mic.sample.at(timepoint, mic.cfg)
+    shape = tuple(n + 2 * pad for n in g.deskewed_shape)
+    return splat(shape, g.mirror_to_deskewed(pts) + pad, mic.sample.weights * mic.photon_scale)
+
+
+def truth_on_views(truth: np.ndarray, rec, report_pre, report_views, sr: bool, pad: int = 0) -> np.ndarray:
+    """The deskewed-grid truth (widened by ``pad``) resampled onto the views' grid of this reconstruction."""
     from engines.rotate3d import rot_x, rot_y, rotate_volume
     from engines.views import view_indices
 
-    gt = truth[:, :, report_pre.crop_start: report_pre.crop_start + truth.shape[1]]
+    ny = truth.shape[1] - 2 * pad  # the step-1 crop keeps ny deskewed columns from crop_start, centred
+    gt = truth[:, :, report_pre.crop_start: report_pre.crop_start + ny + 2 * pad]
     dz, dx = rec.optics.deskewed_pixel_z_um, rec.optics.pixel_size_um
     if sr:  # lateral SR drops 3 planes at each end and samples 1.5× finer laterally
         gt = gt[3:-3]
@@ -46,24 +69,31 @@ def truth_on_views(truth: np.ndarray, rec, report_pre, report_views, sr: bool) -
 def main(argv: list[str] | None = None) -> int:
     from engines.reconstruct import Reconstructor, ReconstructParams, demo_models, uses_lateral_sr
     from engines.rldfn.coverage import coverage_mask
-    from engines.rldfn.metrics import best_matching_blur, puncta_fwhm
+    from engines.rldfn.metrics import best_matching_blur, puncta_fwhm, registration_shift
     from engines.simulate.config import make_sim_config
-    from engines.simulate.microscope import simulate_stack
+    from engines.simulate.microscope import Microscope
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="101,256,256", help="raw stack Z,Y,X")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--structures", default="beads,filaments")
     ap.add_argument("--modes", default="classical,sr-rl,full")
-    ap.add_argument("--iterations", default="10", help="comma list of RL iterations (classical, sr-rl)")
+    ap.add_argument("--iterations", default="30", help="comma list of RL iterations (classical, sr-rl)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     shape = tuple(int(s) for s in args.shape.split(","))
+
+    def corr(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> float:
+        x, y = x[m].astype(np.float64), y[m].astype(np.float64)
+        return float(np.corrcoef(x, y)[0, 1]) if m.sum() > 1 and x.std() > 0 and y.std() > 0 else math.nan
+
     rows = []
     for structure in args.structures.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             cfg = make_sim_config(shape=shape, structure=structure)
-            stack, _ = simulate_stack(cfg, seed=seed)
+            mic = Microscope(cfg, seed)
+            raw = mic.acquire(0, with_ground_truth=False).raw
+            wide = wide_truth(mic)
             for mode in args.modes.split(","):
                 its = [int(i) for i in args.iterations.split(",")] if mode != "full" else [0]
                 for it in its:
@@ -71,37 +101,42 @@ def main(argv: list[str] | None = None) -> int:
                     params = ReconstructParams(mode=mode, iterations=max(it, 1))
                     rec = Reconstructor(cfg.optics, params, models, device="cpu")
                     t0 = time.perf_counter()
-                    res = rec(stack.raw, keep_intermediates=True)
+                    res = rec(raw, keep_intermediates=True)
                     secs = time.perf_counter() - t0
                     va, vb = res.intermediates["view_a"], res.intermediates["view_b"]
-                    ta, tb = truth_on_views(stack.ground_truth, rec, res.reports["preprocess"],
-                                            res.reports["split_views"], uses_lateral_sr(mode))
+                    ta, tb = truth_on_views(wide, rec, res.reports["preprocess"], res.reports["split_views"],
+                                            uses_lateral_sr(mode), pad=PAD)
                     fused = res.fused
-                    # the real sample lies on one side of the mirror: keep the truth cut that matches the fusion
-                    truth = ta if np.corrcoef(fused.ravel(), ta.ravel())[0, 1] >= np.corrcoef(
-                        fused.ravel(), tb.ravel())[0, 1] else tb
+                    # the real sample lies on one side of the mirror: keep the truth cut that holds it
+                    truth = ta if ta.sum() >= tb.sum() else tb
                     ca = coverage_mask(torch.from_numpy(va)).numpy()
                     cb = coverage_mask(torch.from_numpy(vb)).numpy()
-                    both, one = ca & cb, ca ^ cb
+                    both, a_only, b_only = ca & cb, ca & ~cb, cb & ~ca
                     vox = (res.voxel_um,) * 3
-                    lat, ax, corr = best_matching_blur(fused, truth, vox, mask=both)
-                    # the real sample may not reach the one-view region at all: then there is nothing to match
-                    lat1, ax1, corr1 = best_matching_blur(fused, truth, vox, mask=one) if (
-                        one.any() and truth[one].max() > 0) else (math.nan, math.nan, math.nan)
+                    lat, ax, r2 = best_matching_blur(fused, truth, vox, mask=both)
                     p = max(np.percentile(va[ca], 99.99), np.percentile(vb[cb], 99.99))
+                    one = a_only | b_only
                     hot = float(fused[one].max() / p) if one.any() else math.nan
+                    # per one-view region: fused and the one view with data there, against the (sharp) truth
+                    regions = {name: (corr(fused, truth, m), corr(view, truth, m))
+                               for name, m, view in (("A", a_only, va), ("B", b_only, vb))}
+                    s_views = registration_shift(fused, (va + vb) / 2, mask=both)
+                    s_truth = registration_shift(fused, truth, mask=both)
                     fw = puncta_fwhm(fused, vox) if structure == "beads" else {"z": math.nan, "y": math.nan,
                                                                               "x": math.nan}
-                    rows.append((structure, seed, mode, it or "—", fw, lat, ax, corr, lat1, ax1, corr1, hot, secs))
+                    rows.append((structure, seed, mode, it or "—", fw, lat, ax, r2, regions, hot,
+                                 float(np.abs(s_views).max()), float(np.abs(s_truth).max()), secs))
                     print(rows[-1], flush=True)
     print(f"\nraw stacks {'×'.join(map(str, shape))}, seeds {args.seeds}, CPU\n")
-    print("| structure | seed | mode | RL iter. | bead FWHM z/y/x (nm) | best blur lat/ax (nm), two-view | r | "
-          "best blur lat/ax (nm), one-view | r | one-view max / views p99.99 | time (s) |")
+    print("| structure | seed | mode | RL iter. | bead FWHM z/y/x (nm) | best blur lat/ax (nm), two-view (r) | "
+          "A-only r: fused / view A | B-only r: fused / view B | one-view max / p99.99 | shift vs views / truth "
+          "(vox) | time (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for s, seed, mode, it, fw, lat, ax, corr, lat1, ax1, corr1, hot, secs in rows:
+    for s, seed, mode, it, fw, lat, ax, r2, regions, hot, sv, st, secs in rows:
         f = "—" if math.isnan(fw["z"]) else f"{fw['z']:.0f}/{fw['y']:.0f}/{fw['x']:.0f}"
-        print(f"| {s} | {seed} | {mode} | {it} | {f} | {lat:.0f}/{ax:.0f} | {corr:.3f} | {lat1:.0f}/{ax1:.0f} | "
-              f"{corr1:.3f} | {hot:.2f} | {secs:.0f} |")
+        reg = " | ".join(f"{a:.3f} / {b:.3f}" for a, b in regions.values())
+        print(f"| {s} | {seed} | {mode} | {it} | {f} | {lat:.0f}/{ax:.0f} ({r2:.3f}) | {reg} | {hot:.2f} | "
+              f"{sv:.2f} / {st:.2f} | {secs:.0f} |")
     return 0
 
 

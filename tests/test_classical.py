@@ -212,3 +212,31 @@ def test_one_view_parameters_are_checked(gaussian_pair):
         classical_fuse(va, vb, pa, pb, iterations=1, tv_one_view=0.5)
     with pytest.raises(VolumeShapeError, match="one_view_step"):
         classical_fuse(va, vb, pa, pb, iterations=1, one_view_step=1.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_view_region_never_exceeds_the_ceiling_and_two_view_region_is_free(gaussian_pair, seed):
+    import math
+
+    import torch
+
+    from engines.rldfn.classical import DEFAULT_ONE_VIEW_CEILING
+    from engines.rldfn.coverage import coverage_mask
+
+    pa, pb = gaussian_pair
+    va, vb, _ = _half_covered(gaussian_pair, seed)
+    ca = coverage_mask(torch.from_numpy(va)).numpy()
+    cb = coverage_mask(torch.from_numpy(vb)).numpy()
+    one, both = ca & ~cb, ca & cb
+    p = max(np.percentile(va[ca], 99.99), np.percentile(vb[cb], 99.99))
+    free = classical_fuse(va, vb, pa, pb, iterations=30, one_view_step=1.0, one_view_ceiling=math.inf)
+    bounded = classical_fuse(va, vb, pa, pb, iterations=30, one_view_step=1.0)
+    # undamped RL makes voxels far beyond the data's range where one view sees; the ceiling holds them
+    assert free[one].max() > 2 * p
+    assert bounded[one].max() <= DEFAULT_ONE_VIEW_CEILING * p * 1.05
+    # where both views are trusted (away from B's edge and its blend zone) the bound is off
+    two = (slice(None), slice(None), slice(0, 20))
+    assert np.abs(bounded[two] - free[two]).max() < 0.05 * free[two].max()
+    assert both.any()
+    with pytest.raises(VolumeShapeError, match="one_view_ceiling"):
+        classical_fuse(va, vb, pa, pb, iterations=1, one_view_ceiling=0.0)

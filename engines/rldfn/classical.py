@@ -19,6 +19,7 @@ therefore deconvolved by that view alone. ``coverage=None`` gives the plain join
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -39,17 +40,27 @@ DEFAULT_ITERATIONS = 30
 
 _DIMS = (-3, -2, -1)
 
-#: Total-variation weight λ of the Richardson–Lucy–TV update (Dey et al., Microsc. Res. Tech. 2006) applied
-#: where only one view has data (scaled by 1 − the second view's weight, so 0 where both views are trusted).
-#: There the object is seen through one elongated PSF, and plain RL amplifies noise into hot voxels along it;
-#: the TV factor ``1 / (1 − λ·div(∇u/|∇u|))`` shrinks isolated peaks and keeps edges. λ is dimensionless
-#: (the TV term does not depend on the intensity scale); measured in BENCHMARKS.md ("one-view regions").
-DEFAULT_TV_ONE_VIEW = 0.01
+#: Total-variation weight λ of the Richardson–Lucy–TV update (Dey et al., Microsc. Res. Tech. 2006) available
+#: where only one view has data (scaled by 1 − the second view's weight, so 0 where both views are trusted):
+#: ``1 / (1 − λ·div(∇u/|∇u|))`` shrinks isolated peaks and keeps edges. Off by default: with the damped step and
+#: the ceiling below it only cost correlation with the truth on the simulator (BENCHMARKS.md, "one-view regions").
+DEFAULT_TV_ONE_VIEW = 0.0
 
 #: Exponent α of the RL correction (``estimate · correction**α``) where only one view is trusted, blended
 #: to 1 where two are: a damped RL step, so a one-view region gets fewer effective iterations than the
 #: two-view region, whose two corrections per iteration it would otherwise chase with one noisy view.
 DEFAULT_ONE_VIEW_STEP = 0.3
+
+#: Ceiling κ of the estimate where only one view is trusted, in units of the views' 99.99th percentile (over the
+#: voxels they trust): ``estimate ≤ κ·p / (1 − w₂)`` with w₂ the second-highest view weight, so the bound is κ·p
+#: in a one-view region, relaxes smoothly across the blend zone and vanishes where two views are trusted. A
+#: region seen through one elongated PSF cannot tell a sharp bright point from noise along that PSF, and RL
+#: puts the flux into a few hot voxels; the bound is the box constraint of projected RL (the data say how
+#: bright the sample is, so one view alone may not invent voxels far beyond that). Measured in BENCHMARKS.md.
+DEFAULT_ONE_VIEW_CEILING = 1.8
+
+#: Fraction of covered voxels above the percentile the ceiling is measured from (99.99th).
+_CEILING_QUANTILE = 1e-4
 
 #: |div(∇u/|∇u|)| ≤ 6 on a 3-D grid, so λ < 1/6 keeps the TV factor positive.
 _MAX_TV = 1.0 / 6.0
@@ -126,6 +137,21 @@ def reflect_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tenso
 Coverage = Literal["auto"] | Sequence[torch.Tensor] | None
 
 
+def high_percentile(views: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                    top: float = _CEILING_QUANTILE) -> float:
+    """The largest of the views' upper percentiles (fraction ``top`` of their trusted voxels above it).
+
+    ``torch.quantile`` refuses volumes over 2**24 voxels; the top-k of the trusted voxels is exact and cheap.
+    """
+    best = 0.0
+    for v, w in zip(views, weights):
+        vals = v[w > 0]
+        if vals.numel():
+            k = max(1, math.ceil(vals.numel() * top))
+            best = max(best, float(vals.topk(k).values[-1]))
+    return best
+
+
 def weighted_rl(
     views: Sequence[torch.Tensor],
     psfs: Sequence[np.ndarray],
@@ -134,6 +160,7 @@ def weighted_rl(
     progress: Callable[[int, int], None] | None = None,
     tv_one_view: float = DEFAULT_TV_ONE_VIEW,
     one_view_step: float | None = None,
+    one_view_ceiling: float | None = None,
 ) -> torch.Tensor:
     """Richardson–Lucy of one or more registered (Z, Y, X) views, each weighted by its coverage, on their device.
 
@@ -143,8 +170,10 @@ def weighted_rl(
     volume (plain RL). With weights, every view is brought to the first view's brightness where both are
     trusted, and the result is in the first view's units. ``tv_one_view`` (λ of RL–TV, ≥ 0, < 1/6) regularises
     where fewer than two views are trusted (:data:`DEFAULT_TV_ONE_VIEW`); ``one_view_step`` (α in [0, 1], None for
-    :data:`DEFAULT_ONE_VIEW_STEP`) damps the correction there to ``correction**α``. Both need weights and two or
-    more views; where two views are trusted the update is the plain one.
+    :data:`DEFAULT_ONE_VIEW_STEP`) damps the correction there to ``correction**α``; ``one_view_ceiling`` (κ > 0,
+    ``math.inf`` for none, None for :data:`DEFAULT_ONE_VIEW_CEILING`) bounds the estimate there by κ × the views'
+    99.99th percentile. All three need weights and two or more views; where two views are trusted the update is
+    the plain one.
     """
     if len(views) != len(psfs) or not views:
         raise VolumeShapeError(f"need one PSF per view, got {len(views)} views and {len(psfs)} PSFs")
@@ -152,6 +181,9 @@ def weighted_rl(
         raise VolumeShapeError(f"tv_one_view must be in [0, 1/6), got {tv_one_view}")
     if one_view_step is not None and not 0.0 <= float(one_view_step) <= 1.0:
         raise VolumeShapeError(f"one_view_step must be in [0, 1], got {one_view_step}")
+    kappa = DEFAULT_ONE_VIEW_CEILING if one_view_ceiling is None else float(one_view_ceiling)
+    if not kappa > 0:  # also refuses NaN
+        raise VolumeShapeError(f"one_view_ceiling must be > 0 (math.inf for none), got {one_view_ceiling}")
     dev = views[0].device
     shape = tuple(views[0].shape)
     vs = [torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0) for v in views]
@@ -189,6 +221,7 @@ def weighted_rl(
             estimate = torch.clamp(torch.where(wsum > 1e-3, soft, hard_mean), min=EPS)
         lam: torch.Tensor | None = None
         alpha: torch.Tensor | None = None
+        ceiling: torch.Tensor | None = None
         step = DEFAULT_ONE_VIEW_STEP if one_view_step is None else float(one_view_step)
         if weights is not None and len(ws) > 1:
             stacked = torch.stack(ws)  # type: ignore[arg-type]
@@ -199,6 +232,11 @@ def weighted_rl(
                 tv_eps = 1e-3 * float(estimate.mean())
             if step != 1.0:
                 alpha = 1 - (1 - step) * (1 - second)
+            if math.isfinite(kappa):
+                level = high_percentile(vs, weights)  # type: ignore[arg-type]
+                if level > 0:
+                    ceiling = (kappa * level) / torch.clamp(1 - second, min=1e-6)
+                    estimate = torch.minimum(estimate, ceiling)
         for it in range(int(iterations)):
             if lam is not None:
                 estimate = estimate / (1 - lam * tv_divergence(estimate, tv_eps))
@@ -210,6 +248,8 @@ def weighted_rl(
                 if alpha is not None:  # damped step where one view is trusted: corr**α, α = 1 where two are
                     corr = torch.clamp(corr, min=EPS).pow_(alpha)
                 estimate = torch.clamp(estimate * corr, min=EPS)
+                if ceiling is not None:  # projected RL: the box constraint where one view is trusted
+                    estimate = torch.minimum(estimate, ceiling)
             if progress is not None:
                 progress(it + 1, int(iterations))
     inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))
@@ -226,9 +266,11 @@ def joint_rl(
     progress: Callable[[int, int], None] | None = None,
     tv_one_view: float = DEFAULT_TV_ONE_VIEW,
     one_view_step: float | None = None,
+    one_view_ceiling: float | None = None,
 ) -> torch.Tensor:
     """Joint Richardson–Lucy of two views (:func:`weighted_rl`), on their device."""
-    return weighted_rl([view_a, view_b], [psf_a, psf_b], iterations, coverage, progress, tv_one_view, one_view_step)
+    return weighted_rl([view_a, view_b], [psf_a, psf_b], iterations, coverage, progress, tv_one_view, one_view_step,
+                       one_view_ceiling)
 
 
 def classical_fuse(
@@ -242,6 +284,7 @@ def classical_fuse(
     coverage: Coverage = "auto",
     tv_one_view: float = DEFAULT_TV_ONE_VIEW,
     one_view_step: float | None = None,
+    one_view_ceiling: float | None = None,
 ) -> np.ndarray:
     """Fuse two registered views by joint Richardson–Lucy deconvolution, each view weighted by its coverage.
 
@@ -281,5 +324,5 @@ def classical_fuse(
     ta, tb = (torch.as_tensor(np.asarray(v, np.float32) if not isinstance(v, torch.Tensor) else v).to(dev)
               for v in (view_a, view_b))
     out = joint_rl(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), coverage, progress, tv_one_view,
-                   one_view_step)
+                   one_view_step, one_view_ceiling)
     return out.cpu().numpy().astype(np.float32)

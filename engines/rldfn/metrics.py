@@ -116,3 +116,41 @@ def best_matching_blur(
             if c > best[2]:
                 best = (float(lat), float(ax), c)
     return best
+
+
+def registration_shift(moving: np.ndarray, fixed: np.ndarray, mask: np.ndarray | None = None,
+                       reach: int = 3) -> np.ndarray:
+    """Sub-voxel shift (z, y, x voxels) of ``moving`` relative to ``fixed``: ``moving ≈ fixed`` moved by it.
+
+    Both are mean-subtracted over ``mask`` (default: everywhere) and zero outside it; the peak of their
+    circular cross-correlation within ``reach`` voxels of zero is refined per axis by a parabola through its
+    neighbours (of its logarithm where positive). Sharpening does not move the peak (a deconvolution correlates with its blurred input at zero
+    shift), a displacement does, so this measures registration between a fused volume and its views.
+    """
+    a = np.asarray(moving, np.float64)
+    b = np.asarray(fixed, np.float64)
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"registration_shift needs two (Z, Y, X) volumes of one shape, got {a.shape} and {b.shape}")
+    sel = np.ones(a.shape, bool) if mask is None else np.asarray(mask, bool)
+    a = np.where(sel, a - a[sel].mean(), 0.0)
+    b = np.where(sel, b - b[sel].mean(), 0.0)
+    pad = [n + reach + 1 for n in a.shape]  # no wrap-around within the reach
+    axes = (0, 1, 2)
+    xc = np.fft.irfftn(np.fft.rfftn(a, pad, axes) * np.conj(np.fft.rfftn(b, pad, axes)), pad, axes)
+    lags = np.arange(-reach, reach + 1)
+    window = xc[np.ix_(*[np.mod(lags, n) for n in pad])]
+    peak = np.array(np.unravel_index(int(np.argmax(window)), window.shape))
+    out = lags[peak].astype(np.float64)
+    for ax in range(3):
+        i = peak[ax]
+        if 0 < i < len(lags) - 1:
+            idx = list(peak)
+            ym = window[tuple(idx[:ax] + [i - 1] + idx[ax + 1:])]
+            y0 = window[tuple(idx)]
+            yp = window[tuple(idx[:ax] + [i + 1] + idx[ax + 1:])]
+            if min(ym, y0, yp) > 0:  # a Gaussian peak: its logarithm is an exact parabola
+                ym, y0, yp = np.log(ym), np.log(y0), np.log(yp)
+            den = ym - 2 * y0 + yp
+            if den < 0:
+                out[ax] += float(np.clip(0.5 * (ym - yp) / den, -0.5, 0.5))
+    return out
