@@ -54,6 +54,11 @@ class OpticsConfig(StrictModel):
     camera_offset: float = Field(100.0, ge=0.0, le=65535.0, description="Camera offset (counts).")
     na_detection: float = Field(1.1, gt=0.0, le=1.7, description="Detection numerical aperture.")
     refractive_index: float = Field(1.33, ge=1.0, le=1.8, description="Refractive index of the immersion medium.")
+    sheet_fwhm_um: float = Field(
+        1.0, ge=0.0, le=20.0, description="Thickness (FWHM, µm) of the light sheet along the detection axis: a "
+        "computed PSF is the detection PSF times this Gaussian, as a light-sheet system PSF is; 0: the widefield "
+        "detection PSF alone. Measured PSFs already hold it.",
+    )
 
     @property
     def deskewed_pixel_z_um(self) -> float:

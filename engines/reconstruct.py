@@ -107,7 +107,8 @@ def view_psfs(optics: OpticsConfig, mode: Mode, models: ReconModels) -> tuple[np
     """PSFs of views A and B on the views' isotropic grid.
 
     Measured view PSFs win; else a given detection PSF is rotated by ± the objective angle; else the detection PSF is
-    computed from NA, emission wavelength and refractive index. A computed PSF is the widefield one: after lateral SR
+    computed from NA, emission wavelength and refractive index, times the light sheet (``optics.sheet_fwhm_um``).
+    A computed PSF holds no lattice side lobes and no aberrations: after lateral SR
     the data are sharper than it, so RL-DFN users should pass PSFs measured on their super-resolved views.
     """
     from engines.rldfn.psf import computed_psf, dual_view_psfs
@@ -121,7 +122,7 @@ def view_psfs(optics: OpticsConfig, mode: Mode, models: ReconModels) -> tuple[np
     else:
         voxel = (v, v, v)
         psf = computed_psf((PSF_BOX, PSF_BOX, PSF_BOX), voxel, optics.emission_nm, optics.na_detection,
-                           optics.refractive_index)
+                           optics.refractive_index, sheet_fwhm_um=optics.sheet_fwhm_um)
     return dual_view_psfs(psf, optics.objective_angle_deg, voxel, (v, v, v), (PSF_BOX, PSF_BOX, PSF_BOX))
 
 

@@ -63,7 +63,8 @@ def single_view_psf(
     vz, vy, vx = (float(v) for v in voxel_um)
     box = (_odd(2 * PSF_HALF_AXIAL_UM / vz), _odd(2 * PSF_HALF_LATERAL_UM / vy), _odd(2 * PSF_HALF_LATERAL_UM / vx))
     if psf is None:
-        return computed_psf(box, (vz, vy, vx), optics.emission_nm, optics.na_detection, optics.refractive_index)
+        return computed_psf(box, (vz, vy, vx), optics.emission_nm, optics.na_detection, optics.refractive_index,
+                            sheet_fwhm_um=optics.sheet_fwhm_um)
     cleaned = clean_psf(np.asarray(psf, np.float32))
     return rotate_psf(cleaned, 0.0, tuple(psf_voxel_um) if psf_voxel_um is not None else (vz, vy, vx),
                       (vz, vy, vx), box)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,6 +20,8 @@ from engines.rldfn.tiling import (
     round_up,
     tile_for_budget,
 )
+
+log = logging.getLogger(__name__)
 
 TileSpec = Literal["none", "auto"] | int
 
@@ -118,6 +121,7 @@ def fuse_rldfn(
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 1,
     registered: bool | None = None,
+    align: bool | None = None,
 ) -> torch.Tensor | np.ndarray:
     """Fuse two registered views with RL-DFN.
 
@@ -158,6 +162,10 @@ def fuse_rldfn(
         and weights each view by its coverage (:mod:`engines.rldfn.coverage`); False: the reference's RL step,
         bit for bit, which moves the result by about one voxel per even-sized axis. Default: False for
         ``tile="none"`` (the reference's own math), True otherwise.
+    align
+        Measure the network output's sub-voxel shift against the views and undo it
+        (:mod:`engines.rldfn.align`): a network keeps whatever offset its training pairs held. Default: as
+        ``registered``.
 
     Returns
     -------
@@ -226,6 +234,15 @@ def fuse_rldfn(
         fused = _run_tiles(a, b, model, tiles, padded, shape, overlap, width, dev, batch_size, weights, progress)
     finally:
         model.registered, model.net = was_registered, net
+    if registered if align is None else align:
+        from engines.rldfn.align import align_to_views
+        from engines.rldfn.coverage import blend_weight, coverage_mask
+
+        if weights is None:
+            weights = [blend_weight(coverage_mask(v)) for v in (a, b)]
+        inner = tuple(slice(0, n) for n in shape)
+        fused, moved = align_to_views(fused, a[inner], b[inner], weights[0][inner], weights[1][inner])
+        log.debug("fused volume moved by %s voxels onto its views", tuple(-m for m in moved))
     if not tensors:
         return fused.numpy() if dev.type == "cpu" else to_host(fused)
     if fused.device == home:

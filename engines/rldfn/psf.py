@@ -72,8 +72,9 @@ def computed_psf(
     na: float = 1.1,
     refractive_index: float = 1.33,
     model: str = "vectorial",
+    sheet_fwhm_um: float = 0.0,
 ) -> np.ndarray:
-    """Widefield detection PSF computed with ``psfmodels`` (vectorial by default), unit sum.
+    """Detection PSF computed with ``psfmodels`` (vectorial by default), times the light sheet; unit sum.
 
     Parameters
     ----------
@@ -85,6 +86,11 @@ def computed_psf(
         As :class:`engines.config.OpticsConfig` (``emission_nm``, ``na_detection``, ``refractive_index``).
     model
         ``"vectorial"``, ``"scalar"`` or ``"gaussian"`` (see ``psfmodels.make_psf``).
+    sheet_fwhm_um
+        FWHM (µm) of the excitation sheet across its plane, along the detection axis (Z); 0 gives the widefield
+        PSF. A widefield PSF carries the same light in every defocused plane, so deconvolving light-sheet data
+        with it leaves the axial position of each object to the volume's edges (on simulated beads it moved them
+        by up to 0.9 plane); the sheet is what bounds the system PSF along Z.
     """
     try:
         import psfmodels
@@ -97,6 +103,9 @@ def computed_psf(
     p = psfmodels.make_psf(nz, nx, dxy=dx, dz=dz, NA=na, wvl=emission_nm / 1000.0, ns=refractive_index,
                            ni=refractive_index, ni0=refractive_index, model=model)
     p = np.clip(np.asarray(p, np.float32), 0, None)
+    if sheet_fwhm_um > 0:
+        z = (np.arange(nz) - (nz - 1) / 2) * dz
+        p = p * np.exp(-4 * np.log(2) * (z / float(sheet_fwhm_um)) ** 2).astype(np.float32)[:, None, None]
     return p / p.sum()
 
 

@@ -130,7 +130,8 @@ def psfs_from_args(args: argparse.Namespace, view_voxel: tuple[float, float, flo
                        "or measured ones (--psf-a/--psf-b or --psf)")
     v = float(voxel[2])
     box = (PSF_BOX, PSF_BOX, PSF_BOX)
-    psf = computed_psf(box, (v, v, v), optics.emission_nm, optics.na_detection, optics.refractive_index)
+    psf = computed_psf(box, (v, v, v), optics.emission_nm, optics.na_detection, optics.refractive_index,
+                       sheet_fwhm_um=optics.sheet_fwhm_um)
     return dual_view_psfs(psf, angle, (v, v, v), (v, v, v), box)
 
 
