@@ -10,9 +10,10 @@ view cut the chain used, and reports
 * the brightest voxel in the one-view region over the views' 99.99th percentile (≤ 2 means no hot voxels);
 * per one-view region (seen by view A only, by view B only): the Pearson correlation with the truth of the
   fused volume and of the view that holds data there (the better single view: the other one is empty);
-* the shift of the fused volume against the views' mean where both views have data, at least 1 µm from the
-  mirror ("far") and everywhere ("all"), and against the truth (voxels, largest axis;
-  ``engines.rldfn.metrics.registration_shift``). Near the mirror each view also holds the tail of the other
+* the shift of the fused volume against its views where both have data, at least 1 µm from the mirror ("far")
+  and everywhere ("all"): the fused volume blurred by each view's PSF against that view, averaged over the two
+  (``engines.rldfn.metrics.forward_registration_shift``); and against the truth (``registration_shift``; voxels,
+  largest axis). Near the mirror each view also holds the tail of the other
   image, which pulls the views' own structures towards the mirror; the fusion partly undoes that. The views'
   own shift against the truth is printed beside the fused volume's.
 
@@ -32,7 +33,6 @@ import time
 
 import numpy as np
 import torch
-
 
 #: Registration is measured this far (µm) from the mirror and beyond (see ``main``).
 MIRROR_UM = 1.0
@@ -73,9 +73,19 @@ def truth_on_views(truth: np.ndarray, rec, report_pre, report_views, sr: bool, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engines.reconstruct import Reconstructor, ReconstructParams, demo_models, uses_lateral_sr
+    from engines.reconstruct import (
+        Reconstructor,
+        ReconstructParams,
+        demo_models,
+        uses_lateral_sr,
+    )
     from engines.rldfn.coverage import coverage_mask
-    from engines.rldfn.metrics import best_matching_blur, puncta_fwhm, registration_shift
+    from engines.rldfn.metrics import (
+        best_matching_blur,
+        forward_registration_shift,
+        puncta_fwhm,
+        registration_shift,
+    )
     from engines.simulate.config import make_sim_config
     from engines.simulate.microscope import Microscope
 
@@ -131,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                     # at least MIRROR_UM from the mirror (the views' last planes), and over everything
                     far = both.copy()
                     far[-math.ceil(MIRROR_UM / res.voxel_um):] = False
-                    s_views = registration_shift(fused, (va + vb) / 2, mask=far)
-                    s_all = registration_shift(fused, (va + vb) / 2, mask=both)
+                    psfs = [rec.psf_a, rec.psf_b]
+                    s_views = forward_registration_shift(fused, [va, vb], psfs, mask=far)
+                    s_all = forward_registration_shift(fused, [va, vb], psfs, mask=both)
                     s_truth = registration_shift(fused, truth, mask=far)
                     s_vt = registration_shift((va + vb) / 2, truth, mask=far)
                     fw = puncta_fwhm(fused, vox) if structure == "beads" else {"z": math.nan, "y": math.nan,

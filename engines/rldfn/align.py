@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 #: Largest shift (voxels, per axis) searched for; a network that moves its output further is not a fusion.
@@ -21,6 +22,10 @@ REACH = 2
 
 #: Edge of the (at most) cubic crop the shift is measured on: enough structure for a sub-voxel estimate.
 MAX_CROP = 256
+
+#: Near the mirror each view also holds the tail of the other image (the sample sits on the coverslip), which
+#: pulls the views' own structures towards it; the shift is measured this far (µm) from the mirror and beyond.
+NEAR_MIRROR_UM = 1.0
 
 #: Voxels of mirror padding at each end of an axis before the Fourier shift, against wrap-around.
 _PAD = 8
@@ -48,14 +53,16 @@ def measure_shift(moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tenso
     """Shift (z, y, x voxels) that takes ``fixed`` onto ``moving``, measured where ``weight`` > 0.5.
 
     Cross-correlation of the two (each mean-subtracted inside the mask) within ``reach`` voxels of zero, its
-    peak refined per axis by a parabola through the logarithms of its neighbours. Sharpening does not move the
-    peak; a displacement does. None when the mask is nearly empty or the peak is at the edge of the reach.
+    peak refined per axis by a parabola through the logarithms of its neighbours. None when the mask is nearly
+    empty or the peak is at the edge of the reach.
     """
     sl = _crop(tuple(moving.shape), weight)
-    m = (weight[sl] > 0.5).float()
+    return _shift_in(moving[sl].float(), fixed[sl].float(), (weight[sl] > 0.5).float(), reach)
+
+
+def _shift_in(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, reach: int) -> tuple[float, float, float] | None:
     if float(m.sum()) < 512:
         return None
-    a, b = moving[sl].float(), fixed[sl].float()
     a = (a - (a * m).sum() / m.sum()) * m
     b = (b - (b * m).sum() / m.sum()) * m
     pad = [n + reach + 1 for n in a.shape]
@@ -80,6 +87,37 @@ def measure_shift(moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tenso
         frac = 0.5 * (vals[0] - vals[2]) / den if den < 0 else 0.0
         out.append(peak[ax] - reach + max(-0.5, min(0.5, frac)))
     return out[0], out[1], out[2]
+
+
+def forward_shift(fused: torch.Tensor, views: list[torch.Tensor], psfs: list[np.ndarray], weight: torch.Tensor,
+                  reach: int = REACH) -> tuple[float, float, float] | None:
+    """Mean over the views of the shift of ``fused`` imaged through each view's PSF against that view.
+
+    Comparing like with like: a sharp fused volume and a view blurred by a tilted PSF have different shapes, and
+    any mask that cuts a tilted PSF moves a plain cross-correlation by a fraction of a voxel (the two views in
+    opposite directions). Blurred by the view's own PSF, the fused volume should land exactly on the view.
+    Measured where ``weight`` > 0.5, at least half a PSF from the crop's faces (the convolution is circular).
+    """
+    from engines.rldfn.classical import centred_otf
+
+    sl = _crop(tuple(fused.shape), weight)
+    f = fused[sl].float()
+    shape = tuple(f.shape)
+    m = (weight[sl] > 0.5).float()
+    half = [max(p.shape[ax] for p in psfs) // 2 for ax in range(3)]
+    inner = tuple(slice(min(h, n // 4), n - min(h, n // 4)) for h, n in zip(half, shape))
+    border = torch.zeros_like(m)
+    border[inner] = 1
+    m = m * border
+    spec = torch.fft.rfftn(f, dim=(0, 1, 2))
+    shifts = []
+    for view, psf in zip(views, psfs):
+        blurred = torch.fft.irfftn(spec * centred_otf(psf, shape, f.device), shape, dim=(0, 1, 2))
+        s = _shift_in(blurred, view[sl].float(), m, reach)
+        if s is None:
+            return None
+        shifts.append(s)
+    return tuple(float(np.mean([s[ax] for s in shifts])) for ax in range(3))  # type: ignore[return-value]
 
 
 def shift_volume(volume: torch.Tensor, shift: tuple[float, float, float]) -> torch.Tensor:
@@ -107,15 +145,24 @@ def shift_volume(volume: torch.Tensor, shift: tuple[float, float, float]) -> tor
 
 
 def align_to_views(fused: torch.Tensor, view_a: torch.Tensor, view_b: torch.Tensor, weight_a: torch.Tensor,
-                   weight_b: torch.Tensor, reach: int = REACH) -> tuple[torch.Tensor, tuple[float, float, float]]:
+                   weight_b: torch.Tensor, reach: int = REACH, skip_planes: int = 0,
+                   psfs: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, tuple[float, float, float]]:
     """``fused`` moved onto the views' grid, and the shift that was removed (0s when none could be measured).
 
-    The reference is the coverage-weighted mean of the two views, compared where both are trusted.
+    With the views' ``psfs`` the shift is :func:`forward_shift`'s; without, the plain cross-correlation with the
+    coverage-weighted mean of the two views. Either is measured where both views are trusted and not within the
+    last ``skip_planes`` planes (the views run from far to near the mirror: :data:`NEAR_MIRROR_UM`).
     """
     wsum = weight_a + weight_b
     ref = (weight_a * view_a + weight_b * view_b) / torch.clamp(wsum, min=1e-6)
     both = torch.minimum(weight_a, weight_b)
-    s = measure_shift(fused, ref, both, reach)
+    if 0 < skip_planes < both.shape[0]:
+        both = both.clone()
+        both[-skip_planes:] = 0
+    if psfs is not None:
+        s = forward_shift(fused, [view_a, view_b], list(psfs), both, reach)
+    else:
+        s = measure_shift(fused, ref, both, reach)
     if s is None:
         return fused, (0.0, 0.0, 0.0)
     return shift_volume(fused, (-s[0], -s[1], -s[2])), s
