@@ -23,6 +23,10 @@ REACH = 2
 #: Edge of the (at most) cubic crop the shift is measured on: enough structure for a sub-voxel estimate.
 MAX_CROP = 256
 
+#: Measure-and-shift rounds at most, and the remaining shift (voxels, every axis) that ends them.
+ITERATIONS = 3
+TOLERANCE = 0.02
+
 #: Near the mirror each view also holds the tail of the other image (the sample sits on the coverslip), which
 #: pulls the views' own structures towards it; the shift is measured this far (µm) from the mirror and beyond.
 NEAR_MIRROR_UM = 1.0
@@ -159,10 +163,21 @@ def align_to_views(fused: torch.Tensor, view_a: torch.Tensor, view_b: torch.Tens
     if 0 < skip_planes < both.shape[0]:
         both = both.clone()
         both[-skip_planes:] = 0
-    if psfs is not None:
-        s = forward_shift(fused, [view_a, view_b], list(psfs), both, reach)
-    else:
-        s = measure_shift(fused, ref, both, reach)
-    if s is None:
+    def measure(vol: torch.Tensor) -> tuple[float, float, float] | None:
+        if psfs is not None:
+            return forward_shift(vol, [view_a, view_b], list(psfs), both, reach)
+        return measure_shift(vol, ref, both, reach)
+
+    total = measure(fused)
+    if total is None:
         return fused, (0.0, 0.0, 0.0)
-    return shift_volume(fused, (-s[0], -s[1], -s[2])), s
+    moved = shift_volume(fused, tuple(-t for t in total))  # type: ignore[arg-type]
+    # A network's output is not a shifted copy of its views, so the measure is not exactly linear in the shift:
+    # re-measure and correct (from the original, so that the volume is interpolated once) until it settles.
+    for _ in range(ITERATIONS - 1):
+        rest = measure(moved)
+        if rest is None or max(abs(r) for r in rest) < TOLERANCE:
+            break
+        total = tuple(t + r for t, r in zip(total, rest))  # type: ignore[assignment]
+        moved = shift_volume(fused, tuple(-t for t in total))  # type: ignore[arg-type]
+    return moved, total
