@@ -230,12 +230,8 @@ class Reconstructor:
                 mib = default_memory_budget_mib(self.device)
             budget = None if mib is None else int(mib * 2**20)
             # tensors in, a tensor out on the same device: tiles are cut and blended there, no host copy
-            from engines.rldfn.align import NEAR_MIRROR_UM
-
-            skip = math.ceil(NEAR_MIRROR_UM / views_voxel_um(self.optics, self.params.mode))
             return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
-                              device=self.device, memory_budget_bytes=budget, progress=progress,
-                              align_skip_planes=skip)
+                              device=self.device, memory_budget_bytes=budget, progress=progress)
         from engines.rldfn.classical import joint_rl
 
         return joint_rl(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, "auto", progress)

@@ -87,7 +87,7 @@ def _shift_in(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, reach: int) -> 
 
 
 def lk_shift(moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor,
-             iterations: int = 6) -> tuple[float, float, float] | None:
+             iterations: int = 12) -> tuple[float, float, float] | None:
     """Shift (z, y, x voxels) that takes ``fixed`` onto ``moving`` (up to a gain), by weighted Lucas–Kanade.
 
     Solves ``moving ≈ k·fixed(x − s)`` in least squares over ``weight`` (linearised: ``k·fixed − k·s·∇fixed``),
@@ -119,7 +119,8 @@ def lk_shift(moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor,
             return None
         if not float(sol[0]) > 0:
             return None
-        step = sol[1:] / sol[0]
+        # at most half a voxel per round: the linearisation only holds for small shifts
+        step = torch.clamp(sol[1:] / sol[0], -0.5, 0.5)
         total += step
         if total.abs().max() > REACH:
             return None
@@ -191,8 +192,8 @@ def align_to_views(fused: torch.Tensor, view_a: torch.Tensor, view_b: torch.Tens
                    psfs: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, tuple[float, float, float]]:
     """``fused`` moved onto the views' grid, and the shift that was removed (0s when none could be measured).
 
-    With the views' ``psfs`` the shift is :func:`forward_shift`'s; without, the plain cross-correlation with the
-    coverage-weighted mean of the two views. Either is measured where both views are trusted and not within the
+    With the views' ``psfs`` the shift is :func:`forward_shift`'s; without (or where it cannot be measured), the
+    cross-correlation with the coverage-weighted mean of the two views. Either is measured where both views are trusted and not within the
     last ``skip_planes`` planes (the views run from far to near the mirror: :data:`NEAR_MIRROR_UM`).
     """
     wsum = weight_a + weight_b
@@ -202,9 +203,10 @@ def align_to_views(fused: torch.Tensor, view_a: torch.Tensor, view_b: torch.Tens
         both = both.clone()
         both[-skip_planes:] = 0
     def measure(vol: torch.Tensor) -> tuple[float, float, float] | None:
-        if psfs is not None:
-            return forward_shift(vol, [view_a, view_b], list(psfs), both, reach)
-        return measure_shift(vol, ref, both, reach)
+        s = forward_shift(vol, [view_a, view_b], list(psfs), both, reach) if psfs is not None else None
+        # a fused volume too unlike its views for the forward model (Lucas–Kanade does not settle) is registered
+        # by the cross-correlation with the views' mean instead
+        return s if s is not None else measure_shift(vol, ref, both, reach)
 
     total = measure(fused)
     if total is None:
