@@ -27,10 +27,6 @@ MAX_CROP = 256
 ITERATIONS = 3
 TOLERANCE = 0.02
 
-#: Near the mirror each view also holds the tail of the other image (the sample sits on the coverslip), which
-#: pulls the views' own structures towards it; the shift is measured this far (µm) from the mirror and beyond.
-NEAR_MIRROR_UM = 1.0
-
 #: Voxels of mirror padding at each end of an axis before the Fourier shift, against wrap-around.
 _PAD = 8
 
@@ -129,8 +125,8 @@ def lk_shift(moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor,
     return float(total[0]), float(total[1]), float(total[2])
 
 
-def forward_shift(fused: torch.Tensor, views: list[torch.Tensor], psfs: list[np.ndarray], weight: torch.Tensor,
-                  reach: int = REACH) -> tuple[float, float, float] | None:
+def forward_shift(fused: torch.Tensor, views: list[torch.Tensor], psfs: list[np.ndarray],
+                  weight: torch.Tensor) -> tuple[float, float, float] | None:
     """Mean over the views of the shift of ``fused`` imaged through each view's PSF against that view.
 
     Comparing like with like: a sharp fused volume and a view blurred by a tilted PSF have different shapes, and
@@ -188,22 +184,20 @@ def shift_volume(volume: torch.Tensor, shift: tuple[float, float, float], clip: 
 
 
 def align_to_views(fused: torch.Tensor, view_a: torch.Tensor, view_b: torch.Tensor, weight_a: torch.Tensor,
-                   weight_b: torch.Tensor, reach: int = REACH, skip_planes: int = 0,
+                   weight_b: torch.Tensor, reach: int = REACH,
                    psfs: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, tuple[float, float, float]]:
     """``fused`` moved onto the views' grid, and the shift that was removed (0s when none could be measured).
 
     With the views' ``psfs`` the shift is :func:`forward_shift`'s; without (or where it cannot be measured), the
-    cross-correlation with the coverage-weighted mean of the two views. Either is measured where both views are trusted and not within the
-    last ``skip_planes`` planes (the views run from far to near the mirror: :data:`NEAR_MIRROR_UM`).
+    cross-correlation with the coverage-weighted mean of the two views. Either is measured where both views are
+    trusted.
     """
     wsum = weight_a + weight_b
     ref = (weight_a * view_a + weight_b * view_b) / torch.clamp(wsum, min=1e-6)
     both = torch.minimum(weight_a, weight_b)
-    if 0 < skip_planes < both.shape[0]:
-        both = both.clone()
-        both[-skip_planes:] = 0
+
     def measure(vol: torch.Tensor) -> tuple[float, float, float] | None:
-        s = forward_shift(vol, [view_a, view_b], list(psfs), both, reach) if psfs is not None else None
+        s = forward_shift(vol, [view_a, view_b], list(psfs), both) if psfs is not None else None
         # a fused volume too unlike its views for the forward model (Lucas–Kanade does not settle) is registered
         # by the cross-correlation with the views' mean instead
         return s if s is not None else measure_shift(vol, ref, both, reach)

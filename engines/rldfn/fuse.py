@@ -122,7 +122,6 @@ def fuse_rldfn(
     batch_size: int = 1,
     registered: bool | None = None,
     align: bool | None = None,
-    align_skip_planes: int = 0,
 ) -> torch.Tensor | np.ndarray:
     """Fuse two registered views with RL-DFN.
 
@@ -166,8 +165,7 @@ def fuse_rldfn(
     align
         Measure the network output's sub-voxel shift against the views and undo it
         (:mod:`engines.rldfn.align`): a network keeps whatever offset its training pairs held. Default: as
-        ``registered``. ``align_skip_planes``: planes next to the mirror (the views' last ones) left out of
-        that measurement, where each view also holds the other image's tail.
+        ``registered``.
 
     Returns
     -------
@@ -244,7 +242,6 @@ def fuse_rldfn(
             weights = [blend_weight(coverage_mask(v)) for v in (a, b)]
         inner = tuple(slice(0, n) for n in shape)
         fused, moved = align_to_views(fused, a[inner], b[inner], weights[0][inner], weights[1][inner],
-                                      skip_planes=int(align_skip_planes),
                                       psfs=(model.psf_a.cpu().numpy(), model.psf_b.cpu().numpy()))
         log.debug("fused volume moved by %s voxels onto its views", tuple(-m for m in moved))
     if not tensors:
