@@ -54,7 +54,8 @@ class ReconstructParams(StrictModel):
     background: BackgroundParams = Field(default_factory=BackgroundParams)
     views: ViewsParams | None = Field(None, description="Step 3; default: the reference's with the objective angle.")
     iterations: int = Field(30, ge=1, le=500,
-                            description="Richardson–Lucy iterations (sr-rl, classical, single-view).")
+                            description="Richardson–Lucy iterations (sr-rl, classical, single-view; full: of the "
+                            "estimate that fills the regions only one view sees, unless tile is none).")
     tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
     overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
     memory_budget_mib: MemoryBudgetMiB | None = Field(
@@ -231,7 +232,8 @@ class Reconstructor:
             budget = None if mib is None else int(mib * 2**20)
             # tensors in, a tensor out on the same device: tiles are cut and blended there, no host copy
             return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
-                              device=self.device, memory_budget_bytes=budget, progress=progress)
+                              device=self.device, memory_budget_bytes=budget, progress=progress,
+                              one_view_iterations=self.params.iterations)
         from engines.rldfn.classical import joint_rl
 
         return joint_rl(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, "auto", progress)

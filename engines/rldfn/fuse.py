@@ -122,6 +122,8 @@ def fuse_rldfn(
     batch_size: int = 1,
     registered: bool | None = None,
     align: bool | None = None,
+    one_view: bool | None = None,
+    one_view_iterations: int | None = None,
 ) -> torch.Tensor | np.ndarray:
     """Fuse two registered views with RL-DFN.
 
@@ -166,6 +168,12 @@ def fuse_rldfn(
         Measure the network output's sub-voxel shift against the views and undo it
         (:mod:`engines.rldfn.align`): a network keeps whatever offset its training pairs held. Default: as
         ``registered``.
+    one_view
+        Where only one view has data, replace the network's output by the coverage-weighted Richardson–Lucy
+        estimate of both views (:mod:`engines.rldfn.one_view`; the network fuses two views and its output there
+        does not follow the sample), blended in over the views' edge ramps. Default: as ``registered``.
+    one_view_iterations
+        Iterations of that estimate (default :data:`engines.rldfn.classical.DEFAULT_ITERATIONS`).
 
     Returns
     -------
@@ -185,6 +193,8 @@ def fuse_rldfn(
         raise VolumeShapeError(f"batch_size must be ≥ 1, got {batch_size}")
     if overlap < 0:
         raise VolumeShapeError(f"overlap must be ≥ 0 voxels, got {overlap}")
+    if one_view_iterations is not None and int(one_view_iterations) < 1:
+        raise VolumeShapeError(f"one_view_iterations must be ≥ 1, got {one_view_iterations}")
     overlap = round_up(overlap)
     shape = tuple(int(n) for n in _shape(view_a))
     padded = tuple(round_up(n) for n in shape)
@@ -244,11 +254,30 @@ def fuse_rldfn(
         fused, moved = align_to_views(fused, a[inner], b[inner], weights[0][inner], weights[1][inner],
                                       psfs=(model.psf_a.cpu().numpy(), model.psf_b.cpu().numpy()))
         log.debug("fused volume moved by %s voxels onto its views", tuple(-m for m in moved))
+    if registered if one_view is None else one_view:
+        fused = _fill_one_view(fused, a, b, weights, shape, model, one_view_iterations)
     if not tensors:
         return fused.numpy() if dev.type == "cpu" else to_host(fused)
     if fused.device == home:
         return fused
     return torch.from_numpy(to_host(fused)) if home.type == "cpu" else fused.to(home)
+
+
+def _fill_one_view(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: list[torch.Tensor] | None,
+                   shape: tuple[int, ...], model: RLDFN, iterations: int | None) -> torch.Tensor:
+    from engines.rldfn.classical import DEFAULT_ITERATIONS, joint_rl
+    from engines.rldfn.coverage import blend_weight, coverage_mask
+    from engines.rldfn.one_view import blend_one_view
+
+    inner = tuple(slice(0, n) for n in shape)
+    wa, wb = ([blend_weight(coverage_mask(v)) for v in (a, b)] if weights is None else weights)
+    wa, wb = wa[inner], wb[inner]
+    if bool((torch.minimum(wa, wb) > 0.99).all()):
+        return fused  # both views everywhere: nothing to fill
+    its = DEFAULT_ITERATIONS if iterations is None else int(iterations)
+    psf_a, psf_b = (p.detach().cpu().numpy() for p in (model.psf_a, model.psf_b))
+    estimate = joint_rl(a[inner], b[inner], psf_a, psf_b, its, coverage=[wa, wb])
+    return blend_one_view(fused.to(estimate.device), estimate, wa.to(estimate.device), wb.to(estimate.device))
 
 
 def _patch_budget(budget: int | None, padded: tuple[int, ...], dev: torch.device, registered: bool) -> int | None:

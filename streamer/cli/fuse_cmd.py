@@ -71,7 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="rldfn: tiles run together (faster on a GPU, N× the memory; default 1)")
     p.add_argument("--iterations", type=int, default=30, metavar="K",
-                   help="classical: joint RL iterations (default 30); RL-DFN always does one RL step")
+                   help="classical: joint RL iterations (default 30); rldfn with --tile auto/N: iterations of the "
+                   "coverage-weighted RL estimate that replaces the network where only one view has data (the "
+                   "network itself always does one RL step; --tile none keeps the reference's math, no fill)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from streamer.cli.backend_options import add_backend_args
@@ -229,7 +231,8 @@ def fuse_files(
             with torch.inference_mode():
                 fused = fuse_rldfn(a, b, RLDFN(net, pa, pb), tile=tile,  # type: ignore[arg-type]
                                    overlap=DEFAULT_OVERLAP if overlap is None else overlap, device=dev,
-                                   memory_budget_bytes=budget, progress=tick, batch_size=batch)
+                                   memory_budget_bytes=budget, progress=tick, batch_size=batch,
+                                   one_view_iterations=iterations)
     except FusionError as err:
         raise CLIError(str(err)) from None
     finally:
