@@ -15,6 +15,7 @@ import math
 import time
 
 import numpy as np
+from sim_cases import add_case_args, cases, shape_of  # beside this script
 
 
 def near_over_mid(structure: str, seed: int, band: bool, residual: bool,
@@ -40,20 +41,17 @@ def near_over_mid(structure: str, seed: int, band: bool, residual: bool,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="64,128,128", help="raw stack Z,Y,X")
-    ap.add_argument("--structures", default="beads,filaments")
-    ap.add_argument("--seeds", default="0,1,2")
+    add_case_args(ap, shape="64,128,128", structures="beads,filaments", seeds="0,1,2")
     args = ap.parse_args(argv)
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = shape_of(args)
     print("| structure | seed | band, reference only (A/B) | band, with step 3b | no band, reference only | no band, with 3b |")
     print("|---|---|---|---|---|---|")
-    for structure in args.structures.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            t0 = time.perf_counter()
-            cells = [near_over_mid(structure, seed, band, res, shape)  # type: ignore[arg-type]
-                     for band, res in ((True, False), (True, True), (False, False), (False, True))]
-            row = " | ".join(f"{a:.2f}/{b:.2f}" for a, b in cells)
-            print(f"| {structure} | {seed} | {row} |  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for structure, seed in cases(args):
+        t0 = time.perf_counter()
+        cells = [near_over_mid(structure, seed, band, res, shape)  # type: ignore[arg-type]
+                 for band, res in ((True, False), (True, True), (False, False), (False, True))]
+        row = " | ".join(f"{a:.2f}/{b:.2f}" for a, b in cells)
+        print(f"| {structure} | {seed} | {row} |  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 
 

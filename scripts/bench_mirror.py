@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sim_cases import add_case_args, cases, shape_of  # beside this script
+
 
 def mirror_error(cfg, seed: int) -> dict[str, float]:
     """Found minus true mirror plane (slices) and residual tilts (degrees) for one simulated stack."""
@@ -46,18 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     from engines.simulate.config import make_sim_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="101,256,256", help="raw stack Z,Y,X")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--structures", default="filaments,beads")
+    add_case_args(ap, shape="101,256,256", structures="filaments,beads", seeds="0,1,2")
     args = ap.parse_args(argv)
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = shape_of(args)
     print("| structure | seed | found − true (slices) | tilt about x (°) | tilt about y (°) | score | contrast | time (s) |")
     print("|---|---|---|---|---|---|---|---|")
-    for structure in args.structures.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            m = mirror_error(make_sim_config(shape=shape, structure=structure), seed)
-            print(f"| {structure} | {seed} | {m['offset_slices']:+.3f} | {m['tilt_x_deg']:+.3f} | {m['tilt_y_deg']:+.3f} "
-                  f"| {m['score']:.3f} | {m['contrast']:.2f} | {m['seconds']:.0f} |", flush=True)
+    for structure, seed in cases(args):
+        m = mirror_error(make_sim_config(shape=shape, structure=structure), seed)
+        print(f"| {structure} | {seed} | {m['offset_slices']:+.3f} | {m['tilt_x_deg']:+.3f} | {m['tilt_y_deg']:+.3f} "
+              f"| {m['score']:.3f} | {m['contrast']:.2f} | {m['seconds']:.0f} |", flush=True)
     return 0
 
 

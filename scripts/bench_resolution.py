@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 from scipy import ndimage
+from sim_cases import add_case_args, cases, shape_of  # beside this script
 
 #: Registration is measured this far (µm) from the mirror and beyond (see ``main``).
 MIRROR_UM = 1.0
@@ -94,71 +95,68 @@ def main(argv: list[str] | None = None) -> int:
     from engines.simulate.microscope import Microscope
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="101,256,256", help="raw stack Z,Y,X")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--structures", default="beads,filaments")
+    add_case_args(ap, shape="101,256,256", structures="beads,filaments", seeds="0,1")
     ap.add_argument("--modes", default="classical,sr-rl,full")
     ap.add_argument("--iterations", default="30", help="comma list of RL iterations (classical, sr-rl)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = shape_of(args)
 
     def corr(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> float:
         x, y = x[m].astype(np.float64), y[m].astype(np.float64)
         return float(np.corrcoef(x, y)[0, 1]) if m.sum() > 1 and x.std() > 0 and y.std() > 0 else math.nan
 
     rows = []
-    for structure in args.structures.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            cfg = make_sim_config(shape=shape, structure=structure)
-            mic = Microscope(cfg, seed)
-            raw = mic.acquire(0, with_ground_truth=False).raw
-            wide = wide_truth(mic)
-            for mode in args.modes.split(","):
-                its = [int(i) for i in args.iterations.split(",")] if mode != "full" else [0]
-                for it in its:
-                    models = demo_models(cfg.optics) if uses_lateral_sr(mode) else None
-                    params = ReconstructParams(mode=mode, iterations=max(it, 1))
-                    rec = Reconstructor(cfg.optics, params, models, device="cpu")
-                    t0 = time.perf_counter()
-                    res = rec(raw, keep_intermediates=True)
-                    secs = time.perf_counter() - t0
-                    va, vb = res.intermediates["view_a"], res.intermediates["view_b"]
-                    ta, tb = truth_on_views(wide, rec, res.reports["preprocess"], res.reports["split_views"],
-                                            uses_lateral_sr(mode), pad=PAD)
-                    fused = res.fused
-                    # the real sample lies on one side of the mirror: keep the truth cut that holds it
-                    truth = ta if ta.sum() >= tb.sum() else tb
-                    ca = coverage_mask(torch.from_numpy(va)).numpy()
-                    cb = coverage_mask(torch.from_numpy(vb)).numpy()
-                    both, a_only, b_only = ca & cb, ca & ~cb, cb & ~ca
-                    vox = (res.voxel_um,) * 3
-                    lat, ax, r2 = best_matching_blur(fused, truth, vox, mask=both)
-                    p = max(np.percentile(va[ca], 99.99), np.percentile(vb[cb], 99.99))
-                    one = a_only | b_only
-                    hot = float(fused[one].max() / p) if one.any() else math.nan
-                    # per one-view region: fused and the one view with data there, against the (sharp) truth
-                    regions = {name: (corr(fused, truth, m), corr(view, truth, m))
-                               for name, m, view in (("A", a_only, va), ("B", b_only, vb))}
-                    # near the mirror each view also holds the tail of the other image (the sample sits on the
-                    # coverslip), which moves the views' own centroids towards it; registration is measured
-                    # at least MIRROR_UM from the mirror (the views' last planes), and over everything
-                    # and EDGE_VOXELS inside the data: deconvolution piles the light from beyond the data's edge
-                    # (which no estimate inside can explain) onto that edge
-                    inner = ndimage.binary_erosion(both, iterations=EDGE_VOXELS, border_value=1)
-                    far = inner.copy()
-                    far[-math.ceil(MIRROR_UM / res.voxel_um):] = False
-                    psfs = [rec.psf_a, rec.psf_b]
-                    s_views = forward_registration_shift(fused, [va, vb], psfs, mask=far)
-                    s_all = forward_registration_shift(fused, [va, vb], psfs, mask=inner)
-                    s_truth = registration_shift(fused, truth, mask=far)
-                    s_vt = registration_shift((va + vb) / 2, truth, mask=far)
-                    fw = puncta_fwhm(fused, vox) if structure == "beads" else {"z": math.nan, "y": math.nan,
-                                                                              "x": math.nan}
-                    rows.append((structure, seed, mode, it or "—", fw, lat, ax, r2, regions, hot,
-                                 float(np.abs(s_views).max()), float(np.abs(s_all).max()),
-                                 float(np.abs(s_truth).max()), float(np.abs(s_vt).max()), secs))
-                    print(rows[-1], flush=True)
+    for structure, seed in cases(args):
+        cfg = make_sim_config(shape=shape, structure=structure)
+        mic = Microscope(cfg, seed)
+        raw = mic.acquire(0, with_ground_truth=False).raw
+        wide = wide_truth(mic)
+        for mode in args.modes.split(","):
+            its = [int(i) for i in args.iterations.split(",")] if mode != "full" else [0]
+            for it in its:
+                models = demo_models(cfg.optics) if uses_lateral_sr(mode) else None
+                params = ReconstructParams(mode=mode, iterations=max(it, 1))
+                rec = Reconstructor(cfg.optics, params, models, device="cpu")
+                t0 = time.perf_counter()
+                res = rec(raw, keep_intermediates=True)
+                secs = time.perf_counter() - t0
+                va, vb = res.intermediates["view_a"], res.intermediates["view_b"]
+                ta, tb = truth_on_views(wide, rec, res.reports["preprocess"], res.reports["split_views"],
+                                        uses_lateral_sr(mode), pad=PAD)
+                fused = res.fused
+                # the real sample lies on one side of the mirror: keep the truth cut that holds it
+                truth = ta if ta.sum() >= tb.sum() else tb
+                ca = coverage_mask(torch.from_numpy(va)).numpy()
+                cb = coverage_mask(torch.from_numpy(vb)).numpy()
+                both, a_only, b_only = ca & cb, ca & ~cb, cb & ~ca
+                vox = (res.voxel_um,) * 3
+                lat, ax, r2 = best_matching_blur(fused, truth, vox, mask=both)
+                p = max(np.percentile(va[ca], 99.99), np.percentile(vb[cb], 99.99))
+                one = a_only | b_only
+                hot = float(fused[one].max() / p) if one.any() else math.nan
+                # per one-view region: fused and the one view with data there, against the (sharp) truth
+                regions = {name: (corr(fused, truth, m), corr(view, truth, m))
+                           for name, m, view in (("A", a_only, va), ("B", b_only, vb))}
+                # near the mirror each view also holds the tail of the other image (the sample sits on the
+                # coverslip), which moves the views' own centroids towards it; registration is measured
+                # at least MIRROR_UM from the mirror (the views' last planes), and over everything
+                # and EDGE_VOXELS inside the data: deconvolution piles the light from beyond the data's edge
+                # (which no estimate inside can explain) onto that edge
+                inner = ndimage.binary_erosion(both, iterations=EDGE_VOXELS, border_value=1)
+                far = inner.copy()
+                far[-math.ceil(MIRROR_UM / res.voxel_um):] = False
+                psfs = [rec.psf_a, rec.psf_b]
+                s_views = forward_registration_shift(fused, [va, vb], psfs, mask=far)
+                s_all = forward_registration_shift(fused, [va, vb], psfs, mask=inner)
+                s_truth = registration_shift(fused, truth, mask=far)
+                s_vt = registration_shift((va + vb) / 2, truth, mask=far)
+                fw = puncta_fwhm(fused, vox) if structure == "beads" else {"z": math.nan, "y": math.nan,
+                                                                          "x": math.nan}
+                rows.append((structure, seed, mode, it or "—", fw, lat, ax, r2, regions, hot,
+                             float(np.abs(s_views).max()), float(np.abs(s_all).max()),
+                             float(np.abs(s_truth).max()), float(np.abs(s_vt).max()), secs))
+                print(rows[-1], flush=True)
     print(f"\nraw stacks {'×'.join(map(str, shape))}, seeds {args.seeds}, CPU\n")
     print("| structure | seed | mode | RL iter. | bead FWHM z/y/x (nm) | best blur lat/ax (nm), two-view (r) | "
           "A-only r: fused / view A | B-only r: fused / view B | one-view max / p99.99 | shift vs views: far / all "
