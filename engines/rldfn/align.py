@@ -52,34 +52,21 @@ def measure_shift(moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tenso
                   reach: int = REACH) -> tuple[float, float, float] | None:
     """Shift (z, y, x voxels) that takes ``fixed`` onto ``moving``, measured where ``weight`` > 0.5.
 
-    Cross-correlation of the two (each mean-subtracted inside the mask) within ``reach`` voxels of zero, its
-    peak refined per axis by a parabola through the logarithms of its neighbours. None when the mask is nearly
-    empty or the peak is at the edge of the reach.
+    :func:`engines.rldfn.metrics.xcorr_peak` (the benchmarks' :func:`~engines.rldfn.metrics.registration_shift`
+    on the device) on a crop of at most :data:`MAX_CROP` voxels per axis. None when the mask is nearly empty or
+    the peak is at the edge of the reach.
     """
     sl = _crop(tuple(moving.shape), weight)
     return _shift_in(moving[sl].float(), fixed[sl].float(), (weight[sl] > 0.5).float(), reach)
 
 
 def _shift_in(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, reach: int) -> tuple[float, float, float] | None:
+    from engines.rldfn.metrics import xcorr_peak
+
     if float(m.sum()) < 512:
         return None
-    # only the fixed volume is cut by the mask: cut both, and the shared cut itself would pull the peak to 0
-    a = a - (a * m).sum() / m.sum()
-    b = (b - (b * m).sum() / m.sum()) * m
-    pad = [n + reach + 1 for n in a.shape]
-    dims = (0, 1, 2)
-    xc = torch.fft.irfftn(torch.fft.rfftn(a, pad, dims) * torch.fft.rfftn(b, pad, dims).conj(), pad, dims)
-    lags = torch.arange(-reach, reach + 1, device=xc.device)
-    idx = [torch.remainder(lags, n) for n in pad]
-    window = xc[idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]].double().cpu()
-    w = window.numpy()
-    peak = np.array(np.unravel_index(int(np.argmax(w)), w.shape))
-    if any(p in (0, 2 * reach) for p in peak):
-        return None
-    from engines.rldfn.metrics import quadratic_peak
-
-    out = peak - reach + quadratic_peak(w, peak)
-    return float(out[0]), float(out[1]), float(out[2])
+    shift, interior = xcorr_peak(a, b, m, reach)
+    return (float(shift[0]), float(shift[1]), float(shift[2])) if interior else None
 
 
 def lk_shift(moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor,

@@ -1,14 +1,20 @@
-"""Resolution measured on volumes: FWHM of isolated puncta, and the blur that best matches a known truth.
+"""Resolution and registration measured on volumes: FWHM of isolated puncta, the blur that best matches a known
+truth, and sub-voxel shifts between volumes.
 
-Used by the resolution benchmark (``scripts/bench_resolution.py``) and by tests that check a deconvolution
-sharpens real data. Both work on numpy arrays (Z, Y, X) with a voxel size in µm per axis.
+Used by the resolution benchmark (``scripts/bench_resolution.py``), by tests that check a deconvolution sharpens
+real data or stays registered, and (the cross-correlation core) by :mod:`engines.rldfn.align`. They take numpy
+arrays (Z, Y, X) with a voxel size in µm per axis.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _fwhm_1d(profile: np.ndarray, centre: int) -> float | None:
@@ -122,26 +128,46 @@ def registration_shift(moving: np.ndarray, fixed: np.ndarray, mask: np.ndarray |
                        reach: int = 3) -> np.ndarray:
     """Sub-voxel shift (z, y, x voxels) of ``moving`` relative to ``fixed``: ``moving ≈ fixed`` moved by it.
 
-    Both are mean-subtracted over ``mask`` (default: everywhere) and ``fixed`` is zeroed outside it; the peak of their
-    circular cross-correlation within ``reach`` voxels of zero is refined per axis by a parabola through its
-    neighbours (:func:`quadratic_peak`). Sharpening does not move the peak (a deconvolution correlates with its blurred input at zero
-    shift), a displacement does, so this measures registration between a fused volume and its views.
+    :func:`xcorr_peak` over ``mask`` (default: everywhere), in float64. Sharpening does not move the peak (a
+    deconvolution correlates with its blurred input at zero shift), a displacement does, so this measures
+    registration between a fused volume and its views.
     """
+    import torch
+
     a = np.asarray(moving, np.float64)
     b = np.asarray(fixed, np.float64)
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"registration_shift needs two (Z, Y, X) volumes of one shape, got {a.shape} and {b.shape}")
-    sel = np.ones(a.shape, bool) if mask is None else np.asarray(mask, bool)
+    sel = np.ones(a.shape) if mask is None else np.asarray(mask, np.float64)
+    shift, _ = xcorr_peak(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(sel), reach)
+    return shift
+
+
+def xcorr_peak(moving: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor,
+               reach: int) -> tuple[np.ndarray, bool]:
+    """Peak of the cross-correlation of two (Z, Y, X) tensors within ``reach`` voxels of zero shift, sub-voxel.
+
+    Both are mean-subtracted over ``mask`` (0/1, same shape) and ``fixed`` is zeroed outside it; the circular
+    cross-correlation (padded so nothing wraps within the reach) is searched on the device, its peak refined by
+    :func:`quadratic_peak`. Returns the shift (z, y, x voxels, ``moving ≈ fixed`` moved by it) and whether the
+    integer peak lies inside the searched window (False: at its edge, the true shift may be further).
+    """
+    import torch
+
+    m = mask.to(moving.dtype)
+    n = m.sum().clamp(min=1)
     # only ``fixed`` is cut by the mask: cut both, and the shared cut itself would pull the peak towards 0
-    a = a - a[sel].mean()
-    b = np.where(sel, b - b[sel].mean(), 0.0)
-    pad = [n + reach + 1 for n in a.shape]  # no wrap-around within the reach
-    axes = (0, 1, 2)
-    xc = np.fft.irfftn(np.fft.rfftn(a, pad, axes) * np.conj(np.fft.rfftn(b, pad, axes)), pad, axes)
-    lags = np.arange(-reach, reach + 1)
-    window = xc[np.ix_(*[np.mod(lags, n) for n in pad])]
+    a = moving - (moving * m).sum() / n
+    b = (fixed - (fixed * m).sum() / n) * m
+    pad = [int(k) + reach + 1 for k in a.shape]  # no wrap-around within the reach
+    dims = (0, 1, 2)
+    xc = torch.fft.irfftn(torch.fft.rfftn(a, pad, dims) * torch.fft.rfftn(b, pad, dims).conj(), pad, dims)
+    lags = torch.arange(-reach, reach + 1, device=xc.device)
+    idx = [torch.remainder(lags, k) for k in pad]
+    window = xc[idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]].double().cpu().numpy()
     peak = np.array(np.unravel_index(int(np.argmax(window)), window.shape))
-    return lags[peak].astype(np.float64) + quadratic_peak(window, peak)
+    interior = not any(p in (0, 2 * reach) for p in peak)
+    return (peak - reach).astype(np.float64) + quadratic_peak(window, peak), interior
 
 
 def quadratic_peak(window: np.ndarray, peak: Sequence[int]) -> np.ndarray:
