@@ -54,16 +54,36 @@ def test_single_view_deconvolution_is_registered_to_its_input() -> None:
 
 
 def test_rldfn_output_is_moved_back_onto_its_views() -> None:
-    # The demo RL-DFN moves its output about half a voxel per axis off its registered RL corrections; the fusion
-    # measures that against the views and removes it.
+    # A fusion network may move its output against its inputs (one trained behind the reference's RL step learns
+    # to undo that step's one-voxel shift). Here the demo network's output is moved by a further known sub-voxel
+    # shift; the fusion measures it against the views and removes it.
+    from engines.rldfn.align import shift_volume
+    from engines.rldfn.checkpoint import load_rldfn
     from engines.rldfn.fuse import fuse_rldfn
+    from engines.rldfn.model import RLDFN
+    from engines.training.synthetic_dual import make_dual_view
+    from engines.weights import DemoWeightsError, demo_weights_path
 
-    rec, res = _run("full", structure="beads")
-    va, vb = res.intermediates["view_a"], res.intermediates["view_b"]
-    raw = fuse_rldfn(va, vb, rec._rldfn, tile="auto", memory_budget_bytes=2 << 30, device="cpu", align=False)
+    va, vb, _, pa, pb = make_dual_view("puncta", (48, 64, 64), np.random.default_rng(3))
+    try:
+        net = load_rldfn(demo_weights_path("rl-dfn")).eval()
+    except DemoWeightsError:
+        pytest.skip("the demo weights are not installed")
+    injected = (0.6, -0.45, 0.5)
+
+    def moving_net(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+        out = net(ca, cb)
+        return torch.stack([shift_volume(o[0], injected, clip=False)[None] for o in out])
+
     mask = _inner(va, vb)
-    mean = (va / va.max() + vb / vb.max()) / 2
-    before = registration_shift(raw, mean, mask)
-    after = registration_shift(res.fused, mean, mask)
-    assert np.abs(before).max() > 0.3, before
-    assert np.abs(after).max() <= 0.1, after
+    mean = (va + vb) / 2
+    kw = {"tile": 32, "overlap": 8, "device": "cpu", "one_view": False}
+    plain = registration_shift(fuse_rldfn(va, vb, RLDFN(net, pa, pb), align=False, **kw), mean, mask)
+    model = RLDFN(moving_net, pa, pb)
+    moved = registration_shift(fuse_rldfn(va, vb, model, align=False, **kw), mean, mask)
+    np.testing.assert_allclose(moved - plain, injected, atol=0.1)  # the measure sees the injected shift
+    # aligned, the moved network lands where the network itself is aligned to: the injected shift is gone
+    # (how close the network's own output can be pinned to its views depends on how much it looks like them)
+    after = registration_shift(fuse_rldfn(va, vb, model, **kw), mean, mask)
+    reference = registration_shift(fuse_rldfn(va, vb, RLDFN(net, pa, pb), **kw), mean, mask)
+    assert np.abs(after - reference).max() <= 0.1, (after, reference)

@@ -64,3 +64,31 @@ def test_cli_train_fusion_synthetic(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert out["steps"] == 2 and (tmp_path / "o" / "rldfn.pt").is_file()
     rc = main(["train-fusion", "--from-folder", str(tmp_path), "--out", str(tmp_path / "p")])
     assert rc == 2 and "--psf-a" in capsys.readouterr().err
+
+
+
+def test_registered_cycle_loss_does_not_ask_for_darkness_where_a_view_has_no_data(dual: tuple) -> None:
+    # view B empty for x ≥ 24: the coverage-weighted cycle loss prefers the true object there; the plain loss
+    # prefers an object darkened where B saw nothing (it "explains" B's zeros)
+    from engines.training.fusion import _coverage, _fft_blur, _weighted_l1
+
+    a, b, obj, psf_a, psf_b = dual
+    b = b.copy()
+    b[:, :, 24:] = 0
+    va, vb = (torch.from_numpy(v)[None, None] for v in (a, b))
+    true = torch.from_numpy(obj)[None, None]
+    dark = true.clone()
+    dark[..., 28:] = 0
+    blur = []
+    for p in (psf_a, psf_b):
+        t = torch.from_numpy(p / p.sum())
+        blur.append((torch.fft.rfftn(t, s=[n + k - 1 for n, k in zip(a.shape, t.shape)]), tuple(t.shape)))
+
+    def loss(fused: torch.Tensor, weighted: bool) -> float:
+        fused = fused * (va.sum() / _fft_blur(true, *blur[0]).sum())  # on the views' scale
+        wa, wb = (_coverage(va), _coverage(vb)) if weighted else (None, None)
+        return float(_weighted_l1(_fft_blur(fused, *blur[0]), va, wa) + _weighted_l1(_fft_blur(fused, *blur[1]), vb, wb))
+
+    assert loss(true, weighted=True) < loss(dark, weighted=True)
+    assert loss(dark, weighted=False) < loss(true, weighted=False)
+

@@ -9,6 +9,14 @@ Richardson–Lucy step (no gradient, as in the published model) and the fusion n
   sections of its own view cut at that view's angle (where that view is sharp);
 * be **smooth** (a small squared total-variation term, axial differences weighted 5×).
 
+The Richardson–Lucy step is, by default, the one the chain runs at inference with tiling
+(:func:`engines.rldfn.rl.rl_corrections_registered`: no shift, each view weighted by its coverage), and each
+view's cycle term is weighted by the same coverage: a network trained behind the reference's step learns to
+undo that step's one-voxel shift and then moves the chain's unshifted corrections (the earlier demo weights
+put their output 0.5–0.65 voxel off the views), and an unweighted cycle loss asks the fused volume to be dark
+wherever a view has no data. ``rl_step="reference"`` trains behind the reference's step, per-patch scaling and
+plain cycle loss, for networks meant for its math (``tile="none"``).
+
 Loss weights follow the published trainer: cycle ``10 · 5000 · L1``, GAN terms ⅓ each, TV ``1e-7``;
 Adam lr 1e-4, β1 0.9. Two deliberate differences, both for correctness: the discriminators return logits
 (the published code applies a sigmoid before a loss that applies another), and the PSF blur is a true
@@ -30,7 +38,7 @@ from torch.nn import functional as F
 
 from engines.rldfn.checkpoint import save_reference_folder, save_rldfn
 from engines.rldfn.network import DualViewFusionNet
-from engines.rldfn.rl import psf_to_otf, rl_corrections
+from engines.rldfn.rl import exact_otf, psf_to_otf, rl_corrections, rl_corrections_registered
 from engines.support import StrictModel
 from engines.training.common import (
     Monitor,
@@ -61,6 +69,10 @@ class FusionTrainConfig(StrictModel):
     cycle_weight: float = Field(5e4, ge=0, description="Weight of each view's L1 cycle loss (published 10·5000).")
     gan_weight: float = Field(1 / 3, ge=0)
     tv_weight: float = Field(1e-7, ge=0)
+    rl_step: Literal["registered", "reference"] = Field(
+        "registered", description="RL step in front of the network: registered (the chain's tiled inference: no "
+        "shift, coverage-weighted; views scaled by their volume's maximum, cycle loss weighted by coverage) or "
+        "reference (the reference's step and per-patch scaling, for its tile-none math).")
     view_angle_deg: float = Field(30.8, ge=0, le=89, description="Angle of view A's sharp plane in the XZ plane.")
     jitter_deg: float = Field(30.0, ge=0, le=60, description="Random rotation added to fake sections.")
     save_every: int = Field(1000, ge=1)
@@ -132,17 +144,31 @@ class FusionResult:
 
 
 def _random_patch(views: list[tuple[np.ndarray, np.ndarray]], patch: tuple[int, int, int], batch: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                  rng: np.random.Generator, per_patch: bool = True) -> tuple[np.ndarray, np.ndarray]:
     outs_a, outs_b = [], []
     for _ in range(batch):
         a, b = views[int(rng.integers(len(views)))]
         o = [int(rng.integers(0, s - p + 1)) for s, p in zip(a.shape, patch)]
         sl = tuple(slice(q, q + p) for q, p in zip(o, patch))
         pa, pb = a[sl], b[sl]
-        # each view patch scaled by its own maximum, as the published reconstruction feeds it
-        outs_a.append(pa / max(float(pa.max()), 1e-6))
-        outs_b.append(pb / max(float(pb.max()), 1e-6))
+        if per_patch:  # each view patch scaled by its own maximum, as the published reconstruction feeds it
+            pa, pb = pa / max(float(pa.max()), 1e-6), pb / max(float(pb.max()), 1e-6)
+        outs_a.append(pa)
+        outs_b.append(pb)
     return np.stack(outs_a)[:, None].astype(np.float32), np.stack(outs_b)[:, None].astype(np.float32)
+
+
+def _coverage(patch: torch.Tensor) -> torch.Tensor:
+    """Coverage blend weights of an ``(N, 1, Z, Y, X)`` batch of view patches, as the chain computes them."""
+    from engines.rldfn.coverage import blend_weight, coverage_mask
+
+    return torch.stack([blend_weight(coverage_mask(p[0]))[None] for p in patch])
+
+
+def _weighted_l1(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    if w is None:
+        return F.l1_loss(x, y)
+    return (w * (x - y).abs()).sum() / w.sum().clamp(min=1.0)
 
 
 def train_fusion(views: list[tuple[np.ndarray, np.ndarray]], psf_a: np.ndarray, psf_b: np.ndarray,
@@ -172,13 +198,17 @@ def train_fusion(views: list[tuple[np.ndarray, np.ndarray]], psf_a: np.ndarray, 
     if any(p % 4 for p in cfg.patch):
         raise TrainingError(f"patch {cfg.patch}: every size must be a multiple of 4 (two 2× poolings in the U-Net)")
     device = torch.device(device)
+    registered = cfg.rl_step == "registered"
+    if registered:  # the chain divides each whole view by its maximum (engines.rldfn.fuse_rldfn, normalize=True)
+        views = [(a / max(float(a.max()), 1e-6), b / max(float(b.max()), 1e-6)) for a, b in views]
     rng = seed_everything(cfg.seed)
     net = DualViewFusionNet(width=cfg.width, share_view_a_features=True).to(device).train()
     d_a, d_b = PatchDiscriminator(cfg.disc_width).to(device), PatchDiscriminator(cfg.disc_width).to(device)
     # The view-B feature net gets no gradient when features are shared; it is kept (and saved) for layout parity.
     g_opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     d_opt = torch.optim.Adam([*d_a.parameters(), *d_b.parameters()], lr=cfg.d_lr, betas=(cfg.beta1, 0.999))
-    otf_a, otf_b = psf_to_otf(psf_a, cfg.patch, device), psf_to_otf(psf_b, cfg.patch, device)
+    make_otf = exact_otf if registered else psf_to_otf
+    otf_a, otf_b = make_otf(psf_a, cfg.patch, device), make_otf(psf_b, cfg.patch, device)
     blur = []
     for psf in (psf_a, psf_b):
         p = torch.as_tensor(np.asarray(psf, np.float32))
@@ -213,16 +243,21 @@ def train_fusion(views: list[tuple[np.ndarray, np.ndarray]], psf_a: np.ndarray, 
     mon = Monitor(cfg.steps, step, "train-fusion", out_dir / "log" if out_dir else None, progress)
     try:
         while step < cfg.steps:
-            a_np, b_np = _random_patch(views, cfg.patch, cfg.batch_size, rng)
+            a_np, b_np = _random_patch(views, cfg.patch, cfg.batch_size, rng, per_patch=not registered)
             va, vb = torch.from_numpy(a_np).to(device), torch.from_numpy(b_np).to(device)
+            wa = wb = None
             with torch.no_grad():
-                ca, cb = rl_corrections(va, vb, (va + vb) / 2, otf_a, otf_b)
+                if registered:
+                    wa, wb = _coverage(va), _coverage(vb)
+                    ca, cb = rl_corrections_registered(va, vb, otf_a, otf_b, wa, wb)
+                else:
+                    ca, cb = rl_corrections(va, vb, (va + vb) / 2, otf_a, otf_b)
             fused = net(ca, cb)
             jit = rng.uniform(-cfg.jitter_deg, cfg.jitter_deg)
             # generator: explain both views, fool both critics on jittered and 90° sections, stay smooth
             for d in (d_a, d_b):
                 d.requires_grad_(False)
-            cycle = F.l1_loss(_fft_blur(fused, *blur[0]), va) + F.l1_loss(_fft_blur(fused, *blur[1]), vb)
+            cycle = _weighted_l1(_fft_blur(fused, *blur[0]), va, wa) + _weighted_l1(_fft_blur(fused, *blur[1]), vb, wb)
             g_gan = (gan(d_a(oblique_section(fused, theta + jit, rng)), True)
                      + gan(d_b(oblique_section(fused, 180 - theta + jit, rng)), True)
                      + gan(d_a(oblique_section(fused, 90.0, rng)), True)

@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--d-lr", type=float, default=1e-4)
     p.add_argument("--angle", type=float, default=30.8, help="view angle in degrees [30.8]")
+    p.add_argument("--rl-step", choices=["registered", "reference"], default="registered",
+                   help="RL step the network is trained behind: registered = the one `rllsm reconstruct`/`fuse` run "
+                   "with tiling (no shift, coverage-weighted, cycle loss weighted by coverage); reference = the "
+                   "reference's own step (for --tile none) [registered]")
     p.add_argument("--jitter", type=float, default=30.0)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = FusionTrainConfig(steps=args.steps, patch=args.patch, batch_size=args.batch_size, width=args.width,
                                 disc_width=args.disc_width, lr=args.lr, d_lr=args.d_lr, view_angle_deg=args.angle,
-                                jitter_deg=args.jitter, save_every=args.save_every, seed=args.seed)
+                                jitter_deg=args.jitter, save_every=args.save_every, seed=args.seed,
+                                rl_step=args.rl_step)
         if args.synthetic:
             from engines.training.synthetic_dual import make_dual_view
 
