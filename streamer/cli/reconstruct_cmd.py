@@ -46,9 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     # the model-source flags of serve and replay too, generated from one model (engines.sources.ReconSources)
     add_model_args(p, exclude=("weights",), title="model sources", dest_prefix="")
     p.add_argument("--iterations", type=int, default=30, metavar="K",
-                   help="Richardson–Lucy iterations (sr-rl, classical, single-view; measured against simulated truth "
-                   "in BENCHMARKS.md)")
-    p.add_argument("--tile", default="auto", metavar="none|auto|N", help="RL-DFN tiling (default auto)")
+                   help="Richardson–Lucy iterations (sr-rl, classical, single-view; full: of the estimate that "
+                   "replaces RL-DFN where only one view has data; measured against simulated truth in BENCHMARKS.md)")
+    p.add_argument("--tile", default="auto", metavar="none|auto|N",
+                   help="RL-DFN tiling (default auto); none = the whole volume through the reference's own math "
+                   "(its RL step, no alignment, no one-view fill)")
     p.add_argument("--overlap", type=int, default=24, metavar="N", help="RL-DFN tile overlap in voxels")
     add_memory_budget_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
