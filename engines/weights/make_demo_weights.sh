@@ -15,11 +15,7 @@ $PY -m streamer train-meta "$W/vsisr-data" --out "$W/vsisr-meta" --steps 150 --f
     --no-progress
 $PY -m streamer finetune "$W/vsisr-data" --meta-model "$W/vsisr-meta/meta_model_rllsm.pth" --out "$W/vsisr-ft" \
     --device cpu --no-progress
-$PY -m engines.weights.pack "$W/vsisr-ft/finetuned.pth"  # the views below are made with this VSI-SR
-# RL-DFN: self-supervised, behind the chain's registered RL step, on the views the chain makes from simulated rLLSM
-# stacks (filaments and beads, 2 seeds each, 64x128x128 raw -> 90x192x214 views).
-$PY -m engines.weights.chain_views "$W/rldfn-views" --structures filaments,beads --seeds 100,101 --shape 64,128,128
-$PY -m streamer train-fusion --from-folder "$W/rldfn-views" --psf-a "$W/rldfn-views/psf_a.tif" \
-    --psf-b "$W/rldfn-views/psf_b.tif" --patch 24,48,48 --width 8 --disc-width 8 --lr 1e-3 --steps 800 \
-    --save-every 25 --out "$W/rldfn" --device cpu --no-progress
+# RL-DFN: self-supervised on dual-view volumes from the built-in dual-view generator (filaments).
+$PY -m streamer train-fusion --synthetic --structure filaments --volumes 2 --size 32,96,96 --patch 24,48,48 \
+    --width 8 --disc-width 8 --lr 1e-3 --steps 800 --save-every 25 --out "$W/rldfn" --device cpu --no-progress
 $PY -m engines.weights.pack "$W/vsisr-ft/finetuned.pth" "$W/rldfn/rldfn.pt"
