@@ -15,7 +15,9 @@ $PY -m streamer train-meta "$W/vsisr-data" --out "$W/vsisr-meta" --steps 150 --f
     --no-progress
 $PY -m streamer finetune "$W/vsisr-data" --meta-model "$W/vsisr-meta/meta_model_rllsm.pth" --out "$W/vsisr-ft" \
     --device cpu --no-progress
-# RL-DFN: self-supervised on dual-view volumes from the built-in dual-view generator (filaments).
+# RL-DFN: self-supervised on dual-view volumes from the built-in dual-view generator (filaments), behind the
+# reference's RL step (what the trainer did when these weights were made).
 $PY -m streamer train-fusion --synthetic --structure filaments --volumes 2 --size 32,96,96 --patch 24,48,48 \
-    --width 8 --disc-width 8 --lr 1e-3 --steps 800 --save-every 25 --out "$W/rldfn" --device cpu --no-progress
+    --width 8 --disc-width 8 --lr 1e-3 --steps 800 --save-every 25 --rl-step reference --out "$W/rldfn" --device cpu \
+    --no-progress
 $PY -m engines.weights.pack "$W/vsisr-ft/finetuned.pth" "$W/rldfn/rldfn.pt"
