@@ -86,6 +86,7 @@ def test_mip_subscriber_never_receives_volumes_and_counts_what_it_missed() -> No
         for t in range(n):
             pub.publish(sample(t), VolumeIndex(t), acquisition_id="a")
         kinds = []
+        late_warmup = 0  # on a loaded machine a warm-up set can still arrive after the counters were reset
         # a loss is only visible when a later message arrives: keep publishing until the last one is seen
         final = n
         while True:
@@ -96,11 +97,14 @@ def test_mip_subscriber_never_receives_volumes_and_counts_what_it_missed() -> No
                 final += 1
                 continue
             kinds.append(msg.kind)
+            if msg.header.acquisition_id == "warmup":
+                late_warmup += 1
+                continue
             if msg.header.timepoint == final - 1 and msg.header.axis == "x":
                 break
         assert set(kinds) == {"mip"}  # volumes were filtered at the publisher
         # latest wins: the burst lost MIPs, but none without being counted
-        assert client.received + client.dropped == 3 * final
+        assert client.received - late_warmup + client.dropped == 3 * final
 
 
 def test_slow_subscriber_never_blocks_publisher_and_every_drop_is_counted() -> None:
