@@ -12,7 +12,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from engines.reconstruct import Reconstructor, ReconstructParams, demo_models, uses_lateral_sr
+from engines.reconstruct import (
+    Reconstructor,
+    ReconstructParams,
+    demo_models,
+    uses_lateral_sr,
+)
 from engines.rldfn.coverage import coverage_mask
 from engines.rldfn.metrics import forward_registration_shift, registration_shift
 from engines.simulate.config import make_sim_config

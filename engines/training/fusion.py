@@ -38,7 +38,12 @@ from torch.nn import functional as F
 
 from engines.rldfn.checkpoint import save_reference_folder, save_rldfn
 from engines.rldfn.network import DualViewFusionNet
-from engines.rldfn.rl import exact_otf, psf_to_otf, rl_corrections, rl_corrections_registered
+from engines.rldfn.rl import (
+    exact_otf,
+    psf_to_otf,
+    rl_corrections,
+    rl_corrections_registered,
+)
 from engines.support import StrictModel
 from engines.training.common import (
     Monitor,
