@@ -49,17 +49,26 @@ def half_covered():
     return va, vb, obj, pa, pb
 
 
-def test_rldfn_follows_the_sample_where_one_view_sees_it(half_covered) -> None:
-    from engines.rldfn.fuse import fuse_rldfn
-    from engines.weights import DemoWeightsError
+@pytest.fixture(scope="module")
+def demo_model(half_covered):
+    """The shipped demo RL-DFN with the simulated views' PSFs (skips where the demo weights are not installed)."""
+    from engines.rldfn.checkpoint import load_rldfn
+    from engines.rldfn.model import RLDFN
+    from engines.weights import DemoWeightsError, demo_weights_path
 
-    va, vb, obj, pa, pb = half_covered
+    *_, pa, pb = half_covered
     try:
-        model = _demo_model(pa, pb)
+        return RLDFN(load_rldfn(demo_weights_path("rl-dfn")), pa, pb)
     except DemoWeightsError:
         pytest.skip("the demo weights are not installed")
-    filled = fuse_rldfn(va, vb, model, tile=32, overlap=8, device="cpu")
-    network = fuse_rldfn(va, vb, model, tile=32, overlap=8, device="cpu", one_view=False)
+
+
+def test_rldfn_follows_the_sample_where_one_view_sees_it(half_covered, demo_model) -> None:
+    from engines.rldfn.fuse import fuse_rldfn
+
+    va, vb, obj, _, _ = half_covered
+    filled = fuse_rldfn(va, vb, demo_model, tile=32, overlap=8, device="cpu")
+    network = fuse_rldfn(va, vb, demo_model, tile=32, overlap=8, device="cpu", one_view=False)
     ca, cb = (coverage_mask(torch.from_numpy(v)).numpy() for v in (va, vb))
     one = ca & ~cb
     one[:, :, :64] = False  # past view B's edge and the blend ramp
@@ -75,27 +84,15 @@ def test_rldfn_follows_the_sample_where_one_view_sees_it(half_covered) -> None:
     np.testing.assert_array_equal(filled[:, :, :40], network[:, :, :40])
 
 
-def test_reference_math_is_not_filled(half_covered) -> None:
+def test_reference_math_is_not_filled(half_covered, demo_model) -> None:
     from engines.rldfn.fuse import fuse_rldfn
-    from engines.weights import DemoWeightsError
 
-    va, vb, _, pa, pb = half_covered
-    try:
-        model = _demo_model(pa, pb)
-    except DemoWeightsError:
-        pytest.skip("the demo weights are not installed")
+    va, vb, *_ = half_covered
     sub = (slice(0, 16), slice(0, 32), slice(40, 72))  # straddles view B's edge
     a, b = np.ascontiguousarray(va[sub]), np.ascontiguousarray(vb[sub])
-    plain = fuse_rldfn(a, b, model, tile="none", device="cpu")
-    explicit = fuse_rldfn(a, b, model, tile="none", device="cpu", registered=False, align=False, one_view=False)
+    plain = fuse_rldfn(a, b, demo_model, tile="none", device="cpu")
+    explicit = fuse_rldfn(a, b, demo_model, tile="none", device="cpu", registered=False, align=False, one_view=False)
     np.testing.assert_array_equal(plain, explicit)
     with pytest.raises(VolumeShapeError, match="one_view_iterations"):
-        fuse_rldfn(a, b, model, tile=16, device="cpu", one_view_iterations=0)
+        fuse_rldfn(a, b, demo_model, tile=16, device="cpu", one_view_iterations=0)
 
-
-def _demo_model(pa: np.ndarray, pb: np.ndarray):
-    from engines.rldfn.checkpoint import load_rldfn
-    from engines.rldfn.model import RLDFN
-    from engines.weights import demo_weights_path
-
-    return RLDFN(load_rldfn(demo_weights_path("rl-dfn")), pa, pb)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from engines.device import pick_device, probe_to_host, to_device, to_host
+from engines.rldfn.coverage import blend_weight, coverage_mask
 from engines.rldfn.errors import MemoryBudgetError, VolumeShapeError
 from engines.rldfn.model import RLDFN
 from engines.rldfn.tiling import (
@@ -233,8 +234,6 @@ def fuse_rldfn(
     model = model.to(dev).eval()
     weights = None
     if registered:
-        from engines.rldfn.coverage import blend_weight, coverage_mask
-
         weights = [blend_weight(coverage_mask(v)) for v in (a, b)]
     was_registered, net = getattr(model, "registered", False), model.net
     model.registered = registered
@@ -244,18 +243,21 @@ def fuse_rldfn(
         fused = _run_tiles(a, b, model, tiles, padded, shape, overlap, width, dev, batch_size, weights, progress)
     finally:
         model.registered, model.net = was_registered, net
-    if registered if align is None else align:
-        from engines.rldfn.align import align_to_views
-        from engines.rldfn.coverage import blend_weight, coverage_mask
-
+    do_align = registered if align is None else align
+    do_fill = registered if one_view is None else one_view
+    if do_align or do_fill:
         if weights is None:
             weights = [blend_weight(coverage_mask(v)) for v in (a, b)]
         inner = tuple(slice(0, n) for n in shape)
-        fused, moved = align_to_views(fused, a[inner], b[inner], weights[0][inner], weights[1][inner],
-                                      psfs=(model.psf_a.cpu().numpy(), model.psf_b.cpu().numpy()))
-        log.debug("fused volume moved by %s voxels onto its views", tuple(-m for m in moved))
-    if registered if one_view is None else one_view:
-        fused = _fill_one_view(fused, a, b, weights, shape, model, one_view_iterations)
+        va, vb, wa, wb = a[inner], b[inner], weights[0][inner], weights[1][inner]
+        psfs = (model.psf_a.detach().cpu().numpy(), model.psf_b.detach().cpu().numpy())
+        if do_align:
+            from engines.rldfn.align import align_to_views
+
+            fused, moved = align_to_views(fused, va, vb, wa, wb, psfs=psfs)
+            log.debug("fused volume moved by %s voxels onto its views", tuple(-m for m in moved))
+        if do_fill:
+            fused = _fill_one_view(fused, va, vb, wa, wb, psfs, one_view_iterations)
     if not tensors:
         return fused.numpy() if dev.type == "cpu" else to_host(fused)
     if fused.device == home:
@@ -263,21 +265,16 @@ def fuse_rldfn(
     return torch.from_numpy(to_host(fused)) if home.type == "cpu" else fused.to(home)
 
 
-def _fill_one_view(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: list[torch.Tensor] | None,
-                   shape: tuple[int, ...], model: RLDFN, iterations: int | None) -> torch.Tensor:
+def _fill_one_view(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor,
+                   psfs: tuple[np.ndarray, np.ndarray], iterations: int | None) -> torch.Tensor:
     from engines.rldfn.classical import DEFAULT_ITERATIONS, joint_rl
-    from engines.rldfn.coverage import blend_weight, coverage_mask
     from engines.rldfn.one_view import blend_one_view
 
-    inner = tuple(slice(0, n) for n in shape)
-    wa, wb = ([blend_weight(coverage_mask(v)) for v in (a, b)] if weights is None else weights)
-    wa, wb = wa[inner], wb[inner]
     if bool((torch.minimum(wa, wb) > 0.99).all()):
         return fused  # both views everywhere: nothing to fill
     its = DEFAULT_ITERATIONS if iterations is None else int(iterations)
-    psf_a, psf_b = (p.detach().cpu().numpy() for p in (model.psf_a, model.psf_b))
-    estimate = joint_rl(a[inner], b[inner], psf_a, psf_b, its, coverage=[wa, wb])
-    return blend_one_view(fused.to(estimate.device), estimate, wa.to(estimate.device), wb.to(estimate.device))
+    estimate = joint_rl(a, b, psfs[0], psfs[1], its, coverage=[wa, wb])
+    return blend_one_view(fused, estimate, wa, wb)
 
 
 def _patch_budget(budget: int | None, padded: tuple[int, ...], dev: torch.device, registered: bool) -> int | None:

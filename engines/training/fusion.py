@@ -11,10 +11,11 @@ Richardson–Lucy step (no gradient, as in the published model) and the fusion n
 
 The Richardson–Lucy step is, by default, the one the chain runs at inference with tiling
 (:func:`engines.rldfn.rl.rl_corrections_registered`: no shift, each view weighted by its coverage), and each
-view's cycle term is weighted by the same coverage: a network trained behind the reference's step learns to
-undo that step's one-voxel shift and then moves the chain's unshifted corrections (the earlier demo weights
-put their output 0.5–0.65 voxel off the views), and an unweighted cycle loss asks the fused volume to be dark
-wherever a view has no data. ``rl_step="reference"`` trains behind the reference's step, per-patch scaling and
+view's cycle term is weighted by the same coverage: a network trained behind the reference's step learned on
+corrections moved by about a voxel per even axis, which the chain's unshifted corrections are not (the shipped
+demo weights, trained that way, put their output 0.5–0.65 voxel off the views, removed by
+:mod:`engines.rldfn.align`), and an unweighted cycle loss asks the fused volume to be dark wherever a view has no
+data. ``rl_step="reference"`` trains behind the reference's step, per-patch scaling and
 plain cycle loss, for networks meant for its math (``tile="none"``).
 
 Loss weights follow the published trainer: cycle ``10 · 5000 · L1``, GAN terms ⅓ each, TV ``1e-7``;
