@@ -169,6 +169,9 @@ class Reconstructor:
             # built once: moving the weights to the device per stack would be a transfer per stack
             self._vsisr = as_predictor(self.models.vsisr, self.device, lat.precision)
         self._rldfn = None
+        #: mode full: the first streamed stack's registration to its views (the stage chain keeps no reports, and
+        #: one check tells whether the network fits the sample; a warning is logged when it does not)
+        self.registration: Any = None
         if mode == "full":
             from engines.rldfn.model import RLDFN
 
@@ -222,7 +225,10 @@ class Reconstructor:
         return single_view_rl(volume, self.psf, self.params.iterations, progress=progress)
 
     def fuse_t(self, view_a: torch.Tensor, view_b: torch.Tensor,
-               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               progress: Callable[[int, int], None] | None = None,
+               reports: dict[str, Any] | None = None) -> torch.Tensor:
+        """Fuse the two views; in mode full ``reports`` (when given) receives the fused volume's registration to
+        its views (:class:`engines.rldfn.consistency.RegistrationReport`)."""
         if self.params.mode == "full":
             from engines.rldfn.fuse import fuse_rldfn
 
@@ -233,7 +239,7 @@ class Reconstructor:
             # tensors in, a tensor out on the same device: tiles are cut and blended there, no host copy
             return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
                               device=self.device, memory_budget_bytes=budget, progress=progress,
-                              one_view_iterations=self.params.iterations)
+                              one_view_iterations=self.params.iterations, reports=reports)
         from engines.rldfn.classical import joint_rl
 
         return joint_rl(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, "auto", progress)
@@ -299,7 +305,7 @@ class Reconstructor:
             del sr
             if keep_intermediates:
                 kept["view_a"], kept["view_b"] = to_host(view_a), to_host(view_b)
-            fused = timed("fuse", lambda: to_host(self.fuse_t(view_a, view_b)))
+            fused = timed("fuse", lambda: to_host(self.fuse_t(view_a, view_b, reports=reports)))
         return ReconResult(fused=fused, voxel_um=views_voxel_um(self.optics, self.params.mode), reports=reports,
                            timings_s=timings, intermediates=kept)
 
@@ -317,8 +323,15 @@ class Reconstructor:
             chain.append(ChainStage("deconvolve", lambda vol: self.deconvolve_t(self.to_device(vol))))
             return chain
         chain.append(ChainStage("split_views", lambda vol: tuple(self.split_t(self.to_device(vol))[:2])))
-        chain.append(ChainStage("fuse", lambda views: self.fuse_t(*(self.to_device(v) for v in views))))
+        chain.append(ChainStage("fuse", self._fuse_stage))
         return chain
+
+    def _fuse_stage(self, views: tuple[Any, Any]) -> torch.Tensor:
+        reports: dict[str, Any] | None = {} if self.registration is None and self.params.mode == "full" else None
+        out = self.fuse_t(*(self.to_device(v) for v in views), reports=reports)
+        if reports:
+            self.registration = reports.get("registration")
+        return out
 
 
 class ChainStage(NamedTuple):

@@ -15,7 +15,9 @@ view cut the chain used, and reports
   (``engines.rldfn.metrics.forward_registration_shift``); and against the truth (``registration_shift``; voxels,
   largest axis). Near the mirror each view also holds the tail of the other
   image, which pulls the views' own structures towards the mirror; the fusion partly undoes that. The views'
-  own shift against the truth is printed beside the fused volume's.
+  own shift against the truth is printed beside the fused volume's;
+* mode full: the spread of the network output's shift between the halves of the volume
+  (``engines.rldfn.consistency``; above 0.5 voxel the output is warped against its views, not just shifted).
 
 The truth is rendered on the deskewed grid widened by ``PAD`` voxels on every side before it is carried onto
 the fused grid, so that the one-view regions — which show emitters the other view's field does not reach —
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         Reconstructor,
         ReconstructParams,
         demo_models,
+        load_models,
         uses_lateral_sr,
     )
     from engines.rldfn.coverage import coverage_mask
@@ -93,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     from engines.simulate.config import make_sim_config
     from engines.simulate.microscope import Microscope
+    from engines.weights import demo_weights_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_args(ap, shape="101,256,256", structures="beads,filaments", seeds="0,1")
     ap.add_argument("--modes", default="classical,sr-rl,full")
+    ap.add_argument("--rldfn", default=None, help="RL-DFN weights for mode full (a reference folder or an rllsm "
+                    "file; default: the shipped demo weights)")
     ap.add_argument("--iterations", default="30", help="comma list of RL iterations (classical, sr-rl; full: of the estimate that fills one-view regions)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -116,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             its = [int(i) for i in args.iterations.split(",")]  # full: of its one-view estimate
             for it in its:
                 models = demo_models(cfg.optics) if uses_lateral_sr(mode) else None
+                if mode == "full" and args.rldfn and models is not None:
+                    models = load_models(vsisr_checkpoint=demo_weights_path("vsi-sr"), rldfn_weights=args.rldfn,
+                                         optics=cfg.optics)
                 params = ReconstructParams(mode=mode, iterations=it)
                 rec = Reconstructor(cfg.optics, params, models, device="cpu")
                 t0 = time.perf_counter()
@@ -153,20 +162,23 @@ def main(argv: list[str] | None = None) -> int:
                 s_vt = registration_shift((va + vb) / 2, truth, mask=far)
                 fw = puncta_fwhm(fused, vox) if structure == "beads" else {"z": math.nan, "y": math.nan,
                                                                           "x": math.nan}
+                reg = res.reports.get("registration")  # mode full: the network output's warp, per stack
+                spread = math.nan if reg is None or reg.spread_voxels is None else reg.spread_voxels
                 rows.append((structure, seed, mode, it, fw, lat, ax, r2, regions, hot,
                              float(np.abs(s_views).max()), float(np.abs(s_all).max()),
-                             float(np.abs(s_truth).max()), float(np.abs(s_vt).max()), secs))
+                             float(np.abs(s_truth).max()), float(np.abs(s_vt).max()), spread, secs))
                 print(rows[-1], flush=True)
     print(f"\nraw stacks {'×'.join(map(str, shape))}, seeds {args.seeds}, CPU\n")
     print("| structure | seed | mode | RL iter. | bead FWHM z/y/x (nm) | best blur lat/ax (nm), two-view (r) | "
           "A-only r: fused / view A | B-only r: fused / view B | one-view max / p99.99 | shift vs views: far / all "
-          "(vox) | shift vs truth: fused / views (vox) | time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for s, seed, mode, it, fw, lat, ax, r2, regions, hot, sv, sa, st, svt, secs in rows:
+          "(vox) | shift vs truth: fused / views (vox) | network warp spread (vox) | time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for s, seed, mode, it, fw, lat, ax, r2, regions, hot, sv, sa, st, svt, spread, secs in rows:
         f = "—" if math.isnan(fw["z"]) else f"{fw['z']:.0f}/{fw['y']:.0f}/{fw['x']:.0f}"
         reg = " | ".join(f"{a:.3f} / {b:.3f}" for a, b in regions.values())
         print(f"| {s} | {seed} | {mode} | {it} | {f} | {lat:.0f}/{ax:.0f} ({r2:.3f}) | {reg} | {hot:.2f} | "
-              f"{sv:.2f} / {sa:.2f} | {st:.2f} / {svt:.2f} | {secs:.0f} |")
+              f"{sv:.2f} / {sa:.2f} | {st:.2f} / {svt:.2f} | {'—' if math.isnan(spread) else f'{spread:.2f}'} | "
+              f"{secs:.0f} |")
     return 0
 
 

@@ -109,6 +109,11 @@ def test_full_chain_with_rldfn_tiles_stays_on_the_device(beads) -> None:
     rec = Reconstructor(cfg.optics, params, _full_models(cfg), device="cpu")
     assert [s.name for s in rec.stages()] == ["preprocess", "lateral_sr", "split_views", "fuse"]
     _check_chain(rec, _full_input(raw))
+    # the network's registration to its views: checked on the first streamed stack, and on every direct call
+    from engines.rldfn.consistency import RegistrationReport
+
+    assert isinstance(rec.registration, RegistrationReport), rec.registration
+    assert isinstance(rec(_full_input(raw)).reports["registration"], RegistrationReport)
 
 
 def test_rldfn_fusion_takes_and_returns_device_tensors_without_copies() -> None:

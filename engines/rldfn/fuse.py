@@ -125,6 +125,7 @@ def fuse_rldfn(
     align: bool | None = None,
     one_view: bool | None = None,
     one_view_iterations: int | None = None,
+    reports: dict[str, Any] | None = None,
 ) -> torch.Tensor | np.ndarray:
     """Fuse two registered views with RL-DFN.
 
@@ -175,6 +176,10 @@ def fuse_rldfn(
         does not follow the sample), blended in over the views' edge ramps. Default: as ``registered``.
     one_view_iterations
         Iterations of that estimate (default :data:`engines.rldfn.classical.DEFAULT_ITERATIONS`).
+    reports
+        When given, and the output is aligned, ``reports["registration"]`` receives the
+        :class:`~engines.rldfn.consistency.RegistrationReport`: the shift removed, the shift left and its spread
+        over the volume's halves (a warning is logged when the network's output is warped against its views).
 
     Returns
     -------
@@ -256,6 +261,10 @@ def fuse_rldfn(
 
             fused, moved = align_to_views(fused, va, vb, wa, wb, psfs=psfs)
             log.debug("fused volume moved by %s voxels onto its views", tuple(-m for m in moved))
+            if reports is not None:
+                from engines.rldfn.consistency import check_registration
+
+                reports["registration"] = check_registration(fused, va, vb, torch.minimum(wa, wb), psfs, moved)
         if do_fill:
             fused = _fill_one_view(fused, va, vb, wa, wb, psfs, one_view_iterations)
     if not tensors:

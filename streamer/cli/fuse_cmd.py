@@ -228,11 +228,15 @@ def fuse_files(
 
                 memory_budget_mib = default_memory_budget_mib(dev)
             budget = None if memory_budget_mib is None else mib_to_bytes(memory_budget_mib)
+            reports: dict = {}
             with torch.inference_mode():
                 fused = fuse_rldfn(a, b, RLDFN(net, pa, pb), tile=tile,  # type: ignore[arg-type]
                                    overlap=DEFAULT_OVERLAP if overlap is None else overlap, device=dev,
                                    memory_budget_bytes=budget, progress=tick, batch_size=batch,
-                                   one_view_iterations=iterations)
+                                   one_view_iterations=iterations, reports=reports)
+            if (reg := reports.get("registration")) is not None and reg.spread_voxels is not None:
+                log.info("network output against its views: %s voxel removed, spread %.2f voxel over the volume",
+                         "/".join(f"{s:+.2f}" for s in reg.removed_voxels), reg.spread_voxels)
     except FusionError as err:
         raise CLIError(str(err)) from None
     finally:
