@@ -12,8 +12,9 @@ view cut the chain used, and reports
   fused volume and of the view that holds data there (the better single view: the other one is empty);
 * the shift of the fused volume against its views where both have data (at least 4 voxels inside the edge of
   their data), at least 1 µm from the mirror ("far") and at any height ("all"): the fused volume blurred by each view's PSF against that view, averaged over the two
-  (``engines.rldfn.metrics.forward_registration_shift``); and against the truth (``registration_shift``; voxels,
-  largest axis). Near the mirror each view also holds the tail of the other
+  (``engines.rldfn.metrics.forward_registration_shift``; classical and sr-rl only: it holds for a deconvolution,
+  not for a network's output, which blurred is not its view); and against the truth (``registration_shift``;
+  voxels, per axis). Near the mirror each view also holds the tail of the other
   image, which pulls the views' own structures towards the mirror; the fusion partly undoes that. The views'
   own shift against the truth is printed beside the fused volume's;
 * mode full: the spread of the network output's shift between the halves of the volume
@@ -156,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                 far = inner.copy()
                 far[-math.ceil(MIRROR_UM / res.voxel_um):] = False
                 psfs = [rec.psf_a, rec.psf_b]
-                s_views = forward_registration_shift(fused, [va, vb], psfs, mask=far)
-                s_all = forward_registration_shift(fused, [va, vb], psfs, mask=inner)
+                # the forward measure holds for deconvolutions (classical, sr-rl), not for a network's output
+                # (not the object, so not the view once blurred): mode full is judged against the truth
+                deconv = mode != "full"
+                s_views = forward_registration_shift(fused, [va, vb], psfs, mask=far) if deconv else np.full(3, np.nan)
+                s_all = forward_registration_shift(fused, [va, vb], psfs, mask=inner) if deconv else np.full(3, np.nan)
                 s_truth = registration_shift(fused, truth, mask=far)
                 s_vt = registration_shift((va + vb) / 2, truth, mask=far)
                 fw = puncta_fwhm(fused, vox) if structure == "beads" else {"z": math.nan, "y": math.nan,
@@ -166,18 +170,20 @@ def main(argv: list[str] | None = None) -> int:
                 spread = math.nan if reg is None or reg.spread_voxels is None else reg.spread_voxels
                 rows.append((structure, seed, mode, it, fw, lat, ax, r2, regions, hot,
                              float(np.abs(s_views).max()), float(np.abs(s_all).max()),
-                             float(np.abs(s_truth).max()), float(np.abs(s_vt).max()), spread, secs))
+                             s_truth, s_vt, spread, secs))
                 print(rows[-1], flush=True)
     print(f"\nraw stacks {'×'.join(map(str, shape))}, seeds {args.seeds}, CPU\n")
     print("| structure | seed | mode | RL iter. | bead FWHM z/y/x (nm) | best blur lat/ax (nm), two-view (r) | "
           "A-only r: fused / view A | B-only r: fused / view B | one-view max / p99.99 | shift vs views: far / all "
-          "(vox) | shift vs truth: fused / views (vox) | network warp spread (vox) | time (s) |")
+          "(vox) | shift vs truth z,y,x: fused / views (vox) | network warp spread (vox) | time (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s, seed, mode, it, fw, lat, ax, r2, regions, hot, sv, sa, st, svt, spread, secs in rows:
         f = "—" if math.isnan(fw["z"]) else f"{fw['z']:.0f}/{fw['y']:.0f}/{fw['x']:.0f}"
         reg = " | ".join(f"{a:.3f} / {b:.3f}" for a, b in regions.values())
+        fwd = "n/a" if math.isnan(sv) else f"{sv:.2f} / {sa:.2f}"
+        st, svt = (",".join(f"{v:+.2f}" for v in x) for x in (st, svt))
         print(f"| {s} | {seed} | {mode} | {it} | {f} | {lat:.0f}/{ax:.0f} ({r2:.3f}) | {reg} | {hot:.2f} | "
-              f"{sv:.2f} / {sa:.2f} | {st:.2f} / {svt:.2f} | {'—' if math.isnan(spread) else f'{spread:.2f}'} | "
+              f"{fwd} | {st} / {svt} | {'—' if math.isnan(spread) else f'{spread:.2f}'} | "
               f"{secs:.0f} |")
     return 0
 

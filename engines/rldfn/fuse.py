@@ -167,15 +167,16 @@ def fuse_rldfn(
         bit for bit, which moves the result by about one voxel per even-sized axis. Default: False for
         ``tile="none"`` (the reference's own math), True otherwise.
     align
-        Measure the network output's sub-voxel shift against the views and undo it
-        (:mod:`engines.rldfn.align`): a network keeps whatever offset its training pairs held. Default: as
-        ``registered``.
+        Measure the network output's sub-voxel shift against the views' coverage-weighted joint Richardson–Lucy
+        estimate and undo it (:mod:`engines.rldfn.align`): a network keeps whatever offset its training pairs
+        held. Default: as ``registered``.
     one_view
         Where only one view has data, replace the network's output by the coverage-weighted Richardson–Lucy
         estimate of both views (:mod:`engines.rldfn.one_view`; the network fuses two views and its output there
         does not follow the sample), blended in over the views' edge ramps. Default: as ``registered``.
     one_view_iterations
-        Iterations of that estimate (default :data:`engines.rldfn.classical.DEFAULT_ITERATIONS`).
+        Iterations of that estimate, which the alignment registers to as well (computed once for both; default
+        :data:`engines.rldfn.classical.DEFAULT_ITERATIONS`).
     reports
         When given, and the output is aligned, ``reports["registration"]`` receives the
         :class:`~engines.rldfn.consistency.RegistrationReport`: the shift removed, the shift left and its spread
@@ -256,17 +257,22 @@ def fuse_rldfn(
         inner = tuple(slice(0, n) for n in shape)
         va, vb, wa, wb = a[inner], b[inner], weights[0][inner], weights[1][inner]
         psfs = (model.psf_a.detach().cpu().numpy(), model.psf_b.detach().cpu().numpy())
+        both = torch.minimum(wa, wb)
+        do_fill = do_fill and not bool((both > 0.99).all())  # both views everywhere: nothing to fill
+        estimate = _estimate(va, vb, wa, wb, psfs, one_view_iterations) if do_align or do_fill else None
         if do_align:
-            from engines.rldfn.align import align_to_views
+            from engines.rldfn.align import align_to_estimate
 
-            fused, moved = align_to_views(fused, va, vb, wa, wb, psfs=psfs)
+            fused, moved = align_to_estimate(fused, estimate, both)
             log.debug("fused volume moved by %s voxels onto its views", tuple(-m for m in moved))
             if reports is not None:
                 from engines.rldfn.consistency import check_registration
 
-                reports["registration"] = check_registration(fused, va, vb, torch.minimum(wa, wb), psfs, moved)
+                reports["registration"] = check_registration(fused, estimate, both, moved)
         if do_fill:
-            fused = _fill_one_view(fused, va, vb, wa, wb, psfs, one_view_iterations)
+            from engines.rldfn.one_view import blend_one_view
+
+            fused = blend_one_view(fused, estimate, wa, wb)
     if not tensors:
         return fused.numpy() if dev.type == "cpu" else to_host(fused)
     if fused.device == home:
@@ -274,16 +280,14 @@ def fuse_rldfn(
     return torch.from_numpy(to_host(fused)) if home.type == "cpu" else fused.to(home)
 
 
-def _fill_one_view(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor,
-                   psfs: tuple[np.ndarray, np.ndarray], iterations: int | None) -> torch.Tensor:
+def _estimate(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor,
+              psfs: tuple[np.ndarray, np.ndarray], iterations: int | None) -> torch.Tensor:
+    """The views' coverage-weighted joint Richardson–Lucy estimate: what the output is registered to (it sits on
+    the views by construction) and what fills the regions only one view sees."""
     from engines.rldfn.classical import DEFAULT_ITERATIONS, joint_rl
-    from engines.rldfn.one_view import blend_one_view
 
-    if bool((torch.minimum(wa, wb) > 0.99).all()):
-        return fused  # both views everywhere: nothing to fill
     its = DEFAULT_ITERATIONS if iterations is None else int(iterations)
-    estimate = joint_rl(a, b, psfs[0], psfs[1], its, coverage=[wa, wb])
-    return blend_one_view(fused, estimate, wa, wb)
+    return joint_rl(a, b, psfs[0], psfs[1], its, coverage=[wa, wb])
 
 
 def _patch_budget(budget: int | None, padded: tuple[int, ...], dev: torch.device, registered: bool) -> int | None:
