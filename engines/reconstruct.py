@@ -59,8 +59,9 @@ class ReconstructParams(StrictModel):
     tile: Literal["none", "auto"] | int = Field("auto", description="RL-DFN tiling: none, auto (fits budget) or size.")
     overlap: int = Field(24, ge=0, le=512, description="RL-DFN tile overlap (voxels).")
     memory_budget_mib: MemoryBudgetMiB | None = Field(
-        None, description="Memory one reconstruction may use, in MiB; RL-DFN tiles are sized to fit it (None: from "
-        "the device's free memory, engines.device.default_memory_budget_mib).")
+        None, description="Memory one reconstruction may use, in MiB; RL-DFN tiles are sized to fit it and joint "
+        "Richardson–Lucy runs in blocks where the whole volume's would not (None: from the device's free memory, "
+        "engines.device.default_memory_budget_mib).")
 
     @property
     def memory_budget_gb(self) -> float | None:
@@ -240,9 +241,12 @@ class Reconstructor:
             return fuse_rldfn(view_a, view_b, self._rldfn, tile=self.params.tile, overlap=self.params.overlap,
                               device=self.device, memory_budget_bytes=budget, progress=progress,
                               one_view_iterations=self.params.iterations, reports=reports)
-        from engines.rldfn.classical import joint_rl
+        from engines.rldfn.blocked_rl import joint_rl_within
 
-        return joint_rl(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, "auto", progress)
+        mib = self.params.memory_budget_mib
+        mib = default_memory_budget_mib(self.device) if mib is None else mib
+        return joint_rl_within(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, "auto",
+                               int(mib * 2**20), progress)
 
     # --- the same steps for host arrays: numpy in → numpy out (one copy each way) -------------------------------
 
@@ -457,7 +461,8 @@ def stage_chain(mode: str, optics: OpticsConfig, *, device: str | None = None, w
     checkpoint, OTF folder, RL-DFN weights, measured PSFs, or a ``weights`` folder holding ``vsi-sr.pt`` (or
     ``.pth``), ``rl-dfn.pt`` (or a reference RL-DFN folder ``rl-dfn/``) and optionally ``otf/`` (``weights`` here is
     the same folder, kept for callers that pass only it); without networks the shipped demo weights are used.
-    ``memory_budget_mib`` (MiB) bounds RL-DFN's tiles (default: :func:`engines.device.default_memory_budget_mib`).
+    ``memory_budget_mib`` (MiB) bounds RL-DFN's tiles and joint Richardson–Lucy's blocks (default:
+    :func:`engines.device.default_memory_budget_mib`).
     ``backend`` (:class:`engines.backends.BackendConfig`) runs both networks on torch, ONNX Runtime or TensorRT
     (see :func:`load_models`); ``None``: the torch modules. ``fused_depth`` fixes the planes of the output grid
     (default: :func:`engines.grid.nominal_depth` of the first stack).

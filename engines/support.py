@@ -85,8 +85,9 @@ _MEMORY_BUDGET = TypeAdapter(MemoryBudgetMiB)
 
 #: The help text of ``--memory-budget``, the same on every command that has the flag.
 MEMORY_BUDGET_HELP = (
-    "memory one reconstruction may use, in MiB (2**20 bytes), e.g. 8192; RL-DFN tiles are sized to fit it (with "
-    "--tile auto) and a stack needing more is refused before anything is allocated. 'auto' (default): from this "
+    "memory one reconstruction may use, in MiB (2**20 bytes), e.g. 8192; RL-DFN tiles (with --tile auto) and "
+    "joint Richardson–Lucy blocks are sized to fit it, and a stack needing more is refused before anything is "
+    "allocated. 'auto' (default): from this "
     "machine's free device memory"
 )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -152,6 +153,27 @@ def high_percentile(views: Sequence[torch.Tensor], weights: Sequence[torch.Tenso
     return best
 
 
+@dataclass(frozen=True)
+class VolumeTerms:
+    """What :func:`weighted_rl` measures on the whole volume before iterating: the later views' gains onto the
+    first view's brightness, the views' upper percentile (the one-view ceiling's unit) and the TV floor. Given,
+    a block of the volume is deconvolved on the whole volume's terms (:mod:`engines.rldfn.blocked_rl`)."""
+
+    gains: tuple[float, ...]
+    level: float
+    tv_eps: float
+
+
+def volume_terms(views: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> VolumeTerms:
+    """:class:`VolumeTerms` of whole ``views`` with their coverage ``weights``, as :func:`weighted_rl` finds them."""
+    vs = [torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0) for v in views]
+    gains = tuple(float(relative_gain(vs[0], v, weights[0], w)) for v, w in zip(vs[1:], weights[1:]))
+    scaled = [vs[0]] + [v * g for v, g in zip(vs[1:], gains)]
+    wsum = sum(weights)
+    start = sum(w * v for w, v in zip(weights, scaled)) / torch.clamp(wsum, min=1e-6)  # type: ignore[arg-type]
+    return VolumeTerms(gains, high_percentile(scaled, weights), 1e-3 * float(start.mean()))
+
+
 def weighted_rl(
     views: Sequence[torch.Tensor],
     psfs: Sequence[np.ndarray],
@@ -161,6 +183,7 @@ def weighted_rl(
     tv_one_view: float = DEFAULT_TV_ONE_VIEW,
     one_view_step: float | None = None,
     one_view_ceiling: float | None = None,
+    terms: VolumeTerms | None = None,
 ) -> torch.Tensor:
     """Richardson–Lucy of one or more registered (Z, Y, X) views, each weighted by its coverage, on their device.
 
@@ -173,7 +196,8 @@ def weighted_rl(
     :data:`DEFAULT_ONE_VIEW_STEP`) damps the correction there to ``correction**α``; ``one_view_ceiling`` (κ > 0,
     ``math.inf`` for none, None for :data:`DEFAULT_ONE_VIEW_CEILING`) bounds the estimate there by κ × the views'
     99.99th percentile. All three need weights and two or more views; where two views are trusted the update is
-    the plain one.
+    the plain one. ``terms`` (with weights only) replaces what is measured on ``views`` before iterating by the
+    whole volume's, when ``views`` are a block of it.
     """
     if len(views) != len(psfs) or not views:
         raise VolumeShapeError(f"need one PSF per view, got {len(views)} views and {len(psfs)} PSFs")
@@ -197,7 +221,9 @@ def weighted_rl(
             weights = [torch.as_tensor(w, dtype=torch.float32).to(dev) for w in coverage]
             if len(weights) != len(vs) or any(tuple(w.shape) != shape for w in weights):
                 raise VolumeShapeError(f"coverage must give one weight volume of the views' shape {shape} per view")
-        vs = [vs[0]] + [v * relative_gain(vs[0], v, weights[0], w) for v, w in zip(vs[1:], weights[1:])]
+        gains = terms.gains if terms is not None else [relative_gain(vs[0], v, weights[0], w)
+                                                       for v, w in zip(vs[1:], weights[1:])]
+        vs = [vs[0]] + [v * g for v, g in zip(vs[1:], gains)]
     pads = _pad_widths(shape, psfs)
     padded_views = [reflect_pad(v, pads) for v in vs]
     padded = tuple(padded_views[0].shape)
@@ -229,11 +255,11 @@ def weighted_rl(
             del stacked
             if tv_one_view > 0:
                 lam = tv_one_view * (1 - second)
-                tv_eps = 1e-3 * float(estimate.mean())
+                tv_eps = terms.tv_eps if terms is not None else 1e-3 * float(estimate.mean())
             if step != 1.0:
                 alpha = 1 - (1 - step) * (1 - second)
             if math.isfinite(kappa):
-                level = high_percentile(vs, weights)  # type: ignore[arg-type]
+                level = terms.level if terms is not None else high_percentile(vs, weights)  # type: ignore[arg-type]
                 if level > 0:
                     ceiling = (kappa * level) / torch.clamp(1 - second, min=1e-6)
                     estimate = torch.minimum(estimate, ceiling)
@@ -285,6 +311,7 @@ def classical_fuse(
     tv_one_view: float = DEFAULT_TV_ONE_VIEW,
     one_view_step: float | None = None,
     one_view_ceiling: float | None = None,
+    memory_budget_bytes: int | None = None,
 ) -> np.ndarray:
     """Fuse two registered views by joint Richardson–Lucy deconvolution, each view weighted by its coverage.
 
@@ -306,6 +333,9 @@ def classical_fuse(
         ``"auto"`` (default): each view updates the estimate only where it has data (exact zeros outside it,
         as step 3 leaves them), with a smooth edge, and view B is scaled to view A's brightness; two (Z, Y, X)
         weight volumes in [0, 1] give the weights directly; ``None``: plain joint RL over the whole volume.
+    memory_budget_bytes
+        With coverage, deconvolve in overlapping blocks where the whole volume's estimated peak exceeds it
+        (:mod:`engines.rldfn.blocked_rl`); ``None``: the whole volume at once.
 
     Returns
     -------
@@ -323,6 +353,15 @@ def classical_fuse(
     dev = pick_device(str(device) if device is not None else None)
     ta, tb = (torch.as_tensor(np.asarray(v, np.float32) if not isinstance(v, torch.Tensor) else v).to(dev)
               for v in (view_a, view_b))
-    out = joint_rl(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), coverage, progress, tv_one_view,
-                   one_view_step, one_view_ceiling)
+    options = {"tv_one_view": tv_one_view, "one_view_step": one_view_step, "one_view_ceiling": one_view_ceiling}
+    if memory_budget_bytes is not None and coverage is not None:
+        from engines.rldfn.blocked_rl import joint_rl_within
+
+        weights = coverage if isinstance(coverage, str) else [torch.as_tensor(w, dtype=torch.float32).to(dev)
+                                                               for w in coverage]
+        out = joint_rl_within(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), weights,
+                              int(memory_budget_bytes), progress, **options)
+    else:
+        out = joint_rl(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), coverage, progress,
+                       **options)
     return out.cpu().numpy().astype(np.float32)

@@ -151,7 +151,9 @@ def fuse_rldfn(
     memory_budget_bytes
         Upper bound for one patch's estimated peak memory; ``None`` disables the check (required for ``"auto"``).
         On a GPU the whole-volume buffers (both padded views, the blend accumulators and, when registered, the
-        coverage weights) live there too and are taken off the budget first.
+        coverage weights) live there too and are taken off the budget first. The Richardson–Lucy estimate that
+        alignment and the one-view fill use runs after the patches within the same bound, in blocks when the
+        whole volume's does not fit (:mod:`engines.rldfn.blocked_rl`).
     normalize
         Divide each whole view by its maximum first, as the reference's training data loader does (its
         reconstruction script divides each patch by the patch's maximum instead; per volume keeps all tiles on
@@ -259,7 +261,7 @@ def fuse_rldfn(
         psfs = (model.psf_a.detach().cpu().numpy(), model.psf_b.detach().cpu().numpy())
         both = torch.minimum(wa, wb)
         do_fill = do_fill and not bool((both > 0.99).all())  # both views everywhere: nothing to fill
-        estimate = _estimate(va, vb, wa, wb, psfs, one_view_iterations) if do_align or do_fill else None
+        estimate = _estimate(va, vb, wa, wb, psfs, one_view_iterations, budget) if do_align or do_fill else None
         if do_align:
             from engines.rldfn.align import align_to_estimate
 
@@ -281,13 +283,15 @@ def fuse_rldfn(
 
 
 def _estimate(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor,
-              psfs: tuple[np.ndarray, np.ndarray], iterations: int | None) -> torch.Tensor:
+              psfs: tuple[np.ndarray, np.ndarray], iterations: int | None, budget: int | None) -> torch.Tensor:
     """The views' coverage-weighted joint Richardson–Lucy estimate: what the output is registered to (it sits on
-    the views by construction) and what fills the regions only one view sees."""
-    from engines.rldfn.classical import DEFAULT_ITERATIONS, joint_rl
+    the views by construction) and what fills the regions only one view sees; in blocks when the whole volume's
+    deconvolution does not fit the patches' memory budget (it runs after them)."""
+    from engines.rldfn.blocked_rl import joint_rl_within
+    from engines.rldfn.classical import DEFAULT_ITERATIONS
 
     its = DEFAULT_ITERATIONS if iterations is None else int(iterations)
-    return joint_rl(a, b, psfs[0], psfs[1], its, coverage=[wa, wb])
+    return joint_rl_within(a, b, psfs[0], psfs[1], its, [wa, wb], budget)
 
 
 def _patch_budget(budget: int | None, padded: tuple[int, ...], dev: torch.device, registered: bool) -> int | None:

@@ -203,9 +203,12 @@ def fuse_files(
     t0 = time.perf_counter()
     try:
         if mode == "classical":
+            from engines.device import default_memory_budget_mib
             from engines.rldfn.classical import classical_fuse
 
-            fused = classical_fuse(a, b, pa, pb, iterations=iterations, device=dev, progress=tick)
+            mib = default_memory_budget_mib(dev) if memory_budget_mib is None else memory_budget_mib
+            fused = classical_fuse(a, b, pa, pb, iterations=iterations, device=dev, progress=tick,
+                                   memory_budget_bytes=mib_to_bytes(mib))
         else:
             from engines.rldfn.checkpoint import load_rldfn
             from engines.rldfn.fuse import DEFAULT_OVERLAP, fuse_rldfn
