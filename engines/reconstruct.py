@@ -223,7 +223,8 @@ class Reconstructor:
         """single-view: Richardson–Lucy of the deskewed volume with the single-view PSF, on the device."""
         from engines.single_view import single_view_rl
 
-        return single_view_rl(volume, self.psf, self.params.iterations, progress=progress)
+        return single_view_rl(volume, self.psf, self.params.iterations, progress=progress,
+                              memory_budget_bytes=self._budget_bytes())
 
     def fuse_t(self, view_a: torch.Tensor, view_b: torch.Tensor,
                progress: Callable[[int, int], None] | None = None,
@@ -243,10 +244,13 @@ class Reconstructor:
                               one_view_iterations=self.params.iterations, reports=reports)
         from engines.rldfn.blocked_rl import joint_rl_within
 
-        mib = self.params.memory_budget_mib
-        mib = default_memory_budget_mib(self.device) if mib is None else mib
         return joint_rl_within(view_a, view_b, self.psf_a, self.psf_b, self.params.iterations, "auto",
-                               int(mib * 2**20), progress)
+                               self._budget_bytes(), progress)
+
+    def _budget_bytes(self) -> int:
+        """The reconstruction's memory budget in bytes (from the device's free memory when not set)."""
+        mib = self.params.memory_budget_mib
+        return int((default_memory_budget_mib(self.device) if mib is None else mib) * 2**20)
 
     # --- the same steps for host arrays: numpy in → numpy out (one copy each way) -------------------------------
 

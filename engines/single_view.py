@@ -71,15 +71,17 @@ def single_view_psf(
 
 
 def single_view_rl(volume: torch.Tensor, psf: np.ndarray, iterations: int, coverage: str | None = "auto",
-                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Richardson–Lucy of one deskewed (Z, Y, X) volume on its device; returns the estimate there."""
-    from engines.rldfn.classical import weighted_rl
+                   progress: Callable[[int, int], None] | None = None,
+                   memory_budget_bytes: int | None = None) -> torch.Tensor:
+    """Richardson–Lucy of one deskewed (Z, Y, X) volume on its device; returns the estimate there. In blocks when
+    the whole volume's would exceed ``memory_budget_bytes`` (:mod:`engines.rldfn.blocked_rl`)."""
+    from engines.rldfn.blocked_rl import rl_within
 
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise VolumeShapeError(f"a single view must be a non-empty 3-D stack (Z, Y, X), got {tuple(volume.shape)}")
     if int(iterations) < 1:
         raise VolumeShapeError(f"iterations must be ≥ 1, got {iterations}")
-    return weighted_rl([volume], [psf], int(iterations), coverage, progress)
+    return rl_within([volume], [psf], int(iterations), coverage, memory_budget_bytes, progress)
 
 
 def deconvolve_single_view(volume: np.ndarray | torch.Tensor, psf: np.ndarray, iterations: int = 30,

@@ -15,6 +15,7 @@ from engines.rldfn.blocked_rl import (
     block_overlap,
     joint_rl_within,
     rl_bytes,
+    rl_within,
 )
 from engines.rldfn.classical import weighted_rl
 from engines.rldfn.coverage import blend_weight, coverage_mask
@@ -56,6 +57,16 @@ def test_blocks_agree_with_the_whole_volume(scene) -> None:
     assert float(blocked[:, :, 88:].max()) <= 1.01 * float(whole[:, :, 88:].max())
 
 
+def test_one_view_in_blocks_agrees_with_the_whole_volume(scene) -> None:
+    # single-view LLSM: one deskewed volume, one PSF
+    a, _, psfs, _ = scene
+    whole = rl_within([a], [psfs[0]], 30, "auto", None)
+    budget = rl_bytes((48, 56, 56), psfs[:1])
+    blocked = rl_within([a], [psfs[0]], 30, "auto", budget)
+    nrmse = float(torch.sqrt(torch.mean((blocked - whole) ** 2)) / (whole.max() - whole.min()))
+    assert nrmse < 1e-3, nrmse
+
+
 def test_a_budget_too_small_for_any_block_is_refused_with_what_it_needs(scene) -> None:
     a, b, psfs, w = scene
     with pytest.raises(MemoryBudgetError, match="raise the budget"):
@@ -68,46 +79,48 @@ _PROBE = r"""
 import json, os, sys
 import numpy as np, torch
 torch.set_num_threads(2)
-from engines.rldfn.blocked_rl import joint_rl_within
+from engines.rldfn.blocked_rl import rl_within
 from engines.rldfn.coverage import blend_weight, coverage_mask
 from engines.training.synthetic_dual import make_dual_view
-z, y, x, budget = (int(v) for v in sys.argv[1:5])
+z, y, x, budget, n = (int(v) for v in sys.argv[1:6])
 rng = np.random.default_rng(0)
 _, _, _, pa, pb = make_dual_view("puncta", (16, 16, 16), rng, psf_size=15)
 a = torch.from_numpy(rng.random((z, y, x), dtype=np.float32))
 b = torch.from_numpy(rng.random((z, y, x), dtype=np.float32))
 b[:, :, : x // 3] = 0
-w = [blend_weight(coverage_mask(v)) for v in (a, b)]
-joint_rl_within(a[:16, :16, :16], b[:16, :16, :16], pa, pb, 1, [v[:16, :16, :16] for v in w], None)
+views, psfs = [a, b][:n], [pa, pb][:n]
+w = [blend_weight(coverage_mask(v)) for v in views]
+rl_within([v[:16, :16, :16] for v in views], psfs, 1, [v[:16, :16, :16] for v in w], None)
 page = os.sysconf("SC_PAGE_SIZE")
 current = int(open("/proc/self/statm").read().split()[1]) * page
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")
-joint_rl_within(a, b, pa, pb, 2, w, budget if budget > 0 else None)
+rl_within(views, psfs, 2, w, budget if budget > 0 else None)
 status = open("/proc/self/status").read()
 peak = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
 print(json.dumps({"growth": peak - current}))
 """
 
 
-def _growth(shape: tuple[int, int, int], budget: int) -> int:
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, shape), str(budget)], capture_output=True,
+def _growth(shape: tuple[int, int, int], budget: int, views: int) -> int:
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, shape), str(budget), str(views)], capture_output=True,
                           text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["growth"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
-def test_peak_memory_holds_to_the_estimate_whole_and_in_blocks() -> None:
-    # views of a 64×128×128 raw stack after lateral SR are 90×192×214 (≈ 540 MiB whole)
+@pytest.mark.parametrize("views", [2, 1])
+def test_peak_memory_holds_to_the_estimate_whole_and_in_blocks(views: int) -> None:
+    # views of a 64×128×128 raw stack after lateral SR are 90×192×214 (≈ 540 MiB whole for two)
     shape = (90, 192, 214)
     psf = make_dual_view("puncta", (16, 16, 16), np.random.default_rng(0), psf_size=15)[3]
-    estimate = rl_bytes(shape, [psf, psf])
-    growth = _growth(shape, 0)
-    print(f"whole {shape}: peak grew {growth / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")
+    estimate = rl_bytes(shape, [psf] * views)
+    growth = _growth(shape, 0, views)
+    print(f"{views} view(s) whole {shape}: peak grew {growth / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")
     assert growth <= 1.3 * estimate and estimate <= 1.3 * growth
     budget = estimate // 4
-    growth = _growth(shape, budget)
+    growth = _growth(shape, budget, views)
     print(f"in blocks, budget {budget / 2**20:.0f} MiB: peak grew {growth / 2**20:.0f} MiB")
     # the whole volume's own buffers (views, weights, the blend's two accumulators) come on top of the blocks
     assert growth <= 1.3 * budget + 4 * 4 * np.prod(shape), growth

@@ -1,8 +1,8 @@
 """Coverage-weighted joint Richardson–Lucy within a memory budget: whole when it fits, else block by block.
 
-The whole-volume deconvolution holds about :data:`BYTES_PER_PADDED_VOXEL` bytes per voxel of its mirror-padded
-volume (views, weights, estimate, OTFs and the FFT buffers of one update; measured 85–108 B on volumes of
-0.4–5.8 M padded voxels, CPU), ~145–220 bytes per voxel of the views — 12 GB for the views of a 101×480×509 stack
+The whole-volume deconvolution of two views holds about 100 bytes per voxel of its mirror-padded volume (views,
+weights, estimate, OTFs and the FFT buffers of one update; measured 85–108 B on volumes of 0.4–5.8 M padded
+voxels, CPU; one view: about 65), ~145–220 bytes per voxel of the views — 12 GB for the views of a 101×480×509 stack
 after lateral SR. Where that exceeds the budget, the volume is cut into overlapping cubic blocks that each fit,
 every block is deconvolved on the whole volume's terms (:class:`engines.rldfn.classical.VolumeTerms`: the views'
 relative gain and the one-view ceiling's level do not change from block to block) and the blocks are blended
@@ -24,17 +24,20 @@ from engines.rldfn.classical import _pad_widths, volume_terms, weighted_rl
 from engines.rldfn.errors import MemoryBudgetError
 from engines.rldfn.tiling import blend_weights_t, plan_tiles, round_up
 
-#: Peak bytes of one weighted RL run per voxel of its padded volume (two views with weights; see the module).
-BYTES_PER_PADDED_VOXEL = 100
+#: Peak bytes of one weighted RL run per voxel of its padded volume: a fixed part plus one per view (two views
+#: with weights: 100; measured 81–93 B for two views, 51–62 B for one, beyond the fixed overhead).
+BYTES_PER_PADDED_VOXEL = 30
+BYTES_PER_PADDED_VOXEL_PER_VIEW = 35
 
 #: Fixed part of that peak (allocator pools, FFT plans), bytes.
 OVERHEAD_BYTES = 16 * 2**20
 
 
 def rl_bytes(shape: Sequence[int], psfs: Sequence[np.ndarray]) -> int:
-    """Estimated peak memory of :func:`engines.rldfn.classical.weighted_rl` of two views of ``shape``."""
+    """Estimated peak memory of :func:`engines.rldfn.classical.weighted_rl` of one view of ``shape`` per PSF."""
     padded = [n + lo + hi for n, (lo, hi) in zip(shape, _pad_widths(tuple(shape), psfs))]
-    return int(BYTES_PER_PADDED_VOXEL * math.prod(padded) + OVERHEAD_BYTES)
+    per_voxel = BYTES_PER_PADDED_VOXEL + BYTES_PER_PADDED_VOXEL_PER_VIEW * len(psfs)
+    return int(per_voxel * math.prod(padded) + OVERHEAD_BYTES)
 
 
 def block_overlap(psfs: Sequence[np.ndarray]) -> int:
@@ -67,35 +70,46 @@ def block_edge(shape: Sequence[int], psfs: Sequence[np.ndarray], budget_bytes: i
 def joint_rl_within(view_a: torch.Tensor, view_b: torch.Tensor, psf_a: np.ndarray, psf_b: np.ndarray,
                     iterations: int, weights: Sequence[torch.Tensor] | str, budget_bytes: int | None,
                     progress: Callable[[int, int], None] | None = None, **options: Any) -> torch.Tensor:
-    """:func:`engines.rldfn.classical.joint_rl` of two views with coverage ``weights`` (``"auto"``: found from the
-    views), whole (the same numbers) when its estimated peak fits ``budget_bytes`` (or no budget is given), else in
+    """:func:`engines.rldfn.classical.joint_rl` of two views within ``budget_bytes`` (:func:`rl_within`)."""
+    return rl_within([view_a, view_b], [psf_a, psf_b], iterations, weights, budget_bytes, progress, **options)
+
+
+def rl_within(views: Sequence[torch.Tensor], psfs: Sequence[np.ndarray], iterations: int,
+              coverage: Sequence[torch.Tensor] | str | None, budget_bytes: int | None,
+              progress: Callable[[int, int], None] | None = None, **options: Any) -> torch.Tensor:
+    """:func:`engines.rldfn.classical.weighted_rl` of ``views`` with ``coverage`` (weights, ``"auto"`` or None),
+    whole (the same numbers) when its estimated peak fits ``budget_bytes`` (or no budget is given), else in
     blended blocks that fit (``progress(done, total)`` then counts blocks, else iterations). ``options``: the
     one-view terms of :func:`~engines.rldfn.classical.weighted_rl` (``tv_one_view``, ``one_view_step``,
     ``one_view_ceiling``)."""
-    psfs = [psf_a, psf_b]
-    shape = tuple(int(n) for n in view_a.shape)
+    shape = tuple(int(n) for n in views[0].shape)
     if budget_bytes is None or rl_bytes(shape, psfs) <= budget_bytes:
-        cov = weights if isinstance(weights, str) else list(weights)
-        return weighted_rl([view_a, view_b], psfs, iterations, coverage=cov, progress=progress, **options)
-    if isinstance(weights, str):
-        from engines.rldfn.coverage import blend_weight, coverage_mask
-
-        weights = [blend_weight(coverage_mask(torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0)))
-                   for v in (view_a, view_b)]
+        cov = coverage if coverage is None or isinstance(coverage, str) else list(coverage)
+        return weighted_rl(list(views), list(psfs), iterations, coverage=cov, progress=progress, **options)
     overlap = block_overlap(psfs)
     edge = block_edge(shape, psfs, budget_bytes, overlap)
-    terms = volume_terms([view_a, view_b], weights)
+    weights: list[torch.Tensor] | None = None
+    terms = None
+    if coverage is not None:
+        if isinstance(coverage, str):
+            from engines.rldfn.coverage import blend_weight, coverage_mask
+
+            weights = [blend_weight(coverage_mask(torch.clamp(torch.nan_to_num(
+                v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0))) for v in views]
+        else:
+            weights = list(coverage)
+        terms = volume_terms(views, weights)
     # plan on the volume rounded up to the tiling grid; blocks are then clipped to the volume itself
     grid = tuple(round_up(n) for n in shape)
-    acc = torch.zeros(shape, dtype=torch.float32, device=view_a.device)
+    acc = torch.zeros(shape, dtype=torch.float32, device=views[0].device)
     wsum = torch.zeros_like(acc)
     blocks = plan_tiles(grid, edge, overlap)
     for k, t in enumerate(blocks):
         sl = tuple(slice(s, min(s + n, m)) for s, n, m in zip(t.start, t.size, shape))
         if any(x.stop <= x.start for x in sl):
             continue
-        est = weighted_rl([view_a[sl], view_b[sl]], psfs, iterations, coverage=[w[sl] for w in weights],
-                          terms=terms, **options)
+        est = weighted_rl([v[sl] for v in views], list(psfs), iterations,
+                          coverage=None if weights is None else [w[sl] for w in weights], terms=terms, **options)
         w = blend_weights_t(t, grid, overlap, acc.device)[tuple(slice(0, x.stop - x.start) for x in sl)]
         acc[sl] += w * est
         wsum[sl] += w
