@@ -2,7 +2,7 @@
 
 The whole-volume deconvolution of two views holds about 85 bytes per voxel of its mirror-padded volume live
 (views, weights, estimate, OTFs and the FFT buffers of one update; one view: about 55), and the process's peak RSS
-reaches up to 130 with what the allocator keeps of freed blocks; :func:`rl_bytes` budgets 120 (one view: 75),
+reaches up to 137 with what the allocator keeps of freed blocks; :func:`rl_bytes` budgets 120 (one view: 75),
 ~170–260 bytes per voxel of the views — 12 GB for the views of a 101×480×509 stack
 after lateral SR. Where that exceeds the budget, the volume is cut into overlapping cubic blocks that each fit,
 every block is deconvolved on the whole volume's terms (:class:`engines.rldfn.classical.VolumeTerms`: the views'
@@ -27,7 +27,7 @@ from engines.rldfn.tiling import blend_weights_t, plan_tiles, round_up
 
 #: Peak bytes of one weighted RL run per voxel of its padded volume: a fixed part plus one per view (two views
 #: with weights: 120). Measured beyond the fixed overhead: live memory 81–86 B for two views, 50–62 B for one;
-#: as the process's RSS peak, which also holds what the allocator keeps of freed blocks, 95–130 B for two views
+#: as the process's RSS peak, which also holds what the allocator keeps of freed blocks, 85–137 B for two views
 #: (the same run, from run to run) — the budget must bound that.
 BYTES_PER_PADDED_VOXEL = 30
 BYTES_PER_PADDED_VOXEL_PER_VIEW = 45
