@@ -166,17 +166,17 @@ def align_to_estimate(fused: torch.Tensor, estimate: torch.Tensor, weight: torch
 
 
 def align_to_views(fused: torch.Tensor, view_a: torch.Tensor, view_b: torch.Tensor, weight_a: torch.Tensor,
-                   weight_b: torch.Tensor, psfs: tuple[np.ndarray, np.ndarray], estimate: torch.Tensor | None = None,
+                   weight_b: torch.Tensor, psfs: tuple[np.ndarray, np.ndarray],
                    iterations: int | None = None) -> tuple[torch.Tensor, tuple[float, float, float]]:
     """``fused`` moved onto the views' grid, and the shift that was removed (0s when none could be measured).
 
-    Registered against ``estimate``, the coverage-weighted joint Richardson–Lucy estimate of the views
-    (computed here with ``iterations``, default :data:`engines.rldfn.classical.DEFAULT_ITERATIONS`, when not
-    given) by :func:`align_to_estimate`, where both views are trusted.
+    Registered by :func:`align_to_estimate`, where both views are trusted, against the views' coverage-weighted
+    joint Richardson–Lucy estimate (``iterations``, default :data:`engines.rldfn.classical.DEFAULT_ITERATIONS`).
+    With that estimate at hand already (:func:`engines.rldfn.fuse.fuse_rldfn` also fills with it), call
+    :func:`align_to_estimate` directly.
     """
-    if estimate is None:
-        from engines.rldfn.classical import DEFAULT_ITERATIONS, joint_rl
+    from engines.rldfn.classical import DEFAULT_ITERATIONS, joint_rl
 
-        its = DEFAULT_ITERATIONS if iterations is None else int(iterations)
-        estimate = joint_rl(view_a, view_b, psfs[0], psfs[1], its, coverage=[weight_a, weight_b])
+    its = DEFAULT_ITERATIONS if iterations is None else int(iterations)
+    estimate = joint_rl(view_a, view_b, psfs[0], psfs[1], its, coverage=[weight_a, weight_b])
     return align_to_estimate(fused, estimate, torch.minimum(weight_a, weight_b))

@@ -3,7 +3,7 @@
 The whole-volume deconvolution of two views holds about 85 bytes per voxel of its mirror-padded volume live
 (views, weights, estimate, OTFs and the FFT buffers of one update; one view: about 55), and the process's peak RSS
 reaches up to 137 with what the allocator keeps of freed blocks; :func:`rl_bytes` budgets 120 (one view: 75),
-~170–260 bytes per voxel of the views — 12 GB for the views of a 101×480×509 stack
+~170–260 bytes per voxel of the views — 15 GB for the views of a 101×480×509 stack
 after lateral SR. Where that exceeds the budget, the volume is cut into overlapping cubic blocks that each fit,
 every block is deconvolved on the whole volume's terms (:class:`engines.rldfn.classical.VolumeTerms`: the views'
 relative gain and the one-view ceiling's level do not change from block to block) and the blocks are blended
@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.rldfn.classical import _pad_widths, volume_terms, weighted_rl
+from engines.rldfn.classical import (
+    _pad_widths,
+    clean_views,
+    coverage_weights,
+    volume_terms,
+    weighted_rl,
+)
 from engines.rldfn.errors import MemoryBudgetError
 from engines.rldfn.tiling import blend_weights_t, plan_tiles, round_up
 
@@ -91,17 +97,8 @@ def rl_within(views: Sequence[torch.Tensor], psfs: Sequence[np.ndarray], iterati
         return weighted_rl(list(views), list(psfs), iterations, coverage=cov, progress=progress, **options)
     overlap = block_overlap(psfs)
     edge = block_edge(shape, psfs, budget_bytes, overlap)
-    weights: list[torch.Tensor] | None = None
-    terms = None
-    if coverage is not None:
-        if isinstance(coverage, str):
-            from engines.rldfn.coverage import blend_weight, coverage_mask
-
-            weights = [blend_weight(coverage_mask(torch.clamp(torch.nan_to_num(
-                v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0))) for v in views]
-        else:
-            weights = list(coverage)
-        terms = volume_terms(views, weights)
+    weights = coverage_weights(clean_views(views), coverage)
+    terms = None if weights is None else volume_terms(views, weights)
     # plan on the volume rounded up to the tiling grid; blocks are then clipped to the volume itself
     grid = tuple(round_up(n) for n in shape)
     acc = torch.zeros(shape, dtype=torch.float32, device=views[0].device)

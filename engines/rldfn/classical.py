@@ -164,9 +164,30 @@ class VolumeTerms:
     tv_eps: float
 
 
+def clean_views(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``views`` as float32, non-finite values and negatives set to 0: what :func:`weighted_rl` deconvolves."""
+    return [torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0) for v in views]
+
+
+def coverage_weights(views: Sequence[torch.Tensor], coverage: Coverage) -> list[torch.Tensor] | None:
+    """Each cleaned view's coverage weight as :func:`weighted_rl` uses it: found from the data (``"auto"``), the
+    given volumes on the views' device, or None (plain RL)."""
+    if coverage is None:
+        return None
+    if isinstance(coverage, str):
+        if coverage != "auto":
+            raise VolumeShapeError(f"coverage must be 'auto', None or one weight volume per view, got {coverage!r}")
+        return [blend_weight(coverage_mask(v)) for v in views]
+    shape = tuple(views[0].shape)
+    weights = [torch.as_tensor(w, dtype=torch.float32).to(views[0].device) for w in coverage]
+    if len(weights) != len(views) or any(tuple(w.shape) != shape for w in weights):
+        raise VolumeShapeError(f"coverage must give one weight volume of the views' shape {shape} per view")
+    return weights
+
+
 def volume_terms(views: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> VolumeTerms:
     """:class:`VolumeTerms` of whole ``views`` with their coverage ``weights``, as :func:`weighted_rl` finds them."""
-    vs = [torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0) for v in views]
+    vs = clean_views(views)
     gains = tuple(float(relative_gain(vs[0], v, weights[0], w)) for v, w in zip(vs[1:], weights[1:]))
     scaled = [vs[0]] + [v * g for v, g in zip(vs[1:], gains)]
     wsum = sum(weights)
@@ -210,17 +231,9 @@ def weighted_rl(
         raise VolumeShapeError(f"one_view_ceiling must be > 0 (math.inf for none), got {one_view_ceiling}")
     dev = views[0].device
     shape = tuple(views[0].shape)
-    vs = [torch.clamp(torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0) for v in views]
-    weights: list[torch.Tensor] | None = None
-    if coverage is not None:
-        if isinstance(coverage, str):
-            if coverage != "auto":
-                raise VolumeShapeError(f"coverage must be 'auto', None or one weight volume per view, got {coverage!r}")
-            weights = [blend_weight(coverage_mask(v)) for v in vs]
-        else:
-            weights = [torch.as_tensor(w, dtype=torch.float32).to(dev) for w in coverage]
-            if len(weights) != len(vs) or any(tuple(w.shape) != shape for w in weights):
-                raise VolumeShapeError(f"coverage must give one weight volume of the views' shape {shape} per view")
+    vs = clean_views(views)
+    weights = coverage_weights(vs, coverage)
+    if weights is not None:
         gains = terms.gains if terms is not None else [relative_gain(vs[0], v, weights[0], w)
                                                        for v, w in zip(vs[1:], weights[1:])]
         vs = [vs[0]] + [v * g for v, g in zip(vs[1:], gains)]
@@ -334,7 +347,7 @@ def classical_fuse(
         as step 3 leaves them), with a smooth edge, and view B is scaled to view A's brightness; two (Z, Y, X)
         weight volumes in [0, 1] give the weights directly; ``None``: plain joint RL over the whole volume.
     memory_budget_bytes
-        With coverage, deconvolve in overlapping blocks where the whole volume's estimated peak exceeds it
+        Deconvolve in overlapping blocks where the whole volume's estimated peak exceeds it
         (:mod:`engines.rldfn.blocked_rl`); ``None``: the whole volume at once.
 
     Returns
@@ -353,15 +366,9 @@ def classical_fuse(
     dev = pick_device(str(device) if device is not None else None)
     ta, tb = (torch.as_tensor(np.asarray(v, np.float32) if not isinstance(v, torch.Tensor) else v).to(dev)
               for v in (view_a, view_b))
-    options = {"tv_one_view": tv_one_view, "one_view_step": one_view_step, "one_view_ceiling": one_view_ceiling}
-    if memory_budget_bytes is not None and coverage is not None:
-        from engines.rldfn.blocked_rl import joint_rl_within
+    from engines.rldfn.blocked_rl import joint_rl_within
 
-        weights = coverage if isinstance(coverage, str) else [torch.as_tensor(w, dtype=torch.float32).to(dev)
-                                                               for w in coverage]
-        out = joint_rl_within(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), weights,
-                              int(memory_budget_bytes), progress, **options)
-    else:
-        out = joint_rl(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), coverage, progress,
-                       **options)
+    out = joint_rl_within(ta, tb, np.asarray(psf_a), np.asarray(psf_b), int(iterations), coverage,
+                          None if memory_budget_bytes is None else int(memory_budget_bytes), progress,
+                          tv_one_view=tv_one_view, one_view_step=one_view_step, one_view_ceiling=one_view_ceiling)
     return out.cpu().numpy().astype(np.float32)
